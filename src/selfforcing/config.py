@@ -1,0 +1,182 @@
+"""Run configurations: plain dataclasses, loaded from YAML with ``key=value`` overrides.
+
+Unknown keys and wrong types are errors that name the key. ``load_config("configs/teacher_toy.yaml",
+["optim.lr=1e-3"])`` returns a ``TrainConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .data.shapes import ShapesWorldConfig
+from .models.dit import DIT_PRESETS, DiTConfig, dit_config
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig(ShapesWorldConfig):
+    """The shapes world's parameters, or ``source: folder`` for the user's own videos."""
+
+    source: str = "shapes"  # shapes | folder
+    folder: str = ""  # with source=folder: a folder with prompts.jsonl (see selfforcing.data.VideoFolder)
+
+
+@dataclass
+class ModelConfig:
+    """A DiT size preset, with optional per-field overrides (null = the preset's value)."""
+
+    preset: str = "toy"
+    dim: int | None = None
+    ffn_dim: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    freq_dim: int | None = None
+    patch_size: tuple[int, int, int] | None = None
+
+    def dit(self, in_channels: int, text_dim: int) -> DiTConfig:
+        if self.preset not in DIT_PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(DIT_PRESETS)}")
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        overrides = {k: (tuple(v) if k == "patch_size" else v) for k, v in overrides.items() if v is not None}
+        return dit_config(
+            self.preset, in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, **overrides
+        )
+
+
+@dataclass
+class TextConfig:
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    max_len: int = 32
+    unknown_words: str = "error"  # error | unk
+    vocab: list[str] = field(default_factory=list)  # empty: the data's words (filled in when training starts)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # constant | cosine (to 10 % of lr at the last step)
+    ema_decay: float = 0.999
+    ema_start: int = 0  # EMA copies the weights until this step, then averages
+
+
+@dataclass
+class DiffusionConfig:
+    timestep_distribution: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    train_shift: float = 1.0
+    prompt_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
+    sample_steps: int = 30
+    sample_shift: float = 3.0
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class TrainConfig:
+    name: str = "teacher"
+    out_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
+    num_threads: int = 0  # torch CPU threads, 0 = torch's default
+    log_every: int = 10
+    sample_every: int = 500
+    num_samples: int = 8
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the run folder's latest checkpoint if there is one
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (
+                self.precision in ("fp32", "bf16", "fp16"),
+                f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+            ),
+            (
+                self.data.source in ("shapes", "folder"),
+                f"data.source must be 'shapes' or 'folder', got {self.data.source!r}",
+            ),
+            (self.data.source != "folder" or bool(self.data.folder), "data.source=folder needs data.folder=PATH"),
+            (
+                self.optim.schedule in ("constant", "cosine"),
+                f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}",
+            ),
+            (0 <= self.diffusion.prompt_dropout < 1, "diffusion.prompt_dropout must be in [0, 1)"),
+            (
+                self.log_every >= 1 and self.sample_every >= 1 and self.ckpt_every >= 1,
+                "log/sample/ckpt_every must be >= 1",
+            ),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            self.data.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
+        pf, ph, pw = dit.patch_size
+        if self.data.frames % pf or self.data.height % ph or self.data.width % pw:
+            raise ConfigError(
+                f"data size (frames={self.data.frames}, height={self.data.height}, width={self.data.width}) is not "
+                f"divisible by model patch_size {dit.patch_size}: change data.* or model.patch_size"
+            )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, checked against the ``TrainConfig`` schema."""
+    try:
+        cfg = OmegaConf.structured(TrainConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        out: TrainConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" (in {path})" if path else ""
+        msg = str(e).splitlines()[0]
+        hint = " (valid keys are the fields of TrainConfig in selfforcing/config.py)" if "not in" in msg else ""
+        raise ConfigError(f"config key {key!r}{where}: {msg}{hint}") from None
+    out.validate()
+    return out
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml(text: str) -> TrainConfig:
+    """Inverse of ``config_to_yaml`` (used to rebuild a model from a checkpoint)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text)))

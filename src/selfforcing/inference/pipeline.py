@@ -1,0 +1,73 @@
+"""Building a text-to-video model from a config, and loading a trained one from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig, config_from_yaml
+from ..data.text import prompt_vocabulary
+from ..models.codec import Codec, IdentityCodec
+from ..models.dit import VideoDiT
+from ..models.t2v import TextToVideo
+from ..models.text_encoder import ShapesTextEncoder
+from ..training.checkpoint import load_weights, resolve_checkpoint
+
+
+def build_codec(cfg: TrainConfig) -> Codec:
+    return IdentityCodec()
+
+
+def build_model(cfg: TrainConfig) -> TextToVideo:
+    """A freshly initialised model for ``cfg`` (``cfg.text.vocab`` must be filled in)."""
+    if not cfg.text.vocab:
+        raise ValueError("cfg.text.vocab is empty: call resolve_vocabulary(cfg) first")
+    t = cfg.text
+    text_encoder = ShapesTextEncoder(t.vocab, t.dim, t.num_layers, t.num_heads, t.max_len, t.unknown_words)
+    codec = build_codec(cfg)
+    dit = VideoDiT(cfg.model.dit(in_channels=codec.latent_channels, text_dim=t.dim))
+    return TextToVideo(text_encoder, dit)
+
+
+def resolve_vocabulary(cfg: TrainConfig) -> None:
+    """Fill ``cfg.text.vocab`` from the data (shapes-world words, or the words of a folder's prompts)."""
+    if cfg.text.vocab:
+        return
+    if cfg.data.source == "shapes":
+        cfg.text.vocab = cfg.data.vocabulary()
+    else:
+        from ..data.video_folder import VideoFolder
+
+        folder = VideoFolder(cfg.data.folder, cfg.data.frames, cfg.data.height, cfg.data.width)
+        cfg.text.vocab = prompt_vocabulary([p for _, p in folder.items])
+
+
+@dataclass
+class Pipeline:
+    """A trained text-to-video model with its codec and the config it was trained with."""
+
+    model: TextToVideo
+    codec: Codec
+    cfg: TrainConfig
+    checkpoint: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_pipeline(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Pipeline:
+    """Load a checkpoint folder (or a run folder's latest checkpoint). ``weights``: ``ema`` or ``model``."""
+    ckpt = resolve_checkpoint(path)
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    file = ckpt / f"{weights}.safetensors"
+    if not file.is_file():
+        have = sorted(p.stem for p in ckpt.glob("*.safetensors"))
+        raise FileNotFoundError(f"{ckpt} has no {file.name}; it holds weights {have}: pass weights= one of them")
+    cfg = config_from_yaml((ckpt / "config.yaml").read_text())
+    model = build_model(cfg)
+    load_weights(model, file)
+    return Pipeline(model.to(device).eval().requires_grad_(False), build_codec(cfg), cfg, ckpt)

@@ -1,0 +1,233 @@
+"""A Wan2.1-style video diffusion transformer (DiT) with per-frame timesteps.
+
+Tokens are ordered (frame, row, column). Every block: adaLN-modulated self-attention with 3D RoPE,
+text cross-attention, adaLN-modulated FFN. The modulation comes from a *per-frame* timestep
+embedding, so each frame can sit at its own noise level (Diffusion Forcing, cache commits).
+Parameter names follow the Wan2.1 checkpoint layout (``blocks.0.self_attn.q.weight`` ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import CrossAttention, SelfAttention
+from .rope import rope_3d_angles
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    in_channels: int = 16
+    out_channels: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    num_heads: int = 12
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, height, width)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+# Size presets, kept as data. Parameter counts are for the DiT alone (tests check them).
+DIT_PRESETS: dict[str, DiTConfig] = {
+    # 0.05M: unit tests.
+    "tiny": DiTConfig(
+        in_channels=3,
+        out_channels=3,
+        dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        num_heads=2,
+        text_dim=32,
+        freq_dim=32,
+        patch_size=(1, 4, 4),
+    ),
+    # 0.6M: the CPU demo.
+    "demo": DiTConfig(
+        in_channels=3,
+        out_channels=3,
+        dim=96,
+        ffn_dim=256,
+        num_layers=4,
+        num_heads=3,
+        text_dim=64,
+        freq_dim=64,
+        patch_size=(1, 4, 4),
+    ),
+    # 1.1M: the shapes-world teacher trained on 2 CPU cores.
+    "toy": DiTConfig(
+        in_channels=3,
+        out_channels=3,
+        dim=128,
+        ffn_dim=384,
+        num_layers=4,
+        num_heads=4,
+        text_dim=64,
+        freq_dim=64,
+        patch_size=(1, 4, 4),
+    ),
+    # 1.42B (1.3B counted as Wan does): Wan2.1-T2V-1.3B.
+    "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12),
+    # 14.3B: Wan2.1-T2V-14B.
+    "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40),
+}
+
+
+def dit_config(preset: str, **overrides) -> DiTConfig:
+    """A preset's config with some fields replaced: ``dit_config("toy", num_layers=2)``."""
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(DIT_PRESETS)}")
+    return replace(DIT_PRESETS[preset], **overrides)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding ``[..., dim]`` of timesteps t in [0, 1000]: [cos(t w_i), sin(t w_i)]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with x: [B, F, N, C] and shift/scale: [B, F, 1, C]."""
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)  # Wan layout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        rope: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, F, N, C] tokens per frame; e: [B, F, 6, C] per-frame modulation."""
+        b, f, n, c = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e).unsqueeze(3).unbind(2)
+        h = modulate(self.norm1(x), shift1, scale1).reshape(b, f * n, c)
+        x = x + gate1 * self.self_attn(h, rope, attn_mask).reshape(b, f, n, c)
+        x = x + self.cross_attn(self.norm3(x).reshape(b, f * n, c), context, context_mask).reshape(b, f, n, c)
+        x = x + gate2 * self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)  # Wan layout
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: [B, F, N, C]; e: [B, F, C] the per-frame time embedding."""
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+class VideoDiT(nn.Module):
+    """Velocity-predicting video DiT. See ``forward`` for shapes."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for m in [*self.text_embedding, *self.time_embedding]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)  # the untrained model predicts v = 0
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (F, H, W) -> token grid (f, h, w); raises if not divisible by the patch size."""
+        pf, ph, pw = self.cfg.patch_size
+        if frames % pf or height % ph or width % pw:
+            raise ValueError(
+                f"latent size (frames={frames}, height={height}, width={width}) is not divisible by the "
+                f"patch size {self.cfg.patch_size}: change the resolution/frame count or the patch size"
+            )
+        return frames // pf, height // ph, width // pw
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        frame_offset: int = 0,
+    ) -> torch.Tensor:
+        """Predict the velocity.
+
+        x: [B, F, C, H, W] noisy latents; t: [B] or [B, F] timesteps in [0, 1000] (per latent frame);
+        context: [B, L, text_dim] text embeddings; context_mask: bool [B, L], True = real token;
+        attn_mask: self-attention mask over tokens (see ``SelfAttention``); frame_offset: absolute
+        index of x's first latent frame (for RoPE). Returns [B, F, C_out, H, W].
+        """
+        b, nf, c, hh, ww = x.shape
+        if c != self.cfg.in_channels:
+            raise ValueError(f"input has {c} channels but the model expects {self.cfg.in_channels}")
+        if context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"text embeddings have width {context.shape[-1]}, the model expects {self.cfg.text_dim}")
+        f, h, w = self.token_grid(nf, hh, ww)
+        pf, ph, pw = self.cfg.patch_size
+        if t.shape not in ((b,), (b, nf)):
+            raise ValueError(f"t must be [B] or [B, F] = [{b}, {nf}], got {tuple(t.shape)}")
+        t = t if t.dim() == 2 else t[:, None].expand(b, nf)
+        t = t[:, ::pf]  # one timestep per token frame
+
+        tokens = self.patch_embedding(rearrange(x, "b f c h w -> b c f h w"))
+        tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
+        e = self.time_embedding(timestep_embedding(t, self.cfg.freq_dim).to(tokens.dtype))  # [B, f, d]
+        e6 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # [B, f, 6, d]
+        ctx = self.text_embedding(context)
+        rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta).to(x.device)
+
+        for block in self.blocks:
+            tokens = block(tokens, e6, rope, ctx, context_mask, attn_mask)
+        out = self.head(tokens, e)  # [B, f, h*w, pf*ph*pw*c_out]
+        return rearrange(out, "b f (h w) (pf ph pw c) -> b (f pf) c (h ph) (w pw)", h=h, w=w, pf=pf, ph=ph, pw=pw)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)

@@ -1,0 +1,102 @@
+"""Atomic checkpoints: weights in safetensors, optimizer and step state beside them.
+
+A checkpoint is a folder ``step_000500/`` holding ``model.safetensors`` (the trained weights),
+``ema.safetensors`` (their moving average), ``training_state.pt`` (optimizer, step) and
+``config.yaml``. It is written under a temporary name and renamed into place, and the run's
+``latest`` file is replaced atomically afterwards, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    weights: dict[str, nn.Module],
+    training_state: dict,
+    config_yaml: str,
+    keep: int = 2,
+) -> Path:
+    """Write ``run_dir/checkpoints/step_{step}`` atomically; keep the ``keep`` newest. ``weights`` maps
+    file stems (``model``, ``ema``) to modules."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for stem, module in weights.items():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(tensors, tmp / f"{stem}.safetensors", metadata={"step": str(step)})
+    torch.save(training_state, tmp / "training_state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(root / "latest", final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder named by ``run_dir/checkpoints/latest``, or None."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist: the run folder is damaged")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder or a run folder (then its latest checkpoint)."""
+    path = Path(path)
+    if (path / "config.yaml").is_file() and any(path.glob("*.safetensors")):
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint folder (with config.yaml and *.safetensors) nor a run folder "
+            "with checkpoints/latest"
+        )
+    return found
+
+
+def load_weights(module: nn.Module, file: Path) -> None:
+    """Load a safetensors file into ``module``; every missing, unexpected or mis-shaped key is reported."""
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint weights {file}: {e} (the file is corrupt or truncated)") from e
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {file} does not match the model:"]
+        for title, items in [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)]:
+            if items:
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+        lines.append("  Build the model from the checkpoint's own config.yaml (load_pipeline does this).")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(tensors)

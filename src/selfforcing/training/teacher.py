@@ -1,0 +1,227 @@
+"""Training the bidirectional text-to-video teacher with flow matching.
+
+Every step is a pure function of (seed, step): the batch, the prompt dropout, the timesteps and the
+noise are drawn from a generator seeded with both. Resuming from a checkpoint therefore replays the
+exact loss curve of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, config_to_yaml
+from ..data.shapes import ShapesWorld
+from ..data.video_folder import VideoFolder
+from ..data.video_io import video_grid, write_video
+from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
+from ..eval.analyser import analyse_batch
+from ..inference.generate import generate_videos
+from ..inference.pipeline import build_codec, build_model, resolve_vocabulary
+from .checkpoint import latest_checkpoint, load_weights, save_checkpoint
+from .ema import EMA
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available: use device=cpu or device=auto")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise RuntimeError("precision=fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to 10 % of the peak at the last step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+class Batches:
+    """Training batches as a function of a seed: ``(video [B, F, 3, H, W], prompts)``."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if cfg.data.source == "shapes":
+            self.world = ShapesWorld(cfg.data)
+        else:
+            self.folder = VideoFolder(cfg.data.folder, cfg.data.frames, cfg.data.height, cfg.data.width)
+
+    def __call__(self, seed: int) -> tuple[torch.Tensor, list[str]]:
+        if self.cfg.data.source == "shapes":
+            b = self.world.sample(self.cfg.batch_size, seed)
+            return b.video, b.prompts
+        return self.folder.sample(self.cfg.batch_size, seed)
+
+
+def flow_matching_loss(
+    model, x0: torch.Tensor, prompts: list[str], cfg: TrainConfig, g: torch.Generator
+) -> torch.Tensor:
+    """MSE between the predicted and the true velocity at a random noise level per video."""
+    d = cfg.diffusion
+    b = x0.shape[0]
+    drop = torch.rand(b, generator=g) < d.prompt_dropout
+    prompts = ["" if dropped else p for p, dropped in zip(prompts, drop.tolist(), strict=True)]
+    sigma = sample_training_sigmas(b, g, d.timestep_distribution, d.train_shift, d.logit_mean, d.logit_std)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    sigma = sigma.to(x0.device)
+    v = model(add_noise(x0, noise, sigma), sigma, model.encode_text(prompts))
+    return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+
+
+class TeacherTrainer:
+    """``TeacherTrainer(cfg).train()`` trains, samples, checkpoints and resumes."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        resolve_vocabulary(cfg)
+        self.cfg = cfg
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        self.run_dir = cfg.run_dir
+        self.batches = Batches(cfg)
+        self.codec = build_codec(cfg)
+        torch.manual_seed(cfg.seed)  # weight initialisation
+        self.model = build_model(cfg).to(self.device)
+        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        sample = (
+            ShapesWorld(cfg.data).sample(cfg.num_samples, seed=10_000 + cfg.seed)
+            if cfg.data.source == "shapes"
+            else None
+        )
+        self.sample_prompts = sample.prompts if sample else self.batches.folder.sample(cfg.num_samples, 10_000)[1]
+
+    # -- state ---------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            {"model": self.model, "ema": self.ema.model},
+            state,
+            config_to_yaml(self.cfg),
+            self.cfg.keep_checkpoints,
+        )
+
+    def load(self, ckpt: Path) -> None:
+        load_weights(self.model, ckpt / "model.safetensors")
+        load_weights(self.ema.model, ckpt / "ema.safetensors")
+        state = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the resumed step (written after the last checkpoint of a crashed run)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    # -- training ------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step))
+        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
+        x0 = self.codec.encode(video.to(self.device))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        self.model.train()
+        with autocast(self.device, cfg.precision):
+            loss = flow_matching_loss(self.model, x0, prompts, cfg, g)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr_at(self.step - 1, cfg)}
+
+    @torch.no_grad()
+    def sample(self, tag: str) -> dict[str, float]:
+        """Sample the fixed prompts with the EMA weights, write a captioned grid, score it."""
+        c, d = self.cfg, self.cfg.diffusion
+        videos = generate_videos(
+            self.ema.model,
+            self.codec,
+            self.sample_prompts,
+            c.data.frames,
+            c.data.height,
+            c.data.width,
+            seed=c.seed,
+            steps=d.sample_steps,
+            shift=d.sample_shift,
+            guidance_scale=d.guidance_scale,
+        ).cpu()
+        write_video(self.run_dir / "samples" / f"{tag}.gif", video_grid(videos, self.sample_prompts))
+        if c.data.source != "shapes":
+            return {}
+        summary, _ = analyse_batch(videos, self.sample_prompts)
+        return {f"sample/{k}": v for k, v in summary.items()}
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if ckpt is not None:
+            self.load(ckpt)
+            self._truncate_metrics()
+            print(f"resumed from {ckpt} at step {self.step}")
+        elif (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+        (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        n_params = sum(p.numel() for p in self.model.dit.parameters())
+        print(f"training {cfg.name}: DiT {n_params / 1e6:.2f}M parameters on {self.device}, run folder {self.run_dir}")
+        with (
+            open(self.run_dir / "metrics.jsonl", "a") as log,
+            tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True) as bar,
+        ):
+            t0 = time.perf_counter()
+            while self.step < cfg.steps:
+                stats = self.train_step()
+                stats["sec_per_step"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                    stats.update(self.sample(f"step_{self.step:06d}"))
+                log.write(json.dumps({"step": self.step, **stats}) + "\n")
+                if self.step % cfg.log_every == 0:
+                    log.flush()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    log.flush()
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        return self.run_dir

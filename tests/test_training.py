@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from selfforcing.inference import generate_videos, load_pipeline
+from selfforcing.training.checkpoint import load_weights
+from selfforcing.training.teacher import TeacherTrainer
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_training_run_lowers_the_loss(tiny_cfg):
+    cfg = tiny_cfg("name=fall", "steps=100", "optim.lr=3e-3", "sample_every=1000", "ckpt_every=1000")
+    run = TeacherTrainer(cfg).train()
+    curve = losses(run)
+    assert len(curve) == 100
+    assert sum(curve[-10:]) / 10 < 0.75 * sum(curve[:10]) / 10
+
+
+def test_resume_replays_the_uninterrupted_loss_curve(tiny_cfg):
+    common = ["steps=8", "sample_every=1000", "ckpt_every=4", "optim.lr=1e-3"]
+    straight = TeacherTrainer(tiny_cfg("name=straight", *common))
+    straight.train()
+    # an interrupted run: it crashes during step 7, after the checkpoint at step 4
+    crashed = TeacherTrainer(tiny_cfg("name=resumed", *common))
+    step = crashed.train_step
+
+    def crash_at_step_7():
+        if crashed.step == 6:
+            raise KeyboardInterrupt
+        return step()
+
+    crashed.train_step = crash_at_step_7
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    assert len(losses(crashed.run_dir)) == 6
+    resumed = TeacherTrainer(tiny_cfg("name=resumed", *common))
+    resumed.train()
+    assert resumed.step == 8
+    assert losses(straight.run_dir) == losses(resumed.run_dir)  # exact; steps 5-6 re-run, not duplicated
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.model.parameters(), resumed.ema.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_roundtrip_gives_the_same_videos(tiny_cfg):
+    trainer = TeacherTrainer(tiny_cfg("name=rt", "steps=3", "sample_every=1000", "ckpt_every=3"))
+    run = trainer.train()
+    pipe = load_pipeline(run)  # the run folder resolves to its latest checkpoint
+    assert pipe.checkpoint.name == "step_000003"
+    prompts = ["a small red circle moving left"]
+    kw = dict(frames=4, height=16, width=16, seed=3, steps=2)
+    a = generate_videos(trainer.ema.model.eval(), trainer.codec, prompts, **kw)
+    b = generate_videos(pipe.model, pipe.codec, prompts, **kw)
+    assert torch.equal(a, b)
+    assert (run / "samples" / "step_000003.gif").is_file()
+    assert (run / "checkpoints" / "step_000003" / "training_state.pt").is_file()
+
+
+def test_old_checkpoints_are_pruned_and_no_temporary_folder_is_left(tiny_cfg):
+    run = TeacherTrainer(
+        tiny_cfg("name=prune", "steps=6", "sample_every=1000", "ckpt_every=2", "keep_checkpoints=2")
+    ).train()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_000004", "step_000006"]
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_cfg):
+    run = TeacherTrainer(tiny_cfg("name=bad", "steps=2", "sample_every=1000", "ckpt_every=2")).train()
+    ckpt = run / "checkpoints" / "step_000002"
+    other = TeacherTrainer(tiny_cfg("name=other", "model.num_layers=3")).model
+    with pytest.raises(ValueError, match=r"does not match the model(.|\n)*unexpected|missing"):
+        load_weights(other, ckpt / "model.safetensors")
+    wide = TeacherTrainer(tiny_cfg("name=wide", "model.ffn_dim=48")).model
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_weights(wide, ckpt / "model.safetensors")
+    data = (ckpt / "ema.safetensors").read_bytes()
+    (ckpt / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_pipeline(ckpt)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        load_pipeline(run / "samples")
