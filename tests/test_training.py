@@ -59,6 +59,7 @@ def test_checkpoint_roundtrip_gives_the_same_videos(tiny_cfg):
     assert torch.equal(a, b)
     assert (run / "samples" / "step_000003.gif").is_file()
     assert (run / "checkpoints" / "step_000003" / "training_state.pt").is_file()
+    assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_old_checkpoints_are_pruned_and_no_temporary_folder_is_left(tiny_cfg):
@@ -84,3 +85,12 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_cfg):
         load_pipeline(ckpt)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         load_pipeline(run / "samples")
+
+
+def test_bf16_autocast_trains_and_fp16_needs_cuda(tiny_cfg):
+    cfg = tiny_cfg("name=bf16", "steps=3", "precision=bf16", "sample_every=100", "ckpt_every=100")
+    run = TeacherTrainer(cfg).train()
+    assert all(torch.isfinite(torch.tensor(losses(run))))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="fp16 needs a CUDA device"):
+            TeacherTrainer(tiny_cfg("name=fp16", "steps=1", "precision=fp16")).train()

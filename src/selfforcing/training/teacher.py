@@ -23,6 +23,7 @@ from ..data.video_folder import VideoFolder
 from ..data.video_io import video_grid, write_video
 from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
 from ..eval.analyser import analyse_batch
+from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model, resolve_vocabulary
 from .checkpoint import latest_checkpoint, load_weights, save_checkpoint
@@ -222,6 +223,7 @@ class TeacherTrainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     log.flush()
                     self.save()
+                    plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
         return self.run_dir

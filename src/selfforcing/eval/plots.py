@@ -1,0 +1,41 @@
+"""PNG plots of training runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(metrics_file: str | Path, out: str | Path, smooth: int = 50) -> Path:
+    """Loss (raw and running mean over ``smooth`` steps) and, where logged, the analyser's sample scores."""
+    rows = read_metrics(metrics_file)
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    mean = [sum(loss[max(0, i - smooth + 1) : i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(loss))]
+    sampled = [r for r in rows if "sample/found" in r]
+    fig, axes = plt.subplots(1, 2 if sampled else 1, figsize=(11 if sampled else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, loss, alpha=0.3, lw=0.8, label="loss")
+    ax.plot(steps, mean, lw=1.5, label=f"running mean ({smooth})")
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss")
+    ax.legend()
+    if sampled:
+        ax = axes[0, 1]
+        for key in ["found", "colour_fidelity", "shape_correct", "background_clean", "frame_ok"]:
+            ax.plot([r["step"] for r in sampled], [r[f"sample/{key}"] for r in sampled], marker="o", label=key)
+        ax.set(xlabel="step", ylim=(0, 1.05), title="analyser scores of samples (EMA weights)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
