@@ -17,41 +17,15 @@ from .config import load_config
 from .data.shapes import ShapesWorld, ShapesWorldConfig
 from .data.video_io import video_grid, write_video
 from .eval.analyser import analyse_batch
-from .inference.generate import generate_videos
-from .inference.pipeline import load_pipeline
+from .eval.score import score_checkpoint
 from .training.teacher import TeacherTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher_toy"
 
 
-def sample_and_score(checkpoint: Path, out: Path, tag: str, num: int = 8, seed: int = 1) -> dict[str, float]:
-    """Generate ``num`` held-out prompts with a checkpoint, write ``{tag}.mp4`` and ``{tag}.gif``, score them."""
-    pipe = load_pipeline(checkpoint)
-    d = pipe.cfg.data
-    world = ShapesWorld(ShapesWorldConfig(**{k: getattr(d, k) for k in ShapesWorldConfig.__dataclass_fields__}))
-    prompts = world.sample(num, seed=123_456 + seed).prompts
-    videos = generate_videos(
-        pipe.model,
-        pipe.codec,
-        prompts,
-        d.frames,
-        d.height,
-        d.width,
-        seed=seed,
-        steps=pipe.cfg.diffusion.sample_steps,
-        shift=pipe.cfg.diffusion.sample_shift,
-        guidance_scale=pipe.cfg.diffusion.guidance_scale,
-        progress=True,
-    )
-    grid = video_grid(videos, prompts)
-    write_video(out / f"{tag}.mp4", grid)
-    write_video(out / f"{tag}.gif", grid)
-    summary, _ = analyse_batch(videos, prompts)
-    return summary
-
-
-def run_demo(out: Path, steps: int | None = None) -> dict:
+def run_demo(out: Path, steps: int | None = None, overrides: list[str] | None = None, num_samples: int = 8) -> dict:
+    """Run the demo into ``out``; ``overrides`` (key=value) adjust the demo recipe. Returns the report."""
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     recipe = REPO / "configs" / "teacher_demo.yaml"
@@ -64,14 +38,17 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
     real, _ = analyse_batch(batch.video, batch.prompts)
 
     print("2/4 training the demo teacher")
-    overrides = [f"out_dir={out}", "name=teacher_demo", "resume=false"] + ([f"steps={steps}"] if steps else [])
-    run_dir = TeacherTrainer(load_config(recipe, overrides)).train()
+    overrides = [*(overrides or []), f"out_dir={out}", "name=teacher_demo", "resume=false"]
+    run_dir = TeacherTrainer(load_config(recipe, overrides + ([f"steps={steps}"] if steps else []))).train()
 
     print("3/4 sampling the demo teacher on held-out prompts")
-    report = {"real_videos": real, "demo_teacher": sample_and_score(run_dir, out, "demo_teacher_samples")}
+    report = {
+        "real_videos": real,
+        "demo_teacher": score_checkpoint(run_dir, num=num_samples, out=out, tag="demo_teacher_samples"),
+    }
     if SHIPPED_TEACHER.is_dir():
         print("4/4 sampling the shipped toy teacher")
-        report["toy_teacher"] = sample_and_score(SHIPPED_TEACHER, out, "toy_teacher_samples")
+        report["toy_teacher"] = score_checkpoint(SHIPPED_TEACHER, num=num_samples, out=out, tag="toy_teacher_samples")
     else:
         print(f"4/4 skipped: no shipped toy teacher at {SHIPPED_TEACHER}")
     report["seconds"] = round(time.perf_counter() - t_start, 1)
