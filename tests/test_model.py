@@ -139,3 +139,17 @@ def test_identity_codec_and_frame_count_checks():
     assert WanLike().pixel_frames(21) == 81
     with pytest.raises(ValueError, match="1 \\+ 4 \\* k"):
         WanLike().latent_shape(80, 480, 832)
+
+
+def test_cross_attention_with_precomputed_text_kv_is_identical():
+    """The text keys/values can be computed once per prompt and reused for every chunk."""
+    from selfforcing.models.attention import CrossAttention
+
+    attn = CrossAttention(32, 2).eval()
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 5, 32)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    assert torch.equal(attn(x, ctx, mask), attn(x, ctx, mask, text_kv=attn.text_kv(ctx)))
+    # padded text positions are ignored
+    ctx2 = ctx.clone()
+    ctx2[1, 3:] = torch.randn(2, 32)
+    assert torch.allclose(attn(x, ctx, mask)[1], attn(x, ctx2, mask)[1], atol=1e-6)

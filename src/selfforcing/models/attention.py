@@ -68,15 +68,8 @@ class SelfAttention(nn.Module):
         return self.o(rearrange(out, "b h l d -> b l (h d)"))
 
 
-class CrossAttention(nn.Module):
-    """Attention from video tokens to text tokens, with QK RMSNorm."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+class CrossAttention(SelfAttention):
+    """Attention from video tokens to text tokens: the same projections and QK RMSNorm, no RoPE."""
 
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the text, ``[B, heads, L_text, head_dim]``: computable once per prompt."""
