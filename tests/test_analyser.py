@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from selfforcing.data import ShapeObject, ShapesWorld, ShapesWorldConfig
@@ -81,6 +82,34 @@ def test_wrong_shape_is_caught():
     wrong = [f"a {o.size} {o.colour} {shapes[o.shape]} moving {o.direction}" for (o,) in b.objects]
     s, _ = analyse_batch(b.video, wrong)
     assert s["shape_correct"] == 0 and s["found"] == 1
+
+
+def test_fragmented_object_loses_coherence_but_keeps_its_size():
+    """Stray pixels of an object's colour lower coherence without moving its size or centroid."""
+    b = one_object_batch(n=8, seed=6)
+    video = b.video.clone()
+    for i, (o,) in enumerate(b.objects):
+        video[i, :, :, 0, 0] = colour_tensor(o.colour)[None, :]  # a stray pixel in the corner
+        video[i, :, :, -1, -1] = colour_tensor(o.colour)[None, :]
+    clean, clean_scores = analyse_batch(b.video, b.prompts)
+    dirty, dirty_scores = analyse_batch(video, b.prompts)
+    assert clean["coherence"] == 1.0 and dirty["coherence"] < 1.0
+    assert dirty["size_ratio"] == pytest.approx(clean["size_ratio"], abs=0.02)
+    same = [torch.isclose(a.centroid, c.centroid).all(-1) for a, c in zip(clean_scores, dirty_scores, strict=True)]
+    assert torch.cat(same).float().mean() > 0.9  # unless the object touches a stray pixel
+
+
+def test_largest_component():
+    from selfforcing.eval.analyser import largest_component
+
+    m = torch.zeros(2, 6, 6, dtype=torch.bool)
+    m[0, 0:2, 0:2] = True  # 4 pixels
+    m[0, 3:6, 3:6] = True  # 9 pixels
+    m[0, 2, 2] = True  # diagonal neighbour only: not 4-connected
+    m[1, 1, 1:5] = True
+    out = largest_component(m)
+    assert out[0].sum() == 9 and out[0, 4, 4] and not out[0, 0, 0]
+    assert torch.equal(out[1], m[1])
 
 
 def test_blank_video_finds_nothing():

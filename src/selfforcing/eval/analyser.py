@@ -5,6 +5,8 @@ Every pixel is assigned to the nearest of {background, palette colours} when it 
 For each object the prompt asks for, the pixels of its colour form its mask. Per frame:
 
 - ``found``: fraction of expected objects whose mask covers at least ``min_area`` of the nominal area.
+- ``coherence``: over found objects, the share of the mask in its largest 4-connected piece (1 = one
+  solid object, lower = fragments). Size, shape and centroid are measured on that largest piece.
 - ``colour_fidelity``: over the found objects' pixels, 1 - distance-to-exact-colour / tol (1 = exact).
 - ``size_ratio``: the mask's bounding-box side over the nominal 2r (1 = right size), over found objects
   that touch no other expected object (a touching one may be partly hidden).
@@ -39,6 +41,26 @@ def nominal_area(shape: str, radius: float) -> float:
     return {"circle": math.pi, "square": 4.0, "triangle": 2.0}[shape] * radius**2
 
 
+def largest_component(masks: torch.Tensor) -> torch.Tensor:
+    """The largest 4-connected component of each mask in ``masks: [N, H, W]`` (bool), by label propagation."""
+    n, h, w = masks.shape
+    big = h * w + 1
+    labels = torch.where(masks, torch.arange(1, h * w + 1, device=masks.device).view(1, h, w), 0).float()
+    while True:
+        padded = F.pad(labels, (1, 1, 1, 1))
+        neighbours = torch.stack(
+            [labels, padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
+        )
+        new = torch.where(masks, neighbours.amax(0), 0)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    counts = torch.zeros(n, big, device=masks.device)
+    counts.scatter_add_(1, labels.long().flatten(1), masks.flatten(1).float())
+    counts[:, 0] = 0
+    return labels == counts.argmax(1).view(n, 1, 1).float()
+
+
 def classify_shape(mask: torch.Tensor) -> str:
     """The shape whose template, stretched over the bounding box of ``mask: [H, W]``, overlaps it best (IoU).
 
@@ -65,6 +87,7 @@ class FrameScores:
 
     found: torch.Tensor
     colour_fidelity: torch.Tensor
+    coherence: torch.Tensor
     size_ratio: torch.Tensor
     shape_correct: torch.Tensor
     extra_objects: torch.Tensor
@@ -78,6 +101,7 @@ class FrameScores:
         for name in [
             "found",
             "colour_fidelity",
+            "coherence",
             "size_ratio",
             "shape_correct",
             "extra_objects",
@@ -118,6 +142,7 @@ def analyse_video(
     k = len(objects)
     found = torch.zeros(nf, k, dtype=torch.bool)
     fidelity = torch.full((nf, k), float("nan"))
+    coherence = torch.full((nf, k), float("nan"))
     size_ratio = torch.full((nf, k), float("nan"))
     shape_ok = torch.full((nf, k), float("nan"))
     centroid = torch.full((nf, k, 2), float("nan"))
@@ -131,16 +156,18 @@ def analyse_video(
         touching = (near[:, j] & others).any((1, 2)).cpu()
         area = m.sum((1, 2)).float()
         found[:, j] = (area >= min_area * nominal_area(o.shape, r)).cpu()
+        main = largest_component(m)  # [F, H, W]
         for f in torch.nonzero(found[:, j]).flatten().tolist():
-            rows, cols = torch.nonzero(m[f], as_tuple=True)
             fidelity[f, j] = float((1 - dist[f][m[f]] / tol).mean())
+            coherence[f, j] = float(main[f].sum() / area[f])
+            rows, cols = torch.nonzero(main[f], as_tuple=True)
             centroid[f, j, 0], centroid[f, j, 1] = float(xs[cols].mean()), float(ys[rows].mean())
             if touching[f]:
                 continue
             bh = float(rows.max() - rows.min() + 1)
             bw = float(cols.max() - cols.min() + 1)
             size_ratio[f, j] = max(bh, bw) / (2 * r)
-            shape_ok[f, j] = float(classify_shape(m[f]) == o.shape)
+            shape_ok[f, j] = float(classify_shape(main[f]) == o.shape)
 
     expected_colours = {PALETTE_NAMES.index(o.colour) for o in objects}
     extra = torch.zeros(nf)
@@ -154,6 +181,7 @@ def analyse_video(
     return FrameScores(
         found=found_frac,
         colour_fidelity=fidelity.nanmean(1),
+        coherence=coherence.nanmean(1),
         size_ratio=size_ratio.nanmean(1),
         shape_correct=shape_ok.nanmean(1),
         extra_objects=extra,
