@@ -30,7 +30,9 @@ def plot_training_curves(metrics_file: str | Path, out: str | Path, smooth: int 
     ax.legend()
     if sampled:
         ax = axes[0, 1]
-        for key in ["found", "colour_fidelity", "shape_correct", "background_clean", "frame_ok"]:
+        for key in ["found", "colour_fidelity", "coherence", "shape_correct", "background_clean", "frame_ok"]:
+            if f"sample/{key}" not in sampled[0]:
+                continue
             ax.plot([r["step"] for r in sampled], [r[f"sample/{key}"] for r in sampled], marker="o", label=key)
         ax.set(xlabel="step", ylim=(0, 1.05), title="analyser scores of samples (EMA weights)")
         ax.legend(fontsize=8)
