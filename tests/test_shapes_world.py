@@ -119,3 +119,19 @@ def test_video_folder_errors(tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"path": "clip1.gif"}\n')
     with pytest.raises(ValueError, match="prompts.jsonl:1"):
         VideoFolder(tmp_path, 4, 16, 16)
+
+
+def test_mp4_falls_back_to_gif_when_ffmpeg_fails(tmp_path, monkeypatch, capsys):
+    import selfforcing.data.video_io as vio
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ffmpeg here")
+
+    monkeypatch.setattr(vio.iio, "imwrite", broken)
+    frames = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    frames[:, 0, 0, 0] = [0, 100, 200]  # distinct frames (a GIF stores identical neighbours once)
+    out = vio.write_video(tmp_path / "a.mp4", frames)
+    assert out == tmp_path / "a.gif" and out.is_file() and "no ffmpeg here" in capsys.readouterr().out
+    assert read_video(out).shape == (3, 8, 8, 3)
+    with pytest.raises(ValueError, match="unsupported video extension"):
+        vio.write_video(tmp_path / "a.avi", frames)

@@ -19,9 +19,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .data.video_io import video_grid, write_video
+    from .device import resolve_device
     from .inference.generate import generate_videos
     from .inference.pipeline import load_pipeline
-    from .training.teacher import resolve_device
 
     pipe = load_pipeline(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
     d, data = pipe.cfg.diffusion, pipe.cfg.data

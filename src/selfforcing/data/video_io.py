@@ -44,7 +44,11 @@ def read_video(path: str | Path) -> np.ndarray:
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
     """Write ``[F, H, W, 3]`` uint8 frames. ``.mp4`` needs imageio-ffmpeg; on failure a ``.gif`` is written
-    beside it instead. Returns the path actually written."""
+    beside it instead. Returns the path actually written.
+
+    GIFs play back exactly, but Pillow stores identical consecutive frames once (with a longer
+    duration), so reading a GIF of a static scene gives fewer frames: use mp4 for datasets.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".mp4":

@@ -11,7 +11,7 @@ from .flow_matching import (
     warp_timesteps,
     x0_from_velocity,
 )
-from .samplers import sample_euler, sample_few_step, with_cfg
+from .samplers import sample_euler, sample_few_step
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
@@ -24,6 +24,5 @@ __all__ = [
     "velocity_from_x0",
     "velocity_target",
     "warp_timesteps",
-    "with_cfg",
     "x0_from_velocity",
 ]

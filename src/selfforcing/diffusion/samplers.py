@@ -62,15 +62,3 @@ def sample_few_step(
         fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = add_noise(x0, fresh, sigmas[i + 1])
     return x
-
-
-def with_cfg(cond: VelocityFn, uncond: VelocityFn, guidance_scale: float) -> VelocityFn:
-    """Classifier-free guidance: v = v_uncond + w * (v_cond - v_uncond). w = 1 disables guidance."""
-    if guidance_scale == 1.0:
-        return cond
-
-    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        v_u = uncond(x, sigma)
-        return v_u + guidance_scale * (cond(x, sigma) - v_u)
-
-    return guided

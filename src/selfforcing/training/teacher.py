@@ -7,7 +7,6 @@ exact loss curve of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -21,6 +20,7 @@ from ..config import TrainConfig, config_to_yaml
 from ..data.shapes import ShapesWorld
 from ..data.video_folder import VideoFolder
 from ..data.video_io import video_grid, write_video
+from ..device import autocast, resolve_device
 from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
 from ..eval.analyser import analyse_batch
 from ..eval.plots import plot_training_curves
@@ -28,23 +28,6 @@ from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model, resolve_vocabulary
 from .checkpoint import latest_checkpoint, load_weights, save_checkpoint
 from .ema import EMA
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available: use device=cpu or device=auto")
-    return device
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise RuntimeError("precision=fp16 needs a CUDA device: use bf16 or fp32 on the CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -72,11 +55,12 @@ class Batches:
         else:
             self.folder = VideoFolder(cfg.data.folder, cfg.data.frames, cfg.data.height, cfg.data.width)
 
-    def __call__(self, seed: int) -> tuple[torch.Tensor, list[str]]:
+    def __call__(self, seed: int, batch_size: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        n = batch_size or self.cfg.batch_size
         if self.cfg.data.source == "shapes":
-            b = self.world.sample(self.cfg.batch_size, seed)
+            b = self.world.sample(n, seed)
             return b.video, b.prompts
-        return self.folder.sample(self.cfg.batch_size, seed)
+        return self.folder.sample(n, seed)
 
 
 def flow_matching_loss(
@@ -116,12 +100,7 @@ class TeacherTrainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
-        sample = (
-            ShapesWorld(cfg.data).sample(cfg.num_samples, seed=10_000 + cfg.seed)
-            if cfg.data.source == "shapes"
-            else None
-        )
-        self.sample_prompts = sample.prompts if sample else self.batches.folder.sample(cfg.num_samples, 10_000)[1]
+        self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
 
     # -- state ---------------------------------------------------------------------------------
     def save(self) -> Path:
