@@ -94,3 +94,26 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tiny_cfg):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="fp16 needs a CUDA device"):
             TeacherTrainer(tiny_cfg("name=fp16", "steps=1", "precision=fp16")).train()
+
+
+def test_training_on_a_video_folder(tiny_cfg, tmp_path):
+    """The user's own clips: the vocabulary comes from their prompts and is stored with the checkpoint."""
+    from selfforcing.data import ShapesWorld, ShapesWorldConfig
+    from selfforcing.data.video_io import to_uint8, write_video
+
+    folder = tmp_path / "clips"
+    b = ShapesWorld(ShapesWorldConfig(height=16, width=16, frames=6)).sample(3, seed=0)
+    lines = []
+    for i in range(3):
+        write_video(folder / f"c{i}.mp4", to_uint8(b.video[i]))
+        lines.append(json.dumps({"file": f"c{i}.mp4", "prompt": f"clip number {i}, a sunny day"}))
+    (folder / "prompts.jsonl").write_text("\n".join(lines))
+    cfg = tiny_cfg(
+        "name=folder", "steps=2", "ckpt_every=2", "sample_every=2", "data.source=folder", f"data.folder={folder}"
+    )
+    run = TeacherTrainer(cfg).train()
+    pipe = load_pipeline(run)
+    assert set(pipe.cfg.text.vocab) == {"clip", "number", "0", "1", "2", "a", "sunny", "day"}
+    assert (run / "samples" / "step_000002.gif").is_file()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pipe.model.encode_text(["a rainy day"])
