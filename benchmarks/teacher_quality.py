@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from selfforcing.data.shapes import ShapesWorld, ShapesWorldConfig
+from selfforcing.data.shapes import ShapesWorld
 from selfforcing.eval.analyser import analyse_batch
 from selfforcing.eval.score import score_checkpoint
 from selfforcing.inference.pipeline import load_pipeline
@@ -34,11 +34,7 @@ def main() -> None:
     t0 = time.perf_counter()
     generated = score_checkpoint(args.checkpoint, args.num, args.seed, Path(args.samples) if args.samples else None)
     seconds = time.perf_counter() - t0
-    d = load_pipeline(args.checkpoint).cfg.data
-    world = ShapesWorldConfig(
-        height=d.height, width=d.width, frames=d.frames, min_objects=d.min_objects, max_objects=d.max_objects
-    )
-    batch = ShapesWorld(world).sample(args.num, seed=args.seed)
+    batch = ShapesWorld(load_pipeline(args.checkpoint).cfg.data).sample(args.num, seed=args.seed)
     real, _ = analyse_batch(batch.video, batch.prompts)
 
     keys = list(generated)

@@ -133,10 +133,13 @@ class ShapesBatch:
     visible: torch.Tensor  # [B, F, H, W] index of the visible object, -1 for background
 
 
+def nominal_area(shape: str, radius: float) -> float:
+    """Area in pixels of a shape inscribed in a 2r x 2r box."""
+    return {"circle": math.pi, "square": 4.0, "triangle": 2.0}[shape] * radius**2
+
+
 def nominal_visible_fraction(batch: ShapesBatch, i: int) -> torch.Tensor:
     """``[F, K]``: the visible pixels of each object of video ``i`` over its nominal (unoccluded) pixels."""
-    from ..eval.analyser import nominal_area
-
     objects = batch.objects[i]
     counts = torch.stack([(batch.visible[i] == j).sum((1, 2)).float() for j in range(len(objects))], 1)
     areas = torch.tensor([nominal_area(o.shape, float(batch.radii[i, j])) for j, o in enumerate(objects)])

@@ -24,21 +24,15 @@ of the same size (rare: larger objects are drawn behind smaller ones).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..data.shapes import BACKGROUND, COLOURS, SHAPES, SIZES, ShapeObject, parse_prompt
+from ..data.shapes import BACKGROUND, COLOURS, SHAPES, SIZES, ShapeObject, nominal_area, parse_prompt
 
 PALETTE_NAMES = ["background", *COLOURS]
 PALETTE = torch.tensor([BACKGROUND, *COLOURS.values()], dtype=torch.float32) / 255.0  # [P, 3]
-
-
-def nominal_area(shape: str, radius: float) -> float:
-    """Area in pixels of a shape inscribed in a 2r x 2r box."""
-    return {"circle": math.pi, "square": 4.0, "triangle": 2.0}[shape] * radius**2
 
 
 def largest_component(masks: torch.Tensor) -> torch.Tensor:

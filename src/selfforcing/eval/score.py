@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from ..data.shapes import ShapesWorld, ShapesWorldConfig
+from ..data.shapes import ShapesWorld
 from ..data.video_io import video_grid, write_video
 from ..inference.generate import generate_videos
 from ..inference.pipeline import load_pipeline
@@ -31,8 +30,7 @@ def score_checkpoint(
     """
     pipe = load_pipeline(checkpoint, device=device)
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
-    world_cfg = ShapesWorldConfig(**{f.name: getattr(d, f.name) for f in fields(ShapesWorldConfig)})
-    prompts = ShapesWorld(world_cfg).sample(num, seed=HELD_OUT_SEED + seed).prompts
+    prompts = ShapesWorld(d).sample(num, seed=HELD_OUT_SEED + seed).prompts
     videos = torch.cat(
         [
             generate_videos(

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, config_from_yaml
-from ..data.text import prompt_vocabulary
 from ..models.codec import Codec, IdentityCodec
 from ..models.dit import VideoDiT
 from ..models.t2v import TextToVideo
@@ -23,25 +22,12 @@ def build_codec(cfg: TrainConfig) -> Codec:
 def build_model(cfg: TrainConfig) -> TextToVideo:
     """A freshly initialised model for ``cfg`` (``cfg.text.vocab`` must be filled in)."""
     if not cfg.text.vocab:
-        raise ValueError("cfg.text.vocab is empty: call resolve_vocabulary(cfg) first")
+        raise ValueError("cfg.text.vocab is empty: fill it with the training data's words (Batches.vocabulary)")
     t = cfg.text
     text_encoder = ShapesTextEncoder(t.vocab, t.dim, t.num_layers, t.num_heads, t.max_len, t.unknown_words)
     codec = build_codec(cfg)
     dit = VideoDiT(cfg.model.dit(in_channels=codec.latent_channels, text_dim=t.dim))
     return TextToVideo(text_encoder, dit)
-
-
-def resolve_vocabulary(cfg: TrainConfig) -> None:
-    """Fill ``cfg.text.vocab`` from the data (shapes-world words, or the words of a folder's prompts)."""
-    if cfg.text.vocab:
-        return
-    if cfg.data.source == "shapes":
-        cfg.text.vocab = cfg.data.vocabulary()
-    else:
-        from ..data.video_folder import VideoFolder
-
-        folder = VideoFolder(cfg.data.folder, cfg.data.frames, cfg.data.height, cfg.data.width)
-        cfg.text.vocab = prompt_vocabulary([p for _, p in folder.items])
 
 
 @dataclass

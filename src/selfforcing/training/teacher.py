@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, config_to_yaml
 from ..data.shapes import ShapesWorld
+from ..data.text import prompt_vocabulary
 from ..data.video_folder import VideoFolder
 from ..data.video_io import video_grid, write_video
 from ..device import autocast, resolve_device
@@ -25,7 +26,7 @@ from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocit
 from ..eval.analyser import analyse_batch
 from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
-from ..inference.pipeline import build_codec, build_model, resolve_vocabulary
+from ..inference.pipeline import build_codec, build_model
 from .checkpoint import latest_checkpoint, load_weights, save_checkpoint
 from .ema import EMA
 
@@ -62,6 +63,12 @@ class Batches:
             return b.video, b.prompts
         return self.folder.sample(n, seed)
 
+    def vocabulary(self) -> list[str]:
+        """Every word the training prompts can contain."""
+        if self.cfg.data.source == "shapes":
+            return self.cfg.data.vocabulary()
+        return prompt_vocabulary([p for _, p in self.folder.items])
+
 
 def flow_matching_loss(
     model, x0: torch.Tensor, prompts: list[str], cfg: TrainConfig, g: torch.Generator
@@ -83,13 +90,13 @@ class TeacherTrainer:
 
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
-        resolve_vocabulary(cfg)
         self.cfg = cfg
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
         self.run_dir = cfg.run_dir
         self.batches = Batches(cfg)
+        cfg.text.vocab = cfg.text.vocab or self.batches.vocabulary()  # stored with every checkpoint
         self.codec = build_codec(cfg)
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.model = build_model(cfg).to(self.device)
