@@ -54,18 +54,21 @@ class SelfAttention(nn.Module):
         rope: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: [B, L, dim]; rope: [L, head_dim // 2] angles at the tokens' absolute positions.
 
         attn_mask: bool ``[L, L_kv]`` (True = may attend) or anything SDPA broadcasts, where
-        ``L_kv = L_prefix + L``. kv_prefix: ``(k, v)`` of earlier tokens, ``[B, heads, L_prefix, head_dim]``.
+        ``L_kv = L_prefix + L``. kv_prefix: ``(k, v)`` of earlier tokens, ``[B, heads, L_prefix, head_dim]``
+        (a KV cache's context). With ``return_kv`` also returns this call's own rotated ``(k, v)``.
         """
         q, k, v = self.qkv(x, rope)
+        k_all, v_all = k, v
         if kv_prefix is not None:
-            k = torch.cat([kv_prefix[0], k], dim=2)
-            v = torch.cat([kv_prefix[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.o(rearrange(out, "b h l d -> b l (h d)"))
+            k_all = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
+            v_all = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
+        out = self.o(rearrange(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask), "b h l d -> b l (h d)"))
+        return (out, (k, v)) if return_kv else out
 
 
 class CrossAttention(SelfAttention):
@@ -81,11 +84,11 @@ class CrossAttention(SelfAttention):
     def forward(
         self,
         x: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | None,
         context_mask: torch.Tensor | None = None,
         text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: [B, L, dim]; context: [B, L_text, dim]; context_mask: bool [B, L_text], True = real token."""
+        """x: [B, L, dim]; context: [B, L_text, dim] (or its precomputed ``text_kv``); context_mask: bool [B, L_text]."""
         q = rearrange(self.norm_q(self.q(x)), "b l (h d) -> b h l d", h=self.num_heads)
         k, v = text_kv if text_kv is not None else self.text_kv(context)
         mask = None if context_mask is None else context_mask[:, None, None, :]

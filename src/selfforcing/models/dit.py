@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
+from .kv_cache import KV, KVCache, TextKV
 from .rope import rope_3d_angles
 
 
@@ -122,18 +123,23 @@ class DiTBlock(nn.Module):
         x: torch.Tensor,
         e: torch.Tensor,
         rope: torch.Tensor,
-        context: torch.Tensor,
+        text_kv: KV,
         context_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: [B, F, N, C] tokens per frame; e: [B, F, 6, C] per-frame modulation."""
+        kv_prefix: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x: [B, F, N, C] tokens per frame; e: [B, F, 6, C] per-frame modulation; text_kv: this layer's text K/V.
+
+        Returns the new tokens and this call's self-attention (k, v) (for a KV cache to commit).
+        """
         b, f, n, c = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e).unsqueeze(3).unbind(2)
         h = modulate(self.norm1(x), shift1, scale1).reshape(b, f * n, c)
-        x = x + gate1 * self.self_attn(h, rope, attn_mask).reshape(b, f, n, c)
-        x = x + self.cross_attn(self.norm3(x).reshape(b, f * n, c), context, context_mask).reshape(b, f, n, c)
+        y, kv = self.self_attn(h, rope, attn_mask, kv_prefix, return_kv=True)
+        x = x + gate1 * y.reshape(b, f, n, c)
+        x = x + self.cross_attn(self.norm3(x).reshape(b, f * n, c), None, context_mask, text_kv).reshape(b, f, n, c)
         x = x + gate2 * self.ffn(modulate(self.norm2(x), shift2, scale2))
-        return x
+        return x, kv
 
 
 class Head(nn.Module):
@@ -189,31 +195,56 @@ class VideoDiT(nn.Module):
             )
         return frames // pf, height // ph, width // pw
 
+    def text_kv(self, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> TextKV:
+        """The cross-attention cache: every layer's text keys/values, computed once per prompt.
+
+        context: [B, L, text_dim] text embeddings; context_mask: bool [B, L], True = real token.
+        """
+        if context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"text embeddings have width {context.shape[-1]}, the model expects {self.cfg.text_dim}")
+        ctx = self.text_embedding(context)
+        return TextKV([block.cross_attn.text_kv(ctx) for block in self.blocks], context_mask)
+
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         frame_offset: int = 0,
-    ) -> torch.Tensor:
+        *,
+        text_kv: TextKV | None = None,
+        kv_cache: KVCache | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         """Predict the velocity.
 
         x: [B, F, C, H, W] noisy latents; t: [B] or [B, F] timesteps in [0, 1000] (per latent frame);
-        context: [B, L, text_dim] text embeddings; context_mask: bool [B, L], True = real token;
-        attn_mask: self-attention mask over tokens (see ``SelfAttention``); frame_offset: absolute
-        index of x's first latent frame (for RoPE). Returns [B, F, C_out, H, W].
+        context: [B, L, text_dim] text embeddings and context_mask: bool [B, L], True = real token (or
+        ``text_kv``, the same precomputed by ``self.text_kv``); attn_mask: self-attention mask over
+        tokens (e.g. ``causal.block_causal_mask``); frame_offset: absolute index of x's first latent
+        frame (for RoPE). kv_cache: attend to its frames before x's (x must be the cache's next chunk);
+        it is only read. Returns [B, F, C_out, H, W], and with ``return_kv`` also every layer's (k, v)
+        of x's tokens, ``[B, heads, F * N, head_dim]``, for ``kv_cache.commit``.
         """
         b, nf, c, hh, ww = x.shape
         if c != self.cfg.in_channels:
             raise ValueError(f"input has {c} channels but the model expects {self.cfg.in_channels}")
-        if context.shape[-1] != self.cfg.text_dim:
-            raise ValueError(f"text embeddings have width {context.shape[-1]}, the model expects {self.cfg.text_dim}")
         f, h, w = self.token_grid(nf, hh, ww)
         pf, ph, pw = self.cfg.patch_size
         if t.shape not in ((b,), (b, nf)):
             raise ValueError(f"t must be [B] or [B, F] = [{b}, {nf}], got {tuple(t.shape)}")
+        if text_kv is None:
+            if context is None:
+                raise ValueError("pass the text as context (embeddings) or as text_kv (from VideoDiT.text_kv)")
+            text_kv = self.text_kv(context, context_mask)
+        if kv_cache is not None:
+            if pf != 1:
+                raise ValueError(f"a KV cache needs patch_size[0] == 1, the model has {self.cfg.patch_size}")
+            if kv_cache.tokens_per_frame != h * w:
+                raise ValueError(f"the cache holds {kv_cache.tokens_per_frame} tokens per frame, x has {h * w}")
+            kv_cache.check_next(frame_offset, nf)
         t = t if t.dim() == 2 else t[:, None].expand(b, nf)
         t = t[:, ::pf]  # one timestep per token frame
 
@@ -221,13 +252,17 @@ class VideoDiT(nn.Module):
         tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
         e = self.time_embedding(timestep_embedding(t, self.cfg.freq_dim).to(tokens.dtype))  # [B, f, d]
         e6 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # [B, f, 6, d]
-        ctx = self.text_embedding(context)
         rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta).to(x.device)
 
-        for block in self.blocks:
-            tokens = block(tokens, e6, rope, ctx, context_mask, attn_mask)
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            prefix = kv_cache.context(i) if kv_cache is not None else None
+            tokens, kv = block(tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
+            if return_kv:
+                new_kv.append(kv)
         out = self.head(tokens, e)  # [B, f, h*w, pf*ph*pw*c_out]
-        return rearrange(out, "b f (h w) (pf ph pw c) -> b (f pf) c (h ph) (w pw)", h=h, w=w, pf=pf, ph=ph, pw=pw)
+        out = rearrange(out, "b f (h w) (pf ph pw c) -> b (f pf) c (h ph) (w pw)", h=h, w=w, pf=pf, ph=ph, pw=pw)
+        return (out, new_kv) if return_kv else out
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

@@ -1,0 +1,220 @@
+"""Streaming generation with a causal student: chunk by chunk, each decoded as soon as it is ready.
+
+For every chunk of ``frames_per_block`` latent frames (METHOD.md section 6):
+    x = noise
+    for each few-step level sigma_j:  x0 = G(x, sigma_j | cache);  x = add_noise(x0, fresh noise, sigma_{j+1})
+    commit: run G once on add_noise(x0, noise, sigma_ctx) at sigma_ctx and store its keys/values
+    decode x0 and hand it to the consumer
+The KV cache rolls (evicts the oldest non-sink frames) once the video is longer than its window, so
+any length can be generated. ``context="recompute_step"`` / ``"recompute_chunk"`` run the same
+computation without a persistent cache (the whole context is re-run at every step / rebuilt at every
+chunk); they give the same video and exist to measure what the cache saves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..diffusion.flow_matching import add_noise, warp_timesteps, x0_from_velocity
+from ..models.causal import block_causal_mask, check_layout
+from ..models.codec import Codec
+from ..models.kv_cache import KVCache, TextKV
+from ..models.t2v import TextToVideo
+
+CONTEXT_MODES = ("cache", "recompute_step", "recompute_chunk")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How a causal student generates: chunk size, few-step levels, context noise level, attention window."""
+
+    frames_per_block: int = 3
+    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # before warping
+    shift: float = 5.0
+    context_timestep: float = 0.0  # t_ctx of the cache-commit pass, in [0, 1000)
+    window: int = 0  # attention window in latent frames (incl. the current chunk); 0 = the whole video
+    sink: int = 0  # first frames that are never evicted
+
+    def sigmas(self) -> torch.Tensor:
+        """The warped few-step noise levels, e.g. [1.0, 0.9375, 0.8333, 0.625]."""
+        return warp_timesteps(list(self.denoising_steps), self.shift) / 1000.0
+
+    def validate(self, num_frames: int | None = None) -> None:
+        check_layout(self.frames_per_block, self.window, self.sink)
+        if not 0 <= self.context_timestep < 1000:
+            raise ValueError(f"context_timestep must be in [0, 1000), got {self.context_timestep}")
+        self.sigmas()  # raises on a bad step list
+        if num_frames is not None and num_frames % self.frames_per_block:
+            raise ValueError(
+                f"{num_frames} latent frames is not a whole number of chunks of {self.frames_per_block}: "
+                f"use a multiple of frames_per_block"
+            )
+
+
+@dataclass
+class Chunk:
+    """One streamed chunk. frames: [B, f, 3, H, W] in [-1, 1]; latents: [B, f_latent, C, h, w]."""
+
+    index: int
+    start: int  # first latent frame
+    latents: torch.Tensor
+    frames: torch.Tensor
+    seconds: float  # wall-clock to produce it (denoising, commit, decoding)
+
+
+def _frame_sigma(sigma: torch.Tensor | float, b: int, f: int, ref: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(sigma, dtype=ref.dtype, device=ref.device).expand(b, f)
+
+
+def denoise_chunk(
+    model: TextToVideo,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    text_kv: TextKV,
+    cache: KVCache,
+    start: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Few-step sampling of one chunk against a cache: noise [B, f, C, h, w] -> x0 [B, f, C, h, w]."""
+    b, f = noise.shape[:2]
+    x = noise
+    for j, s in enumerate(sigmas):
+        sig = _frame_sigma(s, b, f, x)
+        v = model.dit(x, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
+        x0 = x0_from_velocity(x, v, sig)
+        if j + 1 == len(sigmas):
+            return x0
+        fresh = torch.randn(x.shape, generator=generator).to(x)
+        x = add_noise(x0, fresh, sigmas[j + 1])
+    return x
+
+
+def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """What the commit pass sees: the clean chunk, or it re-noised to ``context_sigma`` (> 0)."""
+    if context_sigma == 0:
+        return x0
+    return add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), context_sigma)
+
+
+def commit_chunk(
+    model: TextToVideo, x_ctx: torch.Tensor, context_sigma: float, text_kv: TextKV, cache: KVCache, start: int
+) -> None:
+    """Run the model once on the chunk at the context level and store its keys/values in ``cache``."""
+    b, f = x_ctx.shape[:2]
+    sig = _frame_sigma(context_sigma, b, f, x_ctx)
+    _, kv = model.dit(x_ctx, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start, return_kv=True)
+    cache.commit(start, kv)
+
+
+def _masked_pass(
+    model: TextToVideo, x: torch.Tensor, sigma: torch.Tensor, text_kv: TextKV, settings: StreamSettings, n: int
+):
+    """Full-sequence forward over frames [0, F) with the block-causal mask (no cache); also returns (k, v)."""
+    f = x.shape[1]
+    mask = block_causal_mask(f, n, settings.frames_per_block, settings.window, settings.sink).to(x.device)
+    return model.dit(x, sigma * 1000, text_kv=text_kv, attn_mask=mask, return_kv=True)
+
+
+@torch.no_grad()
+def stream_video(
+    model: TextToVideo,
+    codec: Codec,
+    prompts: list[str],
+    frames: int,
+    height: int,
+    width: int,
+    settings: StreamSettings | None = None,
+    seed: int = 0,
+    context: str = "cache",
+) -> Iterator[Chunk]:
+    """Generate ``len(prompts)`` videos of ``frames`` pixel frames chunk by chunk, yielding each chunk.
+
+    The noise comes from a CPU generator seeded with ``seed`` (the same video on any device and in
+    every ``context`` mode). ``context``: ``cache`` (KV cache, rolling past the window),
+    ``recompute_step`` or ``recompute_chunk`` (no persistent cache; see the module docstring).
+    """
+    settings = settings or StreamSettings()
+    if context not in CONTEXT_MODES:
+        raise ValueError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
+    device = next(model.parameters()).device
+    f_lat, c, h, w = codec.latent_shape(frames, height, width)
+    settings.validate(f_lat)
+    fpb = settings.frames_per_block
+    window = settings.window or f_lat
+    _, gh, gw = model.dit.token_grid(fpb, h, w)
+    n = gh * gw  # tokens per frame
+    sigmas = settings.sigmas().to(device)
+    ctx_sigma = settings.context_timestep / 1000.0
+    g = torch.Generator().manual_seed(seed)
+    b = len(prompts)
+    text = model.encode_text(prompts)
+    text_kv = model.dit.text_kv(*text)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, dtype=dtype, device=device)
+    history = torch.zeros(b, 0, c, h, w, device=device)  # commit-pass inputs of every frame so far (recompute)
+
+    for index, start in enumerate(range(0, f_lat, fpb)):
+        t0 = time.perf_counter()
+        noise = torch.randn(b, fpb, c, h, w, generator=g).to(device)
+        if context == "recompute_chunk":  # rebuild the cache from the whole history in one masked pass
+            cache.reset()
+            if start:
+                _, kv = _masked_pass(model, history, _frame_sigma(ctx_sigma, b, start, history), text_kv, settings, n)
+                cache.commit(0, kv)
+        if context == "recompute_step":
+            x0 = _denoise_recompute(model, noise, sigmas, history, ctx_sigma, text_kv, settings, n, g)
+        else:
+            x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g)
+        x_ctx = commit_input(x0, ctx_sigma, g)
+        if context == "cache":
+            commit_chunk(model, x_ctx, ctx_sigma, text_kv, cache, start)
+        else:
+            history = torch.cat([history, x_ctx], dim=1)
+        pixels = codec.decode(x0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        yield Chunk(index, start, x0, pixels, time.perf_counter() - t0)
+
+
+def _denoise_recompute(
+    model: TextToVideo,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    history: torch.Tensor,
+    ctx_sigma: float,
+    text_kv: TextKV,
+    settings: StreamSettings,
+    n: int,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """``denoise_chunk`` without a cache: every step runs the masked model over history + chunk."""
+    b, f = noise.shape[:2]
+    start = history.shape[1]
+    x = noise
+    for j, s in enumerate(sigmas):
+        sig = torch.cat([_frame_sigma(ctx_sigma, b, start, x), _frame_sigma(s, b, f, x)], dim=1)
+        v, _ = _masked_pass(model, torch.cat([history, x], dim=1), sig, text_kv, settings, n)
+        x0 = x0_from_velocity(x, v[:, start:], s)
+        if j + 1 == len(sigmas):
+            return x0
+        x = add_noise(x0, torch.randn(x.shape, generator=g).to(x), sigmas[j + 1])
+    return x
+
+
+def generate_stream(
+    model: TextToVideo,
+    codec: Codec,
+    prompts: list[str],
+    frames: int,
+    height: int,
+    width: int,
+    settings: StreamSettings | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The whole streamed video at once: ``[B, frames, 3, H, W]`` in [-1, 1]."""
+    chunks = stream_video(model, codec, prompts, frames, height, width, settings, seed)
+    return torch.cat([chunk.frames for chunk in chunks], dim=1)

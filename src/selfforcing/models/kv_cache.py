@@ -1,0 +1,172 @@
+"""KV caches for chunk-by-chunk generation.
+
+``KVCache`` holds, for every DiT layer, the self-attention keys (already RoPE-rotated at their absolute
+frame positions) and values of the frames committed so far. It is preallocated for
+``sink + window - frames_per_block`` frames: exactly the past frames a chunk may see under the
+block-causal mask of ``selfforcing.models.causal``. When it is full, committing a new frame evicts the
+oldest non-sink frame (rolling mode); the first ``sink`` frames are never evicted.
+
+The cache changes only when its owner calls ``commit`` or ``reset``: the DiT reads it, and returns the
+new chunk's keys/values for the caller to commit. Slots are filled in order and reused in place, so
+the valid entries are always the first ``num_frames`` slots; their order does not matter, because
+every cached frame is visible to every token of the current chunk and RoPE is already applied.
+
+``TextKV`` is the cross-attention cache: the text keys/values of every layer, computed once per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .causal import check_layout
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [B, heads, tokens, head_dim]
+
+
+@dataclass
+class TextKV:
+    """Per-layer text keys/values ``[B, heads, L_text, head_dim]`` and the text mask ``[B, L_text]``."""
+
+    layers: list[KV]
+    mask: torch.Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0][0].shape[0]
+
+
+class KVCache:
+    """Self-attention keys/values of committed frames: ``k, v: [layers, B, heads, slots * N, head_dim]``.
+
+    N = tokens per frame. ``frame_of_slot[i]`` is the absolute frame index held in slot i (-1 = empty).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        frames_per_block: int,
+        window: int,
+        sink: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        check_layout(frames_per_block, window, sink)
+        if window == 0:
+            raise ValueError("a KV cache needs a finite window (frames); pass the video length for no eviction")
+        self.tokens_per_frame = tokens_per_frame
+        self.frames_per_block = frames_per_block
+        self.window = window
+        self.sink = sink
+        self.capacity = sink + window - frames_per_block  # past frames a chunk can see
+        shape = (num_layers, batch_size, num_heads, self.capacity * tokens_per_frame, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.frame_of_slot = [-1] * self.capacity
+        self.next_frame = 0  # the absolute index of the next frame to be generated
+
+    @classmethod
+    def for_model(
+        cls,
+        dit,
+        batch_size: int,
+        tokens_per_frame: int,
+        frames_per_block: int,
+        window: int,
+        sink: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty cache shaped for ``dit`` (a ``VideoDiT``), in its parameters' dtype and device."""
+        p = next(dit.parameters())
+        c = dit.cfg
+        return cls(
+            c.num_layers,
+            batch_size,
+            c.num_heads,
+            c.head_dim,
+            tokens_per_frame,
+            frames_per_block,
+            window,
+            sink,
+            dtype or p.dtype,
+            device or p.device,
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def num_frames(self) -> int:
+        """Frames currently held (the first ``num_frames`` slots)."""
+        return sum(f >= 0 for f in self.frame_of_slot)
+
+    @property
+    def frames(self) -> list[int]:
+        """Absolute indices of the held frames, ascending."""
+        return sorted(f for f in self.frame_of_slot if f >= 0)
+
+    def context(self, layer: int) -> KV | None:
+        """Keys/values of the held frames for one layer, ``[B, heads, num_frames * N, head_dim]`` (views)."""
+        n = self.num_frames * self.tokens_per_frame
+        if n == 0:
+            return None
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+
+    def check_next(self, frame_offset: int, num_frames: int | None = None) -> None:
+        """Raise unless ``frame_offset`` is the next frame for this cache (and ``num_frames`` one chunk)."""
+        if frame_offset != self.next_frame:
+            raise ValueError(
+                f"the cache holds frames up to {self.next_frame - 1} but the input starts at frame {frame_offset}: "
+                "commit every chunk in order (or reset the cache)"
+            )
+        if num_frames is not None and num_frames != self.frames_per_block:
+            raise ValueError(f"a chunk has {self.frames_per_block} frames (frames_per_block), got {num_frames}")
+
+    # -- writing -------------------------------------------------------------------------------
+    def commit(self, frame_offset: int, kv: list[KV]) -> None:
+        """Store frames from ``frame_offset`` on: ``kv[layer] = (k, v)``, each ``[B, heads, F * N, D]``.
+
+        Usually one chunk; several at once rebuild a cache from a full-sequence pass. Evicts the oldest
+        non-sink frames when full. Recommitting the latest chunk overwrites it.
+        """
+        n = self.tokens_per_frame
+        num = kv[0][0].shape[2] // n
+        if frame_offset < self.next_frame == frame_offset + num:  # recommit: overwrite the latest chunk
+            self._forget(range(frame_offset, frame_offset + num))
+            self.next_frame = frame_offset
+        self.check_next(frame_offset)
+        k = torch.stack([layer_kv[0] for layer_kv in kv]).detach()
+        v = torch.stack([layer_kv[1] for layer_kv in kv]).detach()
+        for i in range(num):
+            slot = self._slot_for(frame_offset + i)
+            if slot is None:
+                continue
+            self.k[:, :, :, slot * n : (slot + 1) * n] = k[:, :, :, i * n : (i + 1) * n]
+            self.v[:, :, :, slot * n : (slot + 1) * n] = v[:, :, :, i * n : (i + 1) * n]
+            self.frame_of_slot[slot] = frame_offset + i
+        self.next_frame = frame_offset + num
+
+    def reset(self) -> None:
+        """Forget every frame (the buffers are kept)."""
+        self.frame_of_slot = [-1] * self.capacity
+        self.next_frame = 0
+
+    def _forget(self, frames: range) -> None:
+        """Mark slots of ``frames`` empty, keeping the filled slots a prefix (they are the newest ones)."""
+        self.frame_of_slot = [-1 if f in frames else f for f in self.frame_of_slot]
+
+    def _slot_for(self, frame: int) -> int | None:
+        """The slot a new frame goes to: its sink slot, a free slot, or the oldest non-sink frame's slot."""
+        if frame < self.sink:
+            return frame
+        ring = range(self.sink, self.capacity)
+        if not ring:
+            return None
+        free = [s for s in ring if self.frame_of_slot[s] < 0]
+        if free:
+            return free[0]
+        return min(ring, key=lambda s: self.frame_of_slot[s])

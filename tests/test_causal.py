@@ -1,0 +1,141 @@
+"""Block-causal attention, the KV cache and streaming: cached == masked full sequence, exactly."""
+
+import pytest
+import torch
+
+from selfforcing.data.text import prompt_vocabulary
+from selfforcing.models import ShapesTextEncoder, VideoDiT, dit_config
+from selfforcing.models.causal import block_causal_mask, frame_visibility
+from selfforcing.models.codec import IdentityCodec
+from selfforcing.models.kv_cache import KVCache
+from selfforcing.models.t2v import TextToVideo
+from selfforcing.inference.stream import StreamSettings, stream_video
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def random_model() -> VideoDiT:
+    m = VideoDiT(dit_config("tiny")).eval()
+    torch.nn.init.normal_(m.head.head.weight, std=0.1)  # the zero-initialised head would hide differences
+    return m
+
+
+def inputs(frames: int, b: int = 2):
+    # 8x8 latents with patch 4 -> 4 tokens per frame
+    return torch.randn(b, frames, 3, 8, 8), torch.rand(b, frames) * 1000, torch.randn(b, 5, 32)
+
+
+def cached_forward(m, x, t, ctx, fpb, window=0, sink=0):
+    """Chunk by chunk with a KV cache, each chunk committed with its own keys/values."""
+    cache = KVCache.for_model(m, x.shape[0], 4, fpb, window or x.shape[1], sink)
+    ptr = cache.k.data_ptr()
+    text_kv = m.text_kv(ctx)
+    outs = []
+    for s in range(0, x.shape[1], fpb):
+        out, kv = m(x[:, s : s + fpb], t[:, s : s + fpb], text_kv=text_kv, kv_cache=cache, frame_offset=s, return_kv=True)
+        cache.commit(s, kv)
+        outs.append(out)
+    assert cache.k.data_ptr() == ptr  # preallocated: never reallocated
+    return torch.cat(outs, dim=1), cache
+
+
+def test_frame_visibility():
+    v = frame_visibility(6, 3)
+    assert v[:3, :3].all() and not v[:3, 3:].any() and v[3:].all()  # chunk-wise: full within and before
+    assert torch.equal(frame_visibility(4, 1), torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    w = frame_visibility(9, 3, window=4, sink=1)
+    # the chunk [6, 9) sees frames [5, 9) and the sink frame 0
+    assert w[6].nonzero().flatten().tolist() == [0, 5, 6, 7, 8]
+    assert block_causal_mask(2, 3, 1).shape == (6, 6)
+    with pytest.raises(ValueError, match="shorter than one chunk"):
+        frame_visibility(6, 3, window=2)
+
+
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_cached_chunks_equal_masked_full_sequence(fpb):
+    m = random_model()
+    x, t, ctx = inputs(9)
+    full = m(x, t, ctx, attn_mask=block_causal_mask(9, 4, fpb))
+    cached, cache = cached_forward(m, x, t, ctx, fpb)
+    assert torch.allclose(cached, full, **TOL)
+    assert cache.frames == list(range(9 - cache.capacity, 9))  # the last window - fpb frames
+    assert not torch.allclose(full, m(x, t, ctx), atol=1e-3)  # the mask matters
+
+
+@pytest.mark.parametrize("fpb,window,sink", [(3, 6, 0), (3, 6, 3), (1, 3, 0), (1, 4, 2), (3, 4, 1), (3, 5, 0)])
+def test_rolling_cache_equals_sliding_window_mask(fpb, window, sink):
+    """A sequence 4x longer than the window: eviction keeps exactly the frames the mask shows."""
+    m = random_model()
+    frames = 24 if fpb == 3 else 16
+    x, t, ctx = inputs(frames)
+    full = m(x, t, ctx, attn_mask=block_causal_mask(frames, 4, fpb, window, sink))
+    cached, cache = cached_forward(m, x, t, ctx, fpb, window, sink)
+    assert torch.allclose(cached, full, **TOL)
+    assert cache.num_frames == cache.capacity == sink + window - fpb
+    assert cache.frames[:sink] == list(range(sink))  # sink frames survive
+    # the window matters: the unwindowed mask gives something else
+    assert not torch.allclose(full, m(x, t, ctx, attn_mask=block_causal_mask(frames, 4, fpb)), atol=1e-3)
+
+
+@pytest.mark.parametrize("window,sink", [(0, 0), (6, 3)])
+def test_later_chunks_never_change_earlier_outputs(window, sink):
+    m = random_model()
+    x, t, ctx = inputs(12)
+    mask = block_causal_mask(12, 4, 3, window, sink)
+    x2, t2 = x.clone(), t.clone()
+    x2[:, 6:], t2[:, 6:] = torch.randn_like(x2[:, 6:]), torch.rand_like(t2[:, 6:]) * 1000
+    a, b = m(x, t, ctx, attn_mask=mask), m(x2, t2, ctx, attn_mask=mask)
+    assert torch.equal(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
+
+
+def test_cache_errors_and_recommit():
+    m = random_model()
+    x, t, ctx = inputs(6)
+    cache = KVCache.for_model(m, 2, 4, 3, 6)
+    with pytest.raises(ValueError, match="starts at frame 3"):
+        m(x[:, 3:], t[:, 3:], ctx, kv_cache=cache, frame_offset=3)
+    with pytest.raises(ValueError, match="a chunk has 3 frames"):
+        m(x[:, :2], t[:, :2], ctx, kv_cache=cache, frame_offset=0)
+    with pytest.raises(ValueError, match="tokens per frame"):
+        m(torch.randn(2, 3, 3, 16, 16), t[:, :3], ctx, kv_cache=cache)
+    with pytest.raises(ValueError, match="finite window"):
+        KVCache.for_model(m, 2, 4, 3, 0)
+    # recommitting the latest chunk (e.g. at another context level) replaces its entries
+    _, kv_a = m(x[:, :3], t[:, :3], ctx, kv_cache=cache, return_kv=True)
+    _, kv_b = m(x[:, :3], torch.zeros(2, 3), ctx, kv_cache=cache, return_kv=True)
+    cache.commit(0, kv_a)
+    cache.commit(0, kv_b)
+    assert cache.frames == [0, 1, 2] and cache.next_frame == 3
+    assert torch.equal(cache.context(0)[0], kv_b[0][0])
+    cache.reset()
+    assert cache.num_frames == 0 and cache.context(0) is None
+
+
+def tiny_t2v() -> TextToVideo:
+    vocab = prompt_vocabulary(["a red circle", "a blue square"])
+    t2v = TextToVideo(ShapesTextEncoder(vocab, 32, 1, 2, 8), random_model()).eval()
+    return t2v
+
+
+@pytest.mark.parametrize("settings", [StreamSettings(3), StreamSettings(1, window=3, sink=1, context_timestep=50)])
+def test_streaming_with_cache_equals_recomputed_context(settings):
+    """The streamed video is the same whether the context is cached (and rolled) or recomputed."""
+    t2v = tiny_t2v()
+    prompts = ["a red circle", "a blue square"]
+    runs = {
+        mode: list(stream_video(t2v, IdentityCodec(), prompts, 9, 8, 8, settings, seed=3, context=mode))
+        for mode in ("cache", "recompute_step", "recompute_chunk")
+    }
+    videos = {mode: torch.cat([c.frames for c in chunks], dim=1) for mode, chunks in runs.items()}
+    assert videos["cache"].shape == (2, 9, 3, 8, 8)
+    assert [c.start for c in runs["cache"]] == list(range(0, 9, settings.frames_per_block))
+    assert torch.allclose(videos["cache"], videos["recompute_step"], **TOL)
+    assert torch.allclose(videos["cache"], videos["recompute_chunk"], **TOL)
+    other = torch.cat([c.frames for c in stream_video(t2v, IdentityCodec(), prompts, 9, 8, 8, settings, seed=4)], 1)
+    assert not torch.allclose(videos["cache"], other, atol=1e-3)
+
+
+def test_stream_rejects_partial_chunks():
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        next(stream_video(tiny_t2v(), IdentityCodec(), ["a red circle"], 8, 8, 8, StreamSettings(3)))
