@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from selfforcing.data.text import prompt_vocabulary
+from selfforcing.inference.stream import StreamSettings, stream_video
 from selfforcing.models import ShapesTextEncoder, VideoDiT, dit_config
 from selfforcing.models.causal import block_causal_mask, frame_visibility
 from selfforcing.models.codec import IdentityCodec
 from selfforcing.models.kv_cache import KVCache
 from selfforcing.models.t2v import TextToVideo
-from selfforcing.inference.stream import StreamSettings, stream_video
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -32,7 +32,9 @@ def cached_forward(m, x, t, ctx, fpb, window=0, sink=0):
     text_kv = m.text_kv(ctx)
     outs = []
     for s in range(0, x.shape[1], fpb):
-        out, kv = m(x[:, s : s + fpb], t[:, s : s + fpb], text_kv=text_kv, kv_cache=cache, frame_offset=s, return_kv=True)
+        out, kv = m(
+            x[:, s : s + fpb], t[:, s : s + fpb], text_kv=text_kv, kv_cache=cache, frame_offset=s, return_kv=True
+        )
         cache.commit(s, kv)
         outs.append(out)
     assert cache.k.data_ptr() == ptr  # preallocated: never reallocated

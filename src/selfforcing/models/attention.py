@@ -67,7 +67,9 @@ class SelfAttention(nn.Module):
         if kv_prefix is not None:
             k_all = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
             v_all = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
-        out = self.o(rearrange(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask), "b h l d -> b l (h d)"))
+        out = self.o(
+            rearrange(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask), "b h l d -> b l (h d)")
+        )
         return (out, (k, v)) if return_kv else out
 
 
@@ -88,7 +90,7 @@ class CrossAttention(SelfAttention):
         context_mask: torch.Tensor | None = None,
         text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: [B, L, dim]; context: [B, L_text, dim] (or its precomputed ``text_kv``); context_mask: bool [B, L_text]."""
+        """x: [B, L, dim]; context: [B, L_text, dim] or its ``text_kv``; context_mask: bool [B, L_text]."""
         q = rearrange(self.norm_q(self.q(x)), "b l (h d) -> b h l d", h=self.num_heads)
         k, v = text_kv if text_kv is not None else self.text_kv(context)
         mask = None if context_mask is None else context_mask[:, None, None, :]
