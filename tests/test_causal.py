@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from selfforcing.config import CausalConfig
 from selfforcing.data.text import prompt_vocabulary
-from selfforcing.inference.stream import StreamSettings, stream_video
+from selfforcing.inference.stream import stream_video
 from selfforcing.models import ShapesTextEncoder, VideoDiT, dit_config
 from selfforcing.models.causal import block_causal_mask, frame_visibility
 from selfforcing.models.codec import IdentityCodec
@@ -120,7 +121,7 @@ def tiny_t2v() -> TextToVideo:
     return t2v
 
 
-@pytest.mark.parametrize("settings", [StreamSettings(3), StreamSettings(1, window=3, sink=1, context_timestep=50)])
+@pytest.mark.parametrize("settings", [CausalConfig(3), CausalConfig(1, window=3, sink=1, context_timestep=50)])
 def test_streaming_with_cache_equals_recomputed_context(settings):
     """The streamed video is the same whether the context is cached (and rolled) or recomputed."""
     t2v = tiny_t2v()
@@ -140,4 +141,4 @@ def test_streaming_with_cache_equals_recomputed_context(settings):
 
 def test_stream_rejects_partial_chunks():
     with pytest.raises(ValueError, match="whole number of chunks"):
-        next(stream_video(tiny_t2v(), IdentityCodec(), ["a red circle"], 8, 8, 8, StreamSettings(3)))
+        next(stream_video(tiny_t2v(), IdentityCodec(), ["a red circle"], 8, 8, 8, CausalConfig(3)))

@@ -10,10 +10,12 @@ from pathlib import Path
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .training.ode_init import ODEInitTrainer
     from .training.teacher import TeacherTrainer
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = TeacherTrainer(cfg).train()
+    trainer = {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer}[cfg.stage]
+    run_dir = trainer(cfg).train()
     print(f"done: checkpoints, samples and metrics.jsonl are in {run_dir}")
 
 
@@ -45,6 +47,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         summary, _ = analyse_batch(videos, args.prompt * args.num)
         print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
+
+
+def cmd_ode_pairs(args: argparse.Namespace) -> None:
+    from .device import resolve_device
+    from .training.ode_pairs import ODEPairSettings, generate_ode_pairs
+
+    settings = ODEPairSettings(
+        num_samples=args.num,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        teacher_steps=args.teacher_steps,
+        teacher_shift=args.teacher_shift,
+        guidance_scale=args.guidance,
+        student_steps=tuple(args.student_steps),
+        student_shift=args.student_shift,
+        seed=args.seed,
+    )
+    out = generate_ode_pairs(args.teacher, args.out, settings, device=resolve_device(args.device))
+    print(f"ODE pairs are in {out}")
 
 
 def cmd_world(args: argparse.Namespace) -> None:
@@ -96,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--analyse", action="store_true", help="print the shapes-world analyser's scores")
     g.set_defaults(func=cmd_generate)
+
+    o = sub.add_parser("ode-pairs", help="sample the teacher and store its trajectories at the student's levels")
+    o.add_argument("--teacher", required=True, help="teacher checkpoint or run folder")
+    o.add_argument("--out", required=True, help="folder for index.json + shards (a rerun resumes)")
+    o.add_argument("--num", type=int, default=1024, help="number of videos")
+    o.add_argument("--shard-size", type=int, default=128)
+    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--teacher-steps", type=int, default=48, help="teacher Euler steps")
+    o.add_argument("--teacher-shift", type=float, default=3.0, help="shift of the teacher's Euler schedule")
+    o.add_argument("--guidance", type=float, default=3.0, help="teacher classifier-free guidance scale")
+    o.add_argument("--student-steps", type=float, nargs="+", default=[1000, 750, 500, 250])
+    o.add_argument("--student-shift", type=float, default=5.0, help="warp of the student's step list")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default="auto")
+    o.set_defaults(func=cmd_ode_pairs)
 
     w = sub.add_parser("world", help="write example videos of the built-in shapes world")
     w.add_argument("--out", default="shapes_world.gif")

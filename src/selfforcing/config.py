@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data.shapes import ShapesWorldConfig
+from .diffusion.flow_matching import warp_timesteps
+from .models.causal import check_layout
 from .models.dit import DIT_PRESETS, DiTConfig, dit_config
 
 
@@ -85,8 +88,49 @@ class DiffusionConfig:
 
 
 @dataclass
+class CausalConfig:
+    """How the causal student generates (METHOD.md sections 3 and 6); absent for a bidirectional teacher."""
+
+    frames_per_block: int = 3  # latent frames per chunk: 3 = chunk-wise, 1 = frame-wise
+    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])  # before warping
+    shift: float = 5.0  # warp of the step list
+    context_timestep: float = 0.0  # t_ctx of the cache-commit pass, in [0, 1000)
+    window: int = 0  # attention window in latent frames incl. the current chunk; 0 = unlimited
+    sink: int = 0  # first latent frames always attended to (never evicted from a rolling cache)
+
+    def sigmas(self) -> torch.Tensor:
+        """The warped few-step noise levels ``[S]``, e.g. [1.0, 0.9375, 0.8333, 0.625]."""
+        return warp_timesteps(list(self.denoising_steps), self.shift) / 1000.0
+
+    def validate(self, num_frames: int | None = None) -> None:
+        """Raise a ValueError naming the problem (``num_frames``: latent frames to generate)."""
+        check_layout(self.frames_per_block, self.window, self.sink)
+        if not 0 <= self.context_timestep < 1000:
+            raise ValueError(f"causal.context_timestep must be in [0, 1000), got {self.context_timestep}")
+        self.sigmas()  # raises on a bad step list
+        if num_frames is not None and num_frames % self.frames_per_block:
+            raise ValueError(
+                f"{num_frames} latent frames is not a whole number of chunks of {self.frames_per_block}: "
+                "use a multiple of causal.frames_per_block"
+            )
+
+
+@dataclass
+class ODEConfig:
+    """ODE-regression initialisation of the causal student (``stage: ode_init``)."""
+
+    pairs: str = ""  # folder written by `selfforcing ode-pairs`
+    include_clean: bool = True  # also draw the clean level (t = 0) per chunk: teaches clean context
+
+
+STAGES = ("teacher", "ode_init")
+
+
+@dataclass
 class TrainConfig:
     name: str = "teacher"
+    stage: str = "teacher"  # teacher (bidirectional flow matching) | ode_init (causal student on ODE pairs)
+    init_from: str = ""  # checkpoint/run folder whose EMA weights (and vocabulary) initialise the model
     out_dir: str = "runs"
     seed: int = 0
     steps: int = 1000
@@ -105,6 +149,8 @@ class TrainConfig:
     text: TextConfig = field(default_factory=TextConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    causal: CausalConfig | None = None  # set for causal students
+    ode: ODEConfig = field(default_factory=ODEConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -134,6 +180,11 @@ class TrainConfig:
             ),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
         ]
+        checks += [
+            (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
+            (self.stage == "teacher" or self.causal is not None, f"stage {self.stage} needs a causal: section"),
+            (self.stage != "ode_init" or bool(self.ode.pairs), "stage ode_init needs ode.pairs=FOLDER"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -141,6 +192,11 @@ class TrainConfig:
             self.data.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        if self.causal is not None:
+            try:
+                self.causal.validate(self.data.frames)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
         pf, ph, pw = dit.patch_size
         if self.data.frames % pf or self.data.height % ph or self.data.width % pw:

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, config_from_yaml
+from ..config import CausalConfig, TrainConfig, config_from_yaml
 from ..models.codec import Codec, IdentityCodec
 from ..models.dit import VideoDiT
 from ..models.t2v import TextToVideo
 from ..models.text_encoder import ShapesTextEncoder
 from ..training.checkpoint import load_weights, resolve_checkpoint
+
+
+def stream_settings(cfg: TrainConfig, window: int | None = None) -> CausalConfig:
+    """The causal student's generation settings; the attention window defaults to the training length.
+
+    A longer video then rolls the KV cache instead of attending to more frames than the model was trained on.
+    """
+    if cfg.causal is None:
+        raise ValueError(
+            f"{cfg.name} is a bidirectional (stage {cfg.stage}) model: streaming needs a causal student "
+            "(a checkpoint trained with a causal: section, e.g. configs/ode_init_toy.yaml)"
+        )
+    f_lat = build_codec(cfg).latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)[0]
+    return replace(cfg.causal, window=window or cfg.causal.window or f_lat)
 
 
 def build_codec(cfg: TrainConfig) -> Codec:

@@ -19,40 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.flow_matching import add_noise, warp_timesteps, x0_from_velocity
-from ..models.causal import block_causal_mask, check_layout
+from ..config import CausalConfig
+from ..diffusion.flow_matching import add_noise, x0_from_velocity
+from ..models.causal import block_causal_mask
 from ..models.codec import Codec
 from ..models.kv_cache import KVCache, TextKV
 from ..models.t2v import TextToVideo
 
 CONTEXT_MODES = ("cache", "recompute_step", "recompute_chunk")
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """How a causal student generates: chunk size, few-step levels, context noise level, attention window."""
-
-    frames_per_block: int = 3
-    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # before warping
-    shift: float = 5.0
-    context_timestep: float = 0.0  # t_ctx of the cache-commit pass, in [0, 1000)
-    window: int = 0  # attention window in latent frames (incl. the current chunk); 0 = the whole video
-    sink: int = 0  # first frames that are never evicted
-
-    def sigmas(self) -> torch.Tensor:
-        """The warped few-step noise levels, e.g. [1.0, 0.9375, 0.8333, 0.625]."""
-        return warp_timesteps(list(self.denoising_steps), self.shift) / 1000.0
-
-    def validate(self, num_frames: int | None = None) -> None:
-        check_layout(self.frames_per_block, self.window, self.sink)
-        if not 0 <= self.context_timestep < 1000:
-            raise ValueError(f"context_timestep must be in [0, 1000), got {self.context_timestep}")
-        self.sigmas()  # raises on a bad step list
-        if num_frames is not None and num_frames % self.frames_per_block:
-            raise ValueError(
-                f"{num_frames} latent frames is not a whole number of chunks of {self.frames_per_block}: "
-                f"use a multiple of frames_per_block"
-            )
 
 
 @dataclass
@@ -111,7 +85,7 @@ def commit_chunk(
 
 
 def _masked_pass(
-    model: TextToVideo, x: torch.Tensor, sigma: torch.Tensor, text_kv: TextKV, settings: StreamSettings, n: int
+    model: TextToVideo, x: torch.Tensor, sigma: torch.Tensor, text_kv: TextKV, settings: CausalConfig, n: int
 ):
     """Full-sequence forward over frames [0, F) with the block-causal mask (no cache); also returns (k, v)."""
     f = x.shape[1]
@@ -127,7 +101,7 @@ def stream_video(
     frames: int,
     height: int,
     width: int,
-    settings: StreamSettings | None = None,
+    settings: CausalConfig | None = None,
     seed: int = 0,
     context: str = "cache",
 ) -> Iterator[Chunk]:
@@ -137,7 +111,7 @@ def stream_video(
     every ``context`` mode). ``context``: ``cache`` (KV cache, rolling past the window),
     ``recompute_step`` or ``recompute_chunk`` (no persistent cache; see the module docstring).
     """
-    settings = settings or StreamSettings()
+    settings = settings or CausalConfig()
     if context not in CONTEXT_MODES:
         raise ValueError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
     device = next(model.parameters()).device
@@ -187,7 +161,7 @@ def _denoise_recompute(
     history: torch.Tensor,
     ctx_sigma: float,
     text_kv: TextKV,
-    settings: StreamSettings,
+    settings: CausalConfig,
     n: int,
     g: torch.Generator,
 ) -> torch.Tensor:
@@ -212,7 +186,7 @@ def generate_stream(
     frames: int,
     height: int,
     width: int,
-    settings: StreamSettings | None = None,
+    settings: CausalConfig | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """The whole streamed video at once: ``[B, frames, 3, H, W]`` in [-1, 1]."""

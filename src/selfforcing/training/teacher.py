@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, config_to_yaml
+from ..config import TrainConfig, config_from_yaml, config_to_yaml
 from ..data.shapes import ShapesWorld
 from ..data.text import prompt_vocabulary
 from ..data.video_folder import VideoFolder
@@ -27,7 +27,7 @@ from ..eval.analyser import analyse_batch
 from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model
-from .checkpoint import latest_checkpoint, load_weights, save_checkpoint
+from .checkpoint import latest_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
 from .ema import EMA
 
 
@@ -96,10 +96,15 @@ class TeacherTrainer:
         self.device = resolve_device(cfg.device)
         self.run_dir = cfg.run_dir
         self.batches = Batches(cfg)
+        init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+        if init is not None:  # the vocabulary comes with the weights
+            cfg.text.vocab = cfg.text.vocab or config_from_yaml((init / "config.yaml").read_text()).text.vocab
         cfg.text.vocab = cfg.text.vocab or self.batches.vocabulary()  # stored with every checkpoint
         self.codec = build_codec(cfg)
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.model = build_model(cfg).to(self.device)
+        if init is not None:
+            load_weights(self.model, init / "ema.safetensors")
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -137,16 +142,20 @@ class TeacherTrainer:
             path.write_text("".join(ln + "\n" for ln in lines))
 
     # -- training ------------------------------------------------------------------------------
+    def loss(self, g: torch.Generator) -> torch.Tensor:
+        """This step's training loss; every random draw comes from ``g``."""
+        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
+        x0 = self.codec.encode(video.to(self.device))
+        return flow_matching_loss(self.model, x0, prompts, self.cfg, g)
+
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step))
-        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
-        x0 = self.codec.encode(video.to(self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.model.train()
         with autocast(self.device, cfg.precision):
-            loss = flow_matching_loss(self.model, x0, prompts, cfg, g)
+            loss = self.loss(g)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -157,11 +166,10 @@ class TeacherTrainer:
         self.ema.update(self.model, self.step)
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr_at(self.step - 1, cfg)}
 
-    @torch.no_grad()
-    def sample(self, tag: str) -> dict[str, float]:
-        """Sample the fixed prompts with the EMA weights, write a captioned grid, score it."""
+    def generate_samples(self) -> torch.Tensor:
+        """The fixed prompts sampled by the EMA weights (many-step Euler + CFG): ``[B, F, 3, H, W]``."""
         c, d = self.cfg, self.cfg.diffusion
-        videos = generate_videos(
+        return generate_videos(
             self.ema.model,
             self.codec,
             self.sample_prompts,
@@ -172,9 +180,14 @@ class TeacherTrainer:
             steps=d.sample_steps,
             shift=d.sample_shift,
             guidance_scale=d.guidance_scale,
-        ).cpu()
+        )
+
+    @torch.no_grad()
+    def sample(self, tag: str) -> dict[str, float]:
+        """Sample the fixed prompts, write a captioned grid, score it with the analyser."""
+        videos = self.generate_samples().cpu()
         write_video(self.run_dir / "samples" / f"{tag}.gif", video_grid(videos, self.sample_prompts))
-        if c.data.source != "shapes":
+        if self.cfg.data.source != "shapes":
             return {}
         summary, _ = analyse_batch(videos, self.sample_prompts)
         return {f"sample/{k}": v for k, v in summary.items()}

@@ -1,0 +1,92 @@
+"""ODE-regression initialisation of the causal student (METHOD.md section 5, after CausVid).
+
+The student sees a teacher trajectory with every chunk at its own randomly drawn level of the
+student's few-step list, runs one full-sequence forward with the block-causal mask, and regresses the
+teacher's clean result: ``loss = mse(x_t - sigma * v_student, x0_teacher)``. With
+``ode.include_clean`` a chunk may also be drawn clean (sigma = 0, the cache-commit level): it adds no
+loss of its own but teaches later chunks to read clean context, as they do at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..diffusion.flow_matching import x0_from_velocity
+from ..inference.pipeline import stream_settings
+from ..inference.stream import generate_stream
+from ..models.causal import block_causal_mask
+from .ode_pairs import ODEPairs
+from .teacher import TeacherTrainer
+
+
+def pick_levels(
+    trajectory: torch.Tensor, levels: torch.Tensor, frames_per_block: int, include_clean: bool, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put each chunk at its own random trajectory entry.
+
+    trajectory: [B, L, F, C, H, W], entry j at noise level ``levels[j]`` (the last entry clean, level 0).
+    Returns ``x_t [B, F, C, H, W]`` and the per-frame levels ``sigma [B, F]``.
+    """
+    b, num_levels, f = trajectory.shape[:3]
+    choices = num_levels if include_clean else num_levels - 1
+    pick = torch.randint(choices, (b, f // frames_per_block), generator=g)
+    pick = pick.repeat_interleave(frames_per_block, dim=1).to(trajectory.device)  # [B, F]
+    x_t = trajectory[torch.arange(b, device=pick.device)[:, None], pick, torch.arange(f, device=pick.device)]
+    return x_t, levels.to(trajectory.device)[pick]
+
+
+def ode_regression_loss(
+    model, trajectory: torch.Tensor, levels: torch.Tensor, prompts: list[str], cfg: TrainConfig, g: torch.Generator
+) -> torch.Tensor:
+    """mse(x_t - sigma * v, x0) over the block-causal full sequence, each chunk at its own level."""
+    c = cfg.causal
+    x_t, sigma = pick_levels(trajectory, levels, c.frames_per_block, cfg.ode.include_clean, g)
+    x0 = trajectory[:, -1]
+    f, h, w = model.dit.token_grid(*x0.shape[1:2], *x0.shape[-2:])
+    mask = block_causal_mask(f, h * w, c.frames_per_block, c.window, c.sink).to(x_t.device)
+    v = model(x_t, sigma, model.encode_text(prompts), attn_mask=mask)
+    return F.mse_loss(x0_from_velocity(x_t, v, sigma).float(), x0.float())
+
+
+class ODEInitTrainer(TeacherTrainer):
+    """Regresses a causal student (initialised with ``init_from``, usually the teacher) on ODE pairs."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.pairs = ODEPairs(cfg.ode.pairs)
+        want = cfg.causal.sigmas()
+        if len(want) != len(self.pairs.sigmas) or not torch.allclose(want, self.pairs.sigmas, atol=1e-6):
+            raise ValueError(
+                f"the ODE pairs in {cfg.ode.pairs} sit at noise levels {self.pairs.sigmas.tolist()} but the student "
+                f"uses {want.tolist()} (causal.denoising_steps warped by causal.shift): make pairs with the "
+                "student's --student-steps/--student-shift"
+            )
+        if (
+            list(self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width))
+            != self.pairs.index["latent_shape"]
+        ):
+            raise ValueError(
+                f"the ODE pairs hold latents {self.pairs.index['latent_shape']} but data is "
+                f"{cfg.data.frames}x{cfg.data.height}x{cfg.data.width}: set data.* to the teacher's size"
+            )
+        self.levels = torch.cat([self.pairs.sigmas, torch.zeros(1)])
+
+    def loss(self, g: torch.Generator) -> torch.Tensor:
+        trajectory, prompts = self.pairs.sample(self.cfg.batch_size, g)
+        return ode_regression_loss(self.model, trajectory.to(self.device), self.levels, prompts, self.cfg, g)
+
+    def generate_samples(self) -> torch.Tensor:
+        """The fixed prompts streamed by the EMA student (few steps, KV cache): ``[B, F, 3, H, W]``."""
+        c = self.cfg
+        return generate_stream(
+            self.ema.model,
+            self.codec,
+            self.sample_prompts,
+            c.data.frames,
+            c.data.height,
+            c.data.width,
+            stream_settings(c),
+            seed=c.seed,
+        )
