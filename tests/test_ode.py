@@ -129,3 +129,25 @@ def test_ode_init_refuses_pairs_at_other_levels(teacher, tmp_path):
         ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "causal.shift=8.0"))
     with pytest.raises(ValueError, match="latents"):
         ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "data.frames=3"))
+
+
+def test_stream_cli_writes_a_long_video_with_the_rolling_cache(teacher, tmp_path, capsys):
+    from selfforcing.cli import main
+    from selfforcing.data.video_io import read_video
+
+    pairs = generate_ode_pairs(teacher, tmp_path / "pairs", SETTINGS)
+    run = ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "steps=2")).train()
+    out = tmp_path / "long.mp4"
+    # 4x the training length (6 frames): the cache holds 3 past frames and rolls
+    main(
+        ["generate", "--checkpoint", str(run), "--prompt", "a small red circle moving up", "--stream"]
+        + ["--frames", "24", "--out", str(out), "--scale", "1", "--analyse"]
+    )
+    text = capsys.readouterr().out
+    assert (
+        sum(line.startswith("chunk ") for line in text.splitlines()) == 8 and "frames/s" in text and "window 6" in text
+    )
+    assert read_video(out).shape[0] == 24
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(teacher), "--prompt", "a small red circle moving up", "--stream"])
+    assert "bidirectional" in capsys.readouterr().err

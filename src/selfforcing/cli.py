@@ -26,27 +26,68 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .inference.pipeline import load_pipeline
 
     pipe = load_pipeline(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
-    d, data = pipe.cfg.diffusion, pipe.cfg.data
-    videos = generate_videos(
-        pipe.model,
-        pipe.codec,
-        args.prompt * args.num,
-        args.frames or data.frames,
-        data.height,
-        data.width,
-        seed=args.seed,
-        steps=args.steps or d.sample_steps,
-        shift=args.shift or d.sample_shift,
-        guidance_scale=d.guidance_scale if args.guidance is None else args.guidance,
-        progress=True,
-    ).cpu()
-    out = write_video(args.out, video_grid(videos, args.prompt * args.num, scale=args.scale), fps=args.fps)
-    print(f"wrote {out}")
+    prompts = args.prompt * args.num
+    if args.stream or pipe.cfg.causal is not None:
+        videos = _stream(pipe, prompts, args)
+    else:
+        d, data = pipe.cfg.diffusion, pipe.cfg.data
+        videos = generate_videos(
+            pipe.model,
+            pipe.codec,
+            prompts,
+            args.frames or data.frames,
+            data.height,
+            data.width,
+            seed=args.seed,
+            steps=args.steps or d.sample_steps,
+            shift=args.shift or d.sample_shift,
+            guidance_scale=d.guidance_scale if args.guidance is None else args.guidance,
+            progress=True,
+        ).cpu()
+        out = write_video(args.out, video_grid(videos, prompts, scale=args.scale), fps=args.fps)
+        print(f"wrote {out}")
     if args.analyse:
         from .eval.analyser import analyse_batch
 
-        summary, _ = analyse_batch(videos, args.prompt * args.num)
+        summary, _ = analyse_batch(videos, prompts)
         print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
+
+
+def _stream(pipe, prompts: list[str], args: argparse.Namespace):
+    """Stream a causal student chunk by chunk, appending each chunk to the video file as it arrives."""
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from .data.video_io import VideoWriter, video_grid
+    from .inference.pipeline import stream_settings
+    from .inference.stream import stream_video
+
+    settings = stream_settings(pipe.cfg, window=args.window)
+    if args.sink is not None:
+        settings = replace(settings, sink=args.sink)
+    data = pipe.cfg.data
+    frames = args.frames or data.frames
+    chunks, t0 = [], time.perf_counter()
+    with VideoWriter(args.out, fps=args.fps) as writer:
+        for chunk in stream_video(
+            pipe.model, pipe.codec, prompts, frames, data.height, data.width, settings, args.seed
+        ):
+            elapsed = time.perf_counter() - t0
+            first = sum(c.frames.shape[1] for c in chunks)
+            last = first + chunk.frames.shape[1] - 1
+            ms = chunk.seconds * 1000
+            print(f"chunk {chunk.index:3d}  frames {first:4d}-{last:<4d} {ms:8.1f} ms  (t = {elapsed:.2f} s)")
+            writer.append(video_grid(chunk.frames.cpu(), prompts, scale=args.scale))
+            chunks.append(chunk)
+    total = time.perf_counter() - t0
+    n = sum(c.frames.shape[1] for c in chunks)
+    print(
+        f"wrote {writer.path}: {n} frames x {len(prompts)} videos in {total:.2f} s = {n / total:.1f} frames/s; "
+        f"first chunk after {chunks[0].seconds * 1000:.1f} ms (window {settings.window}, sink {settings.sink})"
+    )
+    return torch.cat([c.frames.cpu() for c in chunks], dim=1)
 
 
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
@@ -110,12 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="Euler steps (default: the recipe's)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--shift", type=float, default=None, help="timestep shift of the sampling schedule")
-    g.add_argument("--frames", type=int, default=None, help="frames (default: the training length)")
+    g.add_argument("--frames", type=int, default=None, help="frames (default: the training length; any with --stream)")
     g.add_argument("--weights", default="ema", choices=["ema", "model"])
     g.add_argument("--device", default="auto")
     g.add_argument("--scale", type=int, default=4, help="upscaling of each tile in the output")
     g.add_argument("--fps", type=float, default=8.0)
     g.add_argument("--analyse", action="store_true", help="print the shapes-world analyser's scores")
+    g.add_argument(
+        "--stream", action="store_true", help="causal student: write chunk by chunk, print latency and frames/s"
+    )
+    g.add_argument(
+        "--window", type=int, default=None, help="KV-cache window in latent frames (default: training length)"
+    )
+    g.add_argument("--sink", type=int, default=None, help="latent frames kept from the start when the cache rolls")
     g.set_defaults(func=cmd_generate)
 
     o = sub.add_parser("ode-pairs", help="sample the teacher and store its trajectories at the student's levels")

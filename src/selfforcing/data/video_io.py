@@ -75,6 +75,64 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
     return path
 
 
+class VideoWriter:
+    """Write a video progressively: ``with VideoWriter("out.mp4") as w: w.append(frames)`` for each chunk.
+
+    mp4 frames go to ffmpeg as they arrive (readable as soon as the writer closes, frames flushed as
+    encoded); gif frames are collected and written on close. Falls back to a gif if ffmpeg fails.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 8.0):
+        self.path = Path(path)
+        self.fps = fps
+        if self.path.suffix not in (".mp4", ".gif"):
+            raise ValueError(f"unsupported video extension {self.path.suffix!r}: use .mp4 or .gif")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._frames: list[np.ndarray] = []  # everything so far (for the gif path and the mp4 fallback)
+        self._ffmpeg = None
+
+    def append(self, frames: np.ndarray) -> None:
+        """frames: [F, H, W, 3] uint8."""
+        self._frames.extend(frames)
+        if self.path.suffix != ".mp4":
+            return
+        even = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
+        try:
+            if self._ffmpeg is None:
+                import imageio_ffmpeg
+
+                size = (even.shape[2], even.shape[1])
+                self._ffmpeg = imageio_ffmpeg.write_frames(
+                    str(self.path),
+                    size,
+                    fps=self.fps,
+                    codec="libx264",
+                    macro_block_size=1,
+                    output_params=["-crf", "12"],
+                )
+                self._ffmpeg.send(None)  # start the encoder
+            for frame in even:
+                self._ffmpeg.send(np.ascontiguousarray(frame))
+        except Exception as e:  # no ffmpeg binary, codec missing, ...
+            print(f"mp4 writing failed ({e}); writing a gif instead")
+            self.path = self.path.with_suffix(".gif")
+            self._ffmpeg = None
+
+    def close(self) -> Path:
+        """Finish the file; returns the path actually written."""
+        if self._ffmpeg is not None:
+            self._ffmpeg.close()
+        elif self._frames:
+            write_video(self.path, np.stack(self._frames), self.fps)
+        return self.path
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def video_grid(
     videos: torch.Tensor, captions: list[str] | None = None, scale: int = 4, columns: int | None = None
 ) -> np.ndarray:
