@@ -142,3 +142,13 @@ def test_streaming_with_cache_equals_recomputed_context(settings):
 def test_stream_rejects_partial_chunks():
     with pytest.raises(ValueError, match="whole number of chunks"):
         next(stream_video(tiny_t2v(), IdentityCodec(), ["a red circle"], 8, 8, 8, CausalConfig(3)))
+
+
+def test_streaming_a_bf16_model_keeps_fp32_sampler_state():
+    t2v = tiny_t2v()
+    settings = CausalConfig(3)
+    ref = torch.cat([c.frames for c in stream_video(t2v, IdentityCodec(), ["a red circle"], 6, 8, 8, settings)], 1)
+    chunks = list(stream_video(t2v.to(torch.bfloat16), IdentityCodec(), ["a red circle"], 6, 8, 8, settings))
+    assert chunks[0].latents.dtype == torch.float32
+    low = torch.cat([c.frames for c in chunks], 1)
+    assert (low - ref).abs().max() < 0.1

@@ -9,7 +9,8 @@ import torch
 from ..data.shapes import ShapesWorld
 from ..data.video_io import video_grid, write_video
 from ..inference.generate import generate_videos
-from ..inference.pipeline import load_pipeline
+from ..inference.pipeline import load_pipeline, stream_settings
+from ..inference.stream import generate_stream
 from .analyser import analyse_batch
 
 HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.teacher.step_seed)
@@ -23,32 +24,39 @@ def score_checkpoint(
     tag: str = "samples",
     batch_size: int = 16,
     device: str | torch.device = "cpu",
+    frames: int | None = None,
 ) -> dict[str, float]:
     """Generate ``num`` videos for held-out prompts of the checkpoint's own world and score them.
 
-    With ``out``, the first 8 are written as a captioned grid ``{out}/{tag}.gif`` and ``.mp4``.
+    A bidirectional teacher samples with its recipe's Euler steps and guidance; a causal student
+    streams with its few steps and KV cache (rolling beyond the training length). ``frames``: video
+    length (default: the training length). With ``out``, the first 8 are written as a captioned grid
+    ``{out}/{tag}.gif`` and ``.mp4``.
     """
     pipe = load_pipeline(checkpoint, device=device)
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
+    frames = frames or d.frames
     prompts = ShapesWorld(d).sample(num, seed=HELD_OUT_SEED + seed).prompts
-    videos = torch.cat(
-        [
-            generate_videos(
-                pipe.model,
-                pipe.codec,
-                prompts[i : i + batch_size],
-                d.frames,
-                d.height,
-                d.width,
-                seed=seed + i,
-                steps=diff.sample_steps,
-                shift=diff.sample_shift,
-                guidance_scale=diff.guidance_scale,
-                progress=True,
-            ).cpu()
-            for i in range(0, num, batch_size)
-        ]
-    )
+
+    def generate(prompts: list[str], seed: int) -> torch.Tensor:
+        if pipe.cfg.causal is not None:
+            settings = stream_settings(pipe.cfg)
+            return generate_stream(pipe.model, pipe.codec, prompts, frames, d.height, d.width, settings, seed)
+        return generate_videos(
+            pipe.model,
+            pipe.codec,
+            prompts,
+            frames,
+            d.height,
+            d.width,
+            seed=seed,
+            steps=diff.sample_steps,
+            shift=diff.sample_shift,
+            guidance_scale=diff.guidance_scale,
+            progress=True,
+        )
+
+    videos = torch.cat([generate(prompts[i : i + batch_size], seed + i).cpu() for i in range(0, num, batch_size)])
     if out is not None:
         grid = video_grid(videos[:8], prompts[:8])
         write_video(Path(out) / f"{tag}.mp4", grid)

@@ -41,7 +41,8 @@ class Chunk:
 
 
 def _frame_sigma(sigma: torch.Tensor | float, b: int, f: int, ref: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(sigma, dtype=ref.dtype, device=ref.device).expand(b, f)
+    """Noise levels ``[B, F]`` in fp32 (a bf16 timestep would round 937.5 to 936)."""
+    return torch.as_tensor(sigma, dtype=torch.float32, device=ref.device).expand(b, f)
 
 
 def denoise_chunk(

@@ -202,7 +202,7 @@ class VideoDiT(nn.Module):
         """
         if context.shape[-1] != self.cfg.text_dim:
             raise ValueError(f"text embeddings have width {context.shape[-1]}, the model expects {self.cfg.text_dim}")
-        ctx = self.text_embedding(context)
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         return TextKV([block.cross_attn.text_kv(ctx) for block in self.blocks], context_mask)
 
     def forward(
@@ -248,7 +248,8 @@ class VideoDiT(nn.Module):
         t = t if t.dim() == 2 else t[:, None].expand(b, nf)
         t = t[:, ::pf]  # one timestep per token frame
 
-        tokens = self.patch_embedding(rearrange(x, "b f c h w -> b c f h w"))
+        in_dtype = x.dtype  # e.g. fp32 sampler state with bf16 weights: compute in the weights' dtype
+        tokens = self.patch_embedding(rearrange(x.to(self.patch_embedding.weight.dtype), "b f c h w -> b c f h w"))
         tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
         e = self.time_embedding(timestep_embedding(t, self.cfg.freq_dim).to(tokens.dtype))  # [B, f, d]
         e6 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # [B, f, 6, d]
@@ -262,6 +263,7 @@ class VideoDiT(nn.Module):
                 new_kv.append(kv)
         out = self.head(tokens, e)  # [B, f, h*w, pf*ph*pw*c_out]
         out = rearrange(out, "b f (h w) (pf ph pw c) -> b (f pf) c (h ph) (w pw)", h=h, w=w, pf=pf, ph=ph, pw=pw)
+        out = out.to(in_dtype)
         return (out, new_kv) if return_kv else out
 
     def config_dict(self) -> dict:
