@@ -148,6 +148,9 @@ def test_stream_cli_writes_a_long_video_with_the_rolling_cache(teacher, tmp_path
         sum(line.startswith("chunk ") for line in text.splitlines()) == 8 and "frames/s" in text and "window 6" in text
     )
     assert read_video(out).shape[0] == 24
+    from selfforcing.eval.score import score_checkpoint
+
+    assert 0 <= score_checkpoint(run, num=2, frames=12)["found"] <= 1  # a causal checkpoint is streamed
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", str(teacher), "--prompt", "a small red circle moving up", "--stream"])
     assert "bidirectional" in capsys.readouterr().err
