@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from selfforcing.config import CausalConfig
 from selfforcing.data.shapes import ShapesWorld
 from selfforcing.eval.analyser import analyse_batch
 from selfforcing.eval.score import score_checkpoint
@@ -34,20 +35,26 @@ def main() -> None:
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", default=None, help="folder for sample grids (gif + mp4)")
+    p.add_argument(
+        "--as-causal", action="append", default=[], help="also stream this bidirectional checkpoint as a causal student"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = p.parse_args()
 
     rows = []
-    for ckpt in args.checkpoint:
+    for ckpt, as_causal in [(c, False) for c in args.checkpoint] + [(c, True) for c in args.as_causal]:
         cfg = load_pipeline(ckpt).cfg
-        lengths = args.lengths if cfg.causal is not None else [1]  # a bidirectional teacher has a fixed length
+        causal = CausalConfig() if as_causal else None  # chunk-wise, 4 warped steps
+        lengths = args.lengths if cfg.causal or as_causal else [1]  # a bidirectional teacher has a fixed length
         for mult in lengths:
             frames = cfg.data.frames * mult
-            tag = f"{Path(ckpt).name}_{mult}x"
+            name = Path(ckpt).name + ("_as_causal" if as_causal else "")
+            tag = f"{name}_{mult}x"
             t0 = time.perf_counter()
             samples = Path(args.samples) if args.samples else None
-            scores = score_checkpoint(ckpt, args.num, args.seed, samples, tag=tag, frames=frames)
-            row = {"model": Path(ckpt).name, "kind": "causal" if cfg.causal else "teacher", "length": f"{mult}x"}
+            scores = score_checkpoint(ckpt, args.num, args.seed, samples, tag=tag, frames=frames, as_causal=causal)
+            kind = "causal" if cfg.causal or as_causal else "teacher"
+            row = {"model": name, "kind": kind, "length": f"{mult}x"}
             rows.append({**row, "frames": frames, "seconds": round(time.perf_counter() - t0, 1), **scores})
             print(json.dumps(rows[-1]), flush=True)
             batch = ShapesWorld(cfg.data).sample(args.num, seed=args.seed, frames=frames)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import CausalConfig
 from ..data.shapes import ShapesWorld
 from ..data.video_io import video_grid, write_video
 from ..inference.generate import generate_videos
@@ -25,15 +26,19 @@ def score_checkpoint(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     frames: int | None = None,
+    as_causal: CausalConfig | None = None,
 ) -> dict[str, float]:
     """Generate ``num`` videos for held-out prompts of the checkpoint's own world and score them.
 
     A bidirectional teacher samples with its recipe's Euler steps and guidance; a causal student
     streams with its few steps and KV cache (rolling beyond the training length). ``frames``: video
     length (default: the training length). With ``out``, the first 8 are written as a captioned grid
-    ``{out}/{tag}.gif`` and ``.mp4``.
+    ``{out}/{tag}.gif`` and ``.mp4``. ``as_causal``: stream a bidirectional checkpoint's weights as a
+    causal student with these settings (what the student starts from before ODE regression).
     """
     pipe = load_pipeline(checkpoint, device=device)
+    if as_causal is not None:
+        pipe.cfg.causal = as_causal
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
     frames = frames or d.frames
     prompts = ShapesWorld(d).sample(num, seed=HELD_OUT_SEED + seed).prompts

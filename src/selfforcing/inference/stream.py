@@ -3,8 +3,10 @@
 For every chunk of ``frames_per_block`` latent frames (METHOD.md section 6):
     x = noise
     for each few-step level sigma_j:  x0 = G(x, sigma_j | cache);  x = add_noise(x0, fresh noise, sigma_{j+1})
-    commit: run G once on add_noise(x0, noise, sigma_ctx) at sigma_ctx and store its keys/values
     decode x0 and hand it to the consumer
+    commit: run G once on add_noise(x0, noise, sigma_ctx) at sigma_ctx and store its keys/values
+The commit runs after the chunk is handed over (when the next one is asked for), so it is not part of
+the first chunk's latency.
 The KV cache rolls (evicts the oldest non-sink frames) once the video is longer than its window, so
 any length can be generated. ``context="recompute_step"`` / ``"recompute_chunk"`` run the same
 computation without a persistent cache (the whole context is re-run at every step / rebuilt at every
@@ -37,7 +39,7 @@ class Chunk:
     start: int  # first latent frame
     latents: torch.Tensor
     frames: torch.Tensor
-    seconds: float  # wall-clock to produce it (denoising, commit, decoding)
+    seconds: float  # wall-clock since the previous chunk was handed over (previous commit, denoising, decoding)
 
 
 def _frame_sigma(sigma: torch.Tensor | float, b: int, f: int, ref: torch.Tensor) -> torch.Tensor:
@@ -132,8 +134,8 @@ def stream_video(
     cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, dtype=dtype, device=device)
     history = torch.zeros(b, 0, c, h, w, device=device)  # commit-pass inputs of every frame so far (recompute)
 
+    t0 = time.perf_counter()
     for index, start in enumerate(range(0, f_lat, fpb)):
-        t0 = time.perf_counter()
         noise = torch.randn(b, fpb, c, h, w, generator=g).to(device)
         if context == "recompute_chunk":  # rebuild the cache from the whole history in one masked pass
             cache.reset()
@@ -145,14 +147,16 @@ def stream_video(
         else:
             x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g)
         x_ctx = commit_input(x0, ctx_sigma, g)
-        if context == "cache":
-            commit_chunk(model, x_ctx, ctx_sigma, text_kv, cache, start)
-        else:
-            history = torch.cat([history, x_ctx], dim=1)
         pixels = codec.decode(x0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         yield Chunk(index, start, x0, pixels, time.perf_counter() - t0)
+        # the consumer has the chunk; commit it while it is being shown (its cost counts for the next chunk)
+        t0 = time.perf_counter()
+        if context == "cache":
+            commit_chunk(model, x_ctx, ctx_sigma, text_kv, cache, start)
+        else:
+            history = torch.cat([history, x_ctx], dim=1)
 
 
 def _denoise_recompute(
