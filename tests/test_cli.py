@@ -87,7 +87,7 @@ def test_unknown_prompt_word_is_reported(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from selfforcing.demo import SHIPPED_TEACHER, run_demo
+    from selfforcing.demo import SHIPPED_STUDENT, SHIPPED_TEACHER, run_demo
     from tests.conftest import TINY
 
     report = run_demo(tmp_path / "demo", steps=2, overrides=[*TINY, "ckpt_every=2"], num_samples=2)
@@ -95,3 +95,4 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 0 <= report["demo_teacher"]["found"] <= 1
     assert (tmp_path / "demo" / "report.json").is_file() and (tmp_path / "demo" / "demo_teacher_samples.gif").is_file()
     assert ("toy_teacher" in report) == SHIPPED_TEACHER.is_dir()
+    assert ("student_4x_length" in report) == SHIPPED_STUDENT.is_dir()

@@ -139,15 +139,17 @@ class KVCache:
             self._forget(range(frame_offset, frame_offset + num))
             self.next_frame = frame_offset
         self.check_next(frame_offset)
-        k = torch.stack([layer_kv[0] for layer_kv in kv]).detach()
-        v = torch.stack([layer_kv[1] for layer_kv in kv]).detach()
+        slots = []
         for i in range(num):
             slot = self._slot_for(frame_offset + i)
-            if slot is None:
-                continue
-            self.k[:, :, :, slot * n : (slot + 1) * n] = k[:, :, :, i * n : (i + 1) * n]
-            self.v[:, :, :, slot * n : (slot + 1) * n] = v[:, :, :, i * n : (i + 1) * n]
-            self.frame_of_slot[slot] = frame_offset + i
+            if slot is not None:
+                self.frame_of_slot[slot] = frame_offset + i
+                slots.append((slot, i))
+        with torch.no_grad():  # the cache holds no autograd history
+            for layer, (k, v) in enumerate(kv):
+                for slot, i in slots:
+                    self.k[layer, :, :, slot * n : (slot + 1) * n] = k[:, :, i * n : (i + 1) * n]
+                    self.v[layer, :, :, slot * n : (slot + 1) * n] = v[:, :, i * n : (i + 1) * n]
         self.next_frame = frame_offset + num
 
     def reset(self) -> None:
