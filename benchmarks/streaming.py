@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--fpb", type=int, default=3, help="latent frames per chunk")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the fastest is kept")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the fastest is kept")
     for k in ("channels", "height", "width", "train_frames", "text_len"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help="default: the preset's")
     p.add_argument("--out", default=None)
