@@ -55,15 +55,27 @@ def denoise_chunk(
     cache: KVCache,
     start: int,
     generator: torch.Generator,
+    exit_step: int | None = None,
+    grad: bool = False,
 ) -> torch.Tensor:
-    """Few-step sampling of one chunk against a cache: noise [B, f, C, h, w] -> x0 [B, f, C, h, w]."""
+    """Few-step sampling of one chunk against a cache: noise [B, f, C, h, w] -> x0 [B, f, C, h, w].
+
+    Runs the first ``exit_step`` levels (default: all) and returns that step's x0 prediction. Only the
+    exit step may carry gradient (``grad``): the steps before it run without (stochastic gradient
+    truncation, METHOD.md section 2). Inference and the Self Forcing rollout both use this function.
+    """
     b, f = noise.shape[:2]
+    steps = len(sigmas) if exit_step is None else exit_step
+    if not 1 <= steps <= len(sigmas):
+        raise ValueError(f"exit_step must be in 1..{len(sigmas)}, got {exit_step}")
     x = noise
-    for j, s in enumerate(sigmas):
-        sig = _frame_sigma(s, b, f, x)
-        v = model.dit(x, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
-        x0 = x0_from_velocity(x, v, sig)
-        if j + 1 == len(sigmas):
+    for j in range(steps):
+        last = j + 1 == steps
+        sig = _frame_sigma(sigmas[j], b, f, x)
+        with torch.set_grad_enabled(grad and last):
+            v = model.dit(x, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
+            x0 = x0_from_velocity(x, v, sig)
+        if last:
             return x0
         fresh = torch.randn(x.shape, generator=generator).to(x)
         x = add_noise(x0, fresh, sigmas[j + 1])
@@ -80,10 +92,11 @@ def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Genera
 def commit_chunk(
     model: TextToVideo, x_ctx: torch.Tensor, context_sigma: float, text_kv: TextKV, cache: KVCache, start: int
 ) -> None:
-    """Run the model once on the chunk at the context level and store its keys/values in ``cache``."""
+    """Run the model once on the chunk at the context level (without gradient) and store its keys/values."""
     b, f = x_ctx.shape[:2]
     sig = _frame_sigma(context_sigma, b, f, x_ctx)
-    _, kv = model.dit(x_ctx, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start, return_kv=True)
+    with torch.no_grad():
+        _, kv = model.dit(x_ctx, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start, return_kv=True)
     cache.commit(start, kv)
 
 

@@ -1,0 +1,95 @@
+"""The Self Forcing rollout: the inference code path, with gradient only through each chunk's exit step."""
+
+import copy
+
+import pytest
+import torch
+
+from selfforcing.config import CausalConfig
+from selfforcing.inference.stream import stream_video
+from selfforcing.models.codec import IdentityCodec
+from selfforcing.training.rollout import draw_exit_step, self_forcing_rollout
+from tests.test_causal import tiny_t2v
+
+PROMPTS = ["a red circle", "a blue square"]
+SHAPE = (2, 6, 3, 8, 8)  # two chunks of 3 frames, 4 tokens per frame
+
+
+def grad_enabled_calls(model):
+    """Record, for every DiT forward, whether it ran with gradient."""
+    calls = []
+    handle = model.dit.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    return calls, handle
+
+
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_rollout_at_the_last_step_is_the_streamed_video(fpb):
+    t2v = tiny_t2v()
+    causal = CausalConfig(fpb)
+    with torch.no_grad():
+        text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+        video = self_forcing_rollout(t2v, text_kv, SHAPE, causal, 4, torch.Generator().manual_seed(5))
+        chunks = stream_video(t2v, IdentityCodec(), PROMPTS, 6, 8, 8, causal, seed=5)
+        streamed = torch.cat([c.latents for c in chunks], dim=1)
+    assert torch.equal(video, streamed)
+
+
+@pytest.mark.parametrize("exit_step", [1, 3])
+def test_only_the_exit_step_carries_gradient(exit_step):
+    t2v = tiny_t2v()
+    text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+    calls, handle = grad_enabled_calls(t2v)
+    video = self_forcing_rollout(t2v, text_kv, SHAPE, CausalConfig(3), exit_step, torch.Generator().manual_seed(0))
+    handle.remove()
+    # per chunk: exit_step denoising forwards (only the last with gradient), then one commit without
+    assert calls == ([False] * (exit_step - 1) + [True] + [False]) * 2
+    assert video.requires_grad
+    video.square().sum().backward()
+    assert all(p.grad is not None for p in t2v.dit.parameters() if p.requires_grad)
+
+
+def test_gradient_equals_the_exit_forwards_with_frozen_context():
+    """Nothing flows through the context or earlier steps: the rollout's gradient equals the sum of
+    the exit-step forwards' gradients, each recomputed on its recorded (detached) inputs and cache."""
+    t2v = tiny_t2v()
+    text = t2v.encode_text(PROMPTS)
+    recorded = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():  # an exit-step forward: keep its inputs and a copy of the cache
+            recorded.append((args[0].detach().clone(), args[1].detach().clone(), copy.deepcopy(kwargs["kv_cache"])))
+
+    handle = t2v.dit.register_forward_pre_hook(record, with_kwargs=True)
+    video = self_forcing_rollout(t2v, t2v.dit.text_kv(*text), SHAPE, CausalConfig(3), 2, torch.Generator())
+    handle.remove()
+    weights = torch.randn_like(video)
+    params = list(t2v.dit.parameters())
+    rollout_grads = torch.autograd.grad((video * weights).sum(), params)
+
+    assert len(recorded) == 2  # one forward with gradient per chunk
+    total = [torch.zeros_like(p) for p in params]
+    for x, t, cache in recorded:
+        s = cache.next_frame
+        v = t2v.dit(x, t, text_kv=t2v.dit.text_kv(*text), kv_cache=cache, frame_offset=s)
+        x0 = x - (t[..., None, None, None] / 1000) * v
+        part = torch.autograd.grad((x0 * weights[:, s : s + 3]).sum(), params)
+        total = [a + b for a, b in zip(total, part, strict=True)]
+    for a, b in zip(rollout_grads, total, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_grad_frames_limits_the_trained_chunks():
+    t2v = tiny_t2v()
+    text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+    calls, handle = grad_enabled_calls(t2v)
+    self_forcing_rollout(t2v, text_kv, (2, 9, 3, 8, 8), CausalConfig(3), 2, torch.Generator(), grad_frames=3)
+    handle.remove()
+    assert calls == [False, False, False] * 2 + [False, True, False]  # only the last chunk is trained
+
+
+def test_exit_step_is_uniform_and_checked():
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_exit_step(4, g) for _ in range(400)]
+    assert set(draws) == {1, 2, 3, 4} and min(draws.count(s) for s in range(1, 5)) > 70
+    with pytest.raises(ValueError, match="exit_step"):
+        self_forcing_rollout(tiny_t2v(), None, SHAPE, CausalConfig(3), 5, torch.Generator())
