@@ -11,10 +11,11 @@ from pathlib import Path
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .training.ode_init import ODEInitTrainer
+    from .training.self_forcing import SelfForcingTrainer
     from .training.teacher import TeacherTrainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer}[cfg.stage]
+    trainer = {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer, "causal": SelfForcingTrainer}[cfg.stage]
     run_dir = trainer(cfg).train()
     print(f"done: checkpoints, samples and metrics.jsonl are in {run_dir}")
 

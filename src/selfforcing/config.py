@@ -123,7 +123,26 @@ class ODEConfig:
     include_clean: bool = True  # also draw the clean level (t = 0) per chunk: teaches clean context
 
 
-STAGES = ("teacher", "ode_init")
+@dataclass
+class DistillConfig:
+    """Training a causal student on a video-level loss (``stage: causal``, METHOD.md sections 2 and 4)."""
+
+    paradigm: str = "self_forcing"  # self_forcing (own KV-cached rollout); baselines come next
+    loss: str = "dmd"  # dmd | sid
+    teacher: str = ""  # bidirectional teacher checkpoint: the frozen real score and the critic's start
+    guidance_scale: float = 3.0  # CFG of the real score
+    critic_lr: float = 1e-4
+    critic_steps_per_generator_step: int = 5  # the critic trains every step, the generator every 5th
+    timestep_shift: float = 5.0  # DMD/SiD noise levels: uniform, shifted, clamped to [min_t, max_t]
+    min_t: float = 20.0
+    max_t: float = 980.0
+    sid_alpha: float = 1.0
+    grad_frames: int = 0  # gradient only for the last N frames of the rollout (0 = all)
+
+
+PARADIGMS = ("self_forcing",)
+LOSSES = ("dmd", "sid")
+STAGES = ("teacher", "ode_init", "causal")
 
 
 @dataclass
@@ -151,6 +170,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     causal: CausalConfig | None = None  # set for causal students
     ode: ODEConfig = field(default_factory=ODEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -184,6 +204,14 @@ class TrainConfig:
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.stage == "teacher" or self.causal is not None, f"stage {self.stage} needs a causal: section"),
             (self.stage != "ode_init" or bool(self.ode.pairs), "stage ode_init needs ode.pairs=FOLDER"),
+            (self.stage != "causal" or bool(self.distill.teacher), "stage causal needs distill.teacher=CHECKPOINT"),
+            (
+                self.distill.paradigm in PARADIGMS,
+                f"distill.paradigm must be one of {PARADIGMS}, got {self.distill.paradigm!r}",
+            ),
+            (self.distill.loss in LOSSES, f"distill.loss must be one of {LOSSES}, got {self.distill.loss!r}"),
+            (self.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1"),
+            (0 <= self.distill.min_t < self.distill.max_t <= 1000, "need 0 <= distill.min_t < distill.max_t <= 1000"),
         ]
         for ok, message in checks:
             if not ok:

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..diffusion.flow_matching import x0_from_velocity
-from ..inference.pipeline import stream_settings
-from ..inference.stream import generate_stream
 from ..models.causal import block_causal_mask
 from .ode_pairs import ODEPairs
 from .teacher import TeacherTrainer
@@ -76,17 +74,3 @@ class ODEInitTrainer(TeacherTrainer):
     def loss(self, g: torch.Generator) -> torch.Tensor:
         trajectory, prompts = self.pairs.sample(self.cfg.batch_size, g)
         return ode_regression_loss(self.model, trajectory.to(self.device), self.levels, prompts, self.cfg, g)
-
-    def generate_samples(self) -> torch.Tensor:
-        """The fixed prompts streamed by the EMA student (few steps, KV cache): ``[B, F, 3, H, W]``."""
-        c = self.cfg
-        return generate_stream(
-            self.ema.model,
-            self.codec,
-            self.sample_prompts,
-            c.data.frames,
-            c.data.height,
-            c.data.width,
-            stream_settings(c),
-            seed=c.seed,
-        )

@@ -44,4 +44,5 @@ def sid_generator_loss(
     x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance)
     x0_fake = score_x0(critic, x_t, sigma, cond)
     loss = sid_loss(x, x0_real, x0_fake, alpha)
-    return loss, {"sid/real_fake_gap": float((x0_real - x0_fake).abs().mean()), "sid/sigma": float(sigma.mean())}
+    gap = float((x0_real - x0_fake).detach().abs().mean())
+    return loss, {"sid/real_fake_gap": gap, "sid/sigma": float(sigma.mean())}

@@ -26,7 +26,8 @@ from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocit
 from ..eval.analyser import analyse_batch
 from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
-from ..inference.pipeline import build_codec, build_model
+from ..inference.pipeline import build_codec, build_model, stream_settings
+from ..inference.stream import generate_stream
 from .checkpoint import latest_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
 from .ema import EMA
 
@@ -115,22 +116,26 @@ class TeacherTrainer:
         self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
 
     # -- state ---------------------------------------------------------------------------------
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Every network a checkpoint holds, by file name (subclasses add theirs)."""
+        return {"model": self.model, "ema": self.ema.model}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
     def save(self) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        state = {"step": self.step, "scaler": self.scaler.state_dict()}
+        state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
         return save_checkpoint(
-            self.run_dir,
-            self.step,
-            {"model": self.model, "ema": self.ema.model},
-            state,
-            config_to_yaml(self.cfg),
-            self.cfg.keep_checkpoints,
+            self.run_dir, self.step, self.networks(), state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
         )
 
     def load(self, ckpt: Path) -> None:
-        load_weights(self.model, ckpt / "model.safetensors")
-        load_weights(self.ema.model, ckpt / "ema.safetensors")
+        for name, module in self.networks().items():
+            load_weights(module, ckpt / f"{name}.safetensors")
         state = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(state[name])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
 
@@ -167,8 +172,16 @@ class TeacherTrainer:
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr_at(self.step - 1, cfg)}
 
     def generate_samples(self) -> torch.Tensor:
-        """The fixed prompts sampled by the EMA weights (many-step Euler + CFG): ``[B, F, 3, H, W]``."""
+        """The fixed prompts sampled by the EMA weights: ``[B, F, 3, H, W]``.
+
+        A bidirectional teacher uses many Euler steps with CFG; a causal student streams its few steps
+        with the KV cache.
+        """
         c, d = self.cfg, self.cfg.diffusion
+        if c.causal is not None:
+            settings = stream_settings(c)
+            shape = (c.data.frames, c.data.height, c.data.width)
+            return generate_stream(self.ema.model, self.codec, self.sample_prompts, *shape, settings, seed=c.seed)
         return generate_videos(
             self.ema.model,
             self.codec,

@@ -1,0 +1,118 @@
+"""Self Forcing: train the causal student on its own KV-cached rollout with DMD or SiD (METHOD.md 2, 4).
+
+Three networks: the generator (the causal student, from ``init_from``, usually the ODE-initialised
+one), the frozen teacher (real score, with CFG) and the critic (fake score, a trainable copy of the
+teacher). Every step trains the critic with flow matching on a fresh rollout made without gradient;
+every ``critic_steps_per_generator_step``-th step also trains the generator on the video-level loss of
+a rollout with gradient at the exit step. Everything random comes from the (seed, step) generator, so
+a resumed run replays the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..device import autocast
+from ..diffusion.flow_matching import add_noise, velocity_target
+from ..inference.pipeline import load_pipeline
+from .dmd import dmd_generator_loss, dmd_sigma
+from .rollout import draw_exit_step, self_forcing_rollout
+from .sid import sid_generator_loss
+from .teacher import TeacherTrainer, lr_at, step_seed
+
+
+class SelfForcingTrainer(TeacherTrainer):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        d = cfg.distill
+        teacher = load_pipeline(d.teacher, device=self.device)
+        if teacher.cfg.causal is not None:
+            raise ValueError(f"distill.teacher {d.teacher} is a causal student; give the bidirectional teacher")
+        self.teacher = teacher.model.eval().requires_grad_(False)
+        self.critic = copy.deepcopy(self.teacher).train()
+        self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
+        o = cfg.optim
+        self.critic_optimizer = torch.optim.AdamW(
+            self.critic.dit.parameters(), lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+        self.latent_shape = (f, c, h, w)
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {**super().networks(), "critic": self.critic}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {**super().optimizers(), "critic_optimizer": self.critic_optimizer}
+
+    # -- one step ------------------------------------------------------------------------------
+    def rollout(self, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
+        """The generator's video for ``prompts`` ([B, F, C, H, W]), exit step drawn from ``g``."""
+        c = self.cfg
+        exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
+        with torch.set_grad_enabled(grad):
+            text_kv = self.model.dit.text_kv(*self.model.encode_text(prompts))
+            return self_forcing_rollout(
+                self.model,
+                text_kv,
+                (len(prompts), *self.latent_shape),
+                c.causal,
+                exit_step,
+                g,
+                grad_frames=c.distill.grad_frames or None,
+            )
+
+    def generator_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator):
+        d = self.cfg.distill
+        cond = self.teacher.encode_text(prompts)
+        uncond = self.teacher.encode_text([""] * len(prompts))
+        args = (video, self.teacher, self.critic, cond, uncond, d.guidance_scale, g)
+        self.critic.dit.requires_grad_(False)  # SiD backpropagates through the critic's input, not into it
+        try:
+            if d.loss == "sid":
+                return sid_generator_loss(*args, alpha=d.sid_alpha, shift=d.timestep_shift)
+            return dmd_generator_loss(*args, shift=d.timestep_shift)
+        finally:
+            self.critic.dit.requires_grad_(True)
+
+    def critic_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
+        """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
+        d = self.cfg.distill
+        sigma = dmd_sigma(video.shape[0], g, d.timestep_shift, d.min_t, d.max_t).to(video.device)
+        noise = torch.randn(video.shape, generator=g).to(video)
+        v = self.critic(add_noise(video, noise, sigma), sigma, self.critic.encode_text(prompts))
+        return F.mse_loss(v.float(), velocity_target(video, noise).float())
+
+    def _update(self, loss: torch.Tensor, params, optimizer: torch.optim.Optimizer) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return float(norm)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, d = self.cfg, self.cfg.distill
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step))
+        prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))[1]
+        stats: dict[str, float] = {}
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        self.model.train()
+        with autocast(self.device, cfg.precision):
+            if self.step % d.critic_steps_per_generator_step == 0:  # generator update
+                video = self.rollout(prompts, g, grad=True)
+                loss, extra = self.generator_loss(video, prompts, g)
+                stats["generator_grad_norm"] = self._update(loss, self.model.parameters(), self.optimizer)
+                stats.update({"generator_loss": float(loss.detach()), **extra})
+            video = self.rollout(prompts, g, grad=False)  # critic update on a fresh rollout
+            critic_loss = self.critic_loss(video.detach(), prompts, g)
+        stats["critic_grad_norm"] = self._update(critic_loss, self.critic.dit.parameters(), self.critic_optimizer)
+        if self.step % d.critic_steps_per_generator_step == 0:
+            self.ema.update(self.model, self.step // d.critic_steps_per_generator_step + 1)  # counts generator updates
+        self.step += 1
+        return {"loss": float(critic_loss.detach()), **stats, "lr": self.optimizer.param_groups[0]["lr"]}

@@ -1,0 +1,101 @@
+"""Self Forcing training with DMD / SiD: update ratio, weights that move, exact resume."""
+
+import pytest
+import torch
+
+from selfforcing.config import load_config
+from selfforcing.training.self_forcing import SelfForcingTrainer
+from selfforcing.training.teacher import TeacherTrainer
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("teacher")
+    return TeacherTrainer(
+        load_config(None, [*TINY, f"out_dir={out}", "name=teacher", "steps=2", "data.frames=6"])
+    ).train()
+
+
+def sf_cfg(teacher, tmp_path, *extra):
+    from tests.conftest import TINY
+
+    return load_config(
+        None,
+        [
+            *TINY,
+            f"out_dir={tmp_path}",
+            "name=sf",
+            "stage=causal",
+            f"init_from={teacher}",  # a causal student straight from the teacher's weights
+            f"distill.teacher={teacher}",
+            "data.frames=6",
+            "batch_size=2",
+            "causal.frames_per_block=3",
+            "distill.critic_steps_per_generator_step=2",
+            "optim.lr=1e-3",
+            "distill.critic_lr=1e-3",
+            "optim.warmup_steps=0",
+            "ckpt_every=2",
+            "sample_every=1000",
+            *extra,
+        ],
+    )
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_generator_trains_every_kth_step_and_the_critic_every_step(teacher, tmp_path, loss):
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.loss={loss}"))
+    teacher_weights = snapshot(t.teacher)
+    for step in range(4):
+        gen, critic, ema = snapshot(t.model), snapshot(t.critic.dit), snapshot(t.ema.model)
+        stats = t.train_step()
+        generator_step = step % 2 == 0
+        assert changed(gen, t.model) == generator_step
+        assert changed(ema, t.ema.model) == generator_step
+        assert ("generator_loss" in stats) == generator_step
+        assert changed(critic, t.critic.dit)
+        assert torch.isfinite(torch.tensor(list(stats.values()))).all()
+    assert not changed(teacher_weights, t.teacher)  # the real score stays frozen
+    assert not any(p.requires_grad for p in t.critic.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_generator_loss_reaches_only_the_generator(teacher, tmp_path, loss):
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.loss={loss}"))
+    g = torch.Generator().manual_seed(0)
+    prompts = t.batches(0, 2)[1]
+    generator_loss, _ = t.generator_loss(t.rollout(prompts, g, grad=True), prompts, g)
+    generator_loss.backward()
+    assert all(p.grad is None for p in [*t.critic.parameters(), *t.teacher.parameters()])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.model.dit.parameters())
+    assert all(p.requires_grad for p in t.critic.dit.parameters())  # restored for the critic's own update
+
+
+def test_resume_is_exact_for_every_network(teacher, tmp_path):
+    a = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=4", "name=a"))
+    a.train()
+    b = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=2", "name=b"))
+    b.train()
+    b = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=4", "name=b"))
+    b.train()
+    for name, module in a.networks().items():
+        other = b.networks()[name]
+        for (k, va), vb in zip(module.state_dict().items(), other.state_dict().values(), strict=True):
+            assert torch.equal(va, vb), f"{name}.{k}"
+    assert a.critic_optimizer.state_dict()["state"].keys() == b.critic_optimizer.state_dict()["state"].keys()
+
+
+def test_teacher_must_be_bidirectional(teacher, tmp_path):
+    student = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=1", "name=student")).train()
+    with pytest.raises(ValueError, match="bidirectional"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.teacher={student}", "name=c"))
