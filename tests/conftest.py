@@ -33,3 +33,14 @@ def tiny_cfg(tmp_path):
         return load_config(None, [*TINY, f"out_dir={tmp_path}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A tiny bidirectional teacher (6 frames of 16x16) trained for 2 steps: its samples need not be good."""
+    from selfforcing.training.teacher import TeacherTrainer
+
+    out = tmp_path_factory.mktemp("teacher")
+    return TeacherTrainer(
+        load_config(None, [*TINY, f"out_dir={out}", "name=teacher", "steps=2", "data.frames=6"])
+    ).train()

@@ -9,7 +9,6 @@ from selfforcing.config import load_config
 from selfforcing.diffusion.flow_matching import sampling_sigmas, warp_timesteps
 from selfforcing.training.ode_init import ODEInitTrainer, pick_levels
 from selfforcing.training.ode_pairs import ODEPairs, ODEPairSettings, generate_ode_pairs, teacher_segments
-from selfforcing.training.teacher import TeacherTrainer
 
 SETTINGS = ODEPairSettings(num_samples=5, shard_size=2, batch_size=2, teacher_steps=6, guidance_scale=2.0)
 
@@ -24,16 +23,6 @@ def test_teacher_schedule_passes_through_the_student_levels():
     assert (joined[1:] < joined[:-1]).all()  # one strictly decreasing schedule
     grid = sampling_sigmas(48, 3.0)
     assert set(grid.tolist()) <= set(joined.tolist())  # every teacher step is kept
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A tiny teacher trained for a few steps (its samples need not be good)."""
-    from tests.conftest import TINY
-
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(None, [*TINY, f"out_dir={out}", "name=teacher", "steps=2", "data.frames=6"])
-    return TeacherTrainer(cfg).train()
 
 
 def test_ode_pairs_are_resumable_and_checked(teacher, tmp_path):

@@ -5,17 +5,6 @@ import torch
 
 from selfforcing.config import load_config
 from selfforcing.training.self_forcing import SelfForcingTrainer
-from selfforcing.training.teacher import TeacherTrainer
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from tests.conftest import TINY
-
-    out = tmp_path_factory.mktemp("teacher")
-    return TeacherTrainer(
-        load_config(None, [*TINY, f"out_dir={out}", "name=teacher", "steps=2", "data.frames=6"])
-    ).train()
 
 
 def sf_cfg(teacher, tmp_path, *extra):
