@@ -154,3 +154,22 @@ def test_cross_attention_with_precomputed_text_kv_is_identical():
     ctx2 = ctx.clone()
     ctx2[1, 3:] = torch.randn(2, 32)
     assert torch.allclose(attn(x, ctx, mask)[1], attn(x, ctx2, mask)[1], atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_output_and_gradients():
+    m = tiny_model()
+    torch.nn.init.normal_(m.head.head.weight, std=0.1)
+    x, t, ctx = inputs()
+    grads, calls = [], []
+    m.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    for flag in (False, True):
+        m.gradient_checkpointing = flag
+        m.zero_grad()
+        calls.clear()
+        out = m(x, t, ctx)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()], len(calls)))
+    assert (grads[0][2], grads[1][2]) == (1, 2)  # with checkpointing the block runs again in backward
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

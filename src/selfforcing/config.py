@@ -157,6 +157,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
     num_threads: int = 0  # torch CPU threads, 0 = torch's default
+    gradient_checkpointing: bool = False  # recompute DiT block activations in backward (less memory, ~1.3x time)
     log_every: int = 10
     sample_every: int = 500
     num_samples: int = 8

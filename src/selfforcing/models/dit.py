@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -161,6 +162,7 @@ class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
+        self.gradient_checkpointing = False  # set True to trade compute for activation memory in training
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -258,7 +260,11 @@ class VideoDiT(nn.Module):
         new_kv = []
         for i, block in enumerate(self.blocks):
             prefix = kv_cache.context(i) if kv_cache is not None else None
-            tokens, kv = block(tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
+            args = (tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
+                tokens, kv = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens, kv = block(*args)
             if return_kv:
                 new_kv.append(kv)
         out = self.head(tokens, e)  # [B, f, h*w, pf*ph*pw*c_out]

@@ -106,6 +106,7 @@ class TeacherTrainer:
         self.model = build_model(cfg).to(self.device)
         if init is not None:
             load_weights(self.model, init / "ema.safetensors")
+        self.model.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
