@@ -88,3 +88,20 @@ def test_teacher_must_be_bidirectional(teacher, tmp_path):
     student = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=1", "name=student")).train()
     with pytest.raises(ValueError, match="bidirectional"):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.teacher={student}", "name=c"))
+
+
+def test_gradient_accumulation_averages_the_micro_batches(teacher, tmp_path):
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "grad_accum_steps=2"))
+    params = list(t.model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for k in range(2):  # each micro-batch on its own
+        t.optimizer.zero_grad(set_to_none=True)
+        loss, _ = t.generator_micro_loss(k)
+        loss.backward()
+        expected = [e + (p.grad if p.grad is not None else 0) / 2 for e, p in zip(expected, params, strict=True)]
+    t.accumulate(t.generator_micro_loss, t.optimizer)
+    for e, p in zip(expected, params, strict=True):
+        assert torch.allclose(e, p.grad if p.grad is not None else torch.zeros_like(e), atol=1e-7)
+    assert any(e.abs().sum() > 0 for e in expected)
+    with pytest.raises(Exception, match="grad_accum_steps"):
+        load_config(None, ["grad_accum_steps=2"])  # not for the teacher stage yet

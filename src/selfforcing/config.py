@@ -153,7 +153,8 @@ class TrainConfig:
     out_dir: str = "runs"
     seed: int = 0
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # videos per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
     num_threads: int = 0  # torch CPU threads, 0 = torch's default
@@ -181,6 +182,11 @@ class TrainConfig:
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
+            (
+                self.grad_accum_steps == 1 or self.stage == "causal",
+                "grad_accum_steps > 1 is implemented for stage causal only so far: use a larger batch_size",
+            ),
             (
                 self.precision in ("fp32", "bf16", "fp16"),
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",

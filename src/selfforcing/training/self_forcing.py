@@ -86,33 +86,55 @@ class SelfForcingTrainer(TeacherTrainer):
         v = self.critic(add_noise(video, noise, sigma), sigma, self.critic.encode_text(prompts))
         return F.mse_loss(v.float(), velocity_target(video, noise).float())
 
-    def _update(self, loss: torch.Tensor, params, optimizer: torch.optim.Optimizer) -> float:
+    def micro_generator(self, kind: str, k: int) -> torch.Generator:
+        """The random source of micro-batch ``k`` of this step's ``generator`` or ``critic`` update."""
+        stream = {"generator": 0, "critic": 1}[kind] * 1_000 + k
+        return torch.Generator().manual_seed(step_seed(self.cfg.seed * 1_000_003 + stream, self.step))
+
+    def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
+        g = self.micro_generator("generator", k)
+        prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))[1]
+        return self.generator_loss(self.rollout(prompts, g, grad=True), prompts, g)
+
+    def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
+        g = self.micro_generator("critic", k)
+        prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))[1]
+        video = self.rollout(prompts, g, grad=False)  # a fresh rollout, no gradient
+        return self.critic_loss(video.detach(), prompts, g), {}
+
+    def accumulate(self, micro_loss, optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
+        """Gradients of the mean loss over ``grad_accum_steps`` micro-batches (each ``batch_size`` videos)."""
+        n = self.cfg.grad_accum_steps
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total, stats = 0.0, {}
+        for k in range(n):
+            with autocast(self.device, self.cfg.precision):
+                loss, stats = micro_loss(k)
+            self.scaler.scale(loss / n).backward()
+            total += float(loss.detach()) / n
+        return total, stats
+
+    def _step(self, params, optimizer: torch.optim.Optimizer) -> float:
         self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(list(params), self.cfg.optim.grad_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
         return float(norm)
 
     def train_step(self) -> dict[str, float]:
         cfg, d = self.cfg, self.cfg.distill
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step))
-        prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))[1]
         stats: dict[str, float] = {}
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.model.train()
-        with autocast(self.device, cfg.precision):
-            if self.step % d.critic_steps_per_generator_step == 0:  # generator update
-                video = self.rollout(prompts, g, grad=True)
-                loss, extra = self.generator_loss(video, prompts, g)
-                stats["generator_grad_norm"] = self._update(loss, self.model.parameters(), self.optimizer)
-                stats.update({"generator_loss": float(loss.detach()), **extra})
-            video = self.rollout(prompts, g, grad=False)  # critic update on a fresh rollout
-            critic_loss = self.critic_loss(video.detach(), prompts, g)
-        stats["critic_grad_norm"] = self._update(critic_loss, self.critic.dit.parameters(), self.critic_optimizer)
-        if self.step % d.critic_steps_per_generator_step == 0:
+        generator_step = self.step % d.critic_steps_per_generator_step == 0
+        if generator_step:
+            loss, extra = self.accumulate(self.generator_micro_loss, self.optimizer)
+            stats["generator_grad_norm"] = self._step(self.model.parameters(), self.optimizer)
+            stats.update({"generator_loss": loss, **extra})
+        critic_loss, _ = self.accumulate(self.critic_micro_loss, self.critic_optimizer)
+        stats["critic_grad_norm"] = self._step(self.critic.dit.parameters(), self.critic_optimizer)
+        if generator_step:
             self.ema.update(self.model, self.step // d.critic_steps_per_generator_step + 1)  # counts generator updates
         self.step += 1
-        return {"loss": float(critic_loss.detach()), **stats, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"loss": critic_loss, **stats, "lr": self.optimizer.param_groups[0]["lr"]}
