@@ -152,3 +152,30 @@ def test_streaming_a_bf16_model_keeps_fp32_sampler_state():
     assert chunks[0].latents.dtype == torch.float32
     low = torch.cat([c.frames for c in chunks], 1)
     assert (low - ref).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_teacher_forcing_pass_equals_denoising_against_a_clean_cache(fpb):
+    """One pass over [clean, noisy] with the TF mask == each noisy chunk denoised against a KV cache of
+    the clean chunks before it (committed at t = 0): Teacher Forcing trains exactly what inference runs
+    when the context is ground truth."""
+    from selfforcing.models.causal import teacher_forcing_mask
+
+    m = random_model()
+    x0, t, ctx = inputs(6)
+    x_t = torch.randn_like(x0)
+    positions = torch.cat([torch.arange(6), torch.arange(6)])
+    full = m(
+        torch.cat([x0, x_t], 1),
+        torch.cat([torch.zeros(2, 6), t], 1),
+        ctx,
+        attn_mask=teacher_forcing_mask(6, 4, fpb),
+        frame_positions=positions,
+    )[:, 6:]
+    cache = KVCache.for_model(m, 2, 4, fpb, 6)
+    outs = []
+    for s in range(0, 6, fpb):
+        outs.append(m(x_t[:, s : s + fpb], t[:, s : s + fpb], ctx, kv_cache=cache, frame_offset=s))
+        _, kv = m(x0[:, s : s + fpb], torch.zeros(2, fpb), ctx, kv_cache=cache, frame_offset=s, return_kv=True)
+        cache.commit(s, kv)
+    assert torch.allclose(torch.cat(outs, 1), full, **TOL)

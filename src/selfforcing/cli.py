@@ -10,12 +10,15 @@ from pathlib import Path
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .training.causal_diffusion import CausalDiffusionTrainer
     from .training.ode_init import ODEInitTrainer
     from .training.self_forcing import SelfForcingTrainer
     from .training.teacher import TeacherTrainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer, "causal": SelfForcingTrainer}[cfg.stage]
+    if cfg.stage == "causal" and cfg.distill.loss == "diffusion":
+        trainer = CausalDiffusionTrainer
     run_dir = trainer(cfg).train()
     print(f"done: checkpoints, samples and metrics.jsonl are in {run_dir}")
 

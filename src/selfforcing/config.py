@@ -127,8 +127,8 @@ class ODEConfig:
 class DistillConfig:
     """Training a causal student on a video-level loss (``stage: causal``, METHOD.md sections 2 and 4)."""
 
-    paradigm: str = "self_forcing"  # self_forcing (own KV-cached rollout); baselines come next
-    loss: str = "dmd"  # dmd | sid
+    paradigm: str = "self_forcing"  # self_forcing | teacher_forcing | diffusion_forcing
+    loss: str = "dmd"  # dmd | sid (self_forcing) | diffusion (many-step teacher/diffusion forcing)
     teacher: str = ""  # bidirectional teacher checkpoint: the frozen real score and the critic's start
     guidance_scale: float = 3.0  # CFG of the real score
     critic_lr: float = 1e-4
@@ -140,8 +140,15 @@ class DistillConfig:
     grad_frames: int = 0  # gradient only for the last N frames of the rollout (0 = all)
 
 
-PARADIGMS = ("self_forcing",)
-LOSSES = ("dmd", "sid")
+PARADIGMS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
+LOSSES = ("dmd", "sid", "diffusion")
+# paradigm x loss combinations implemented so far (TF/DF + DMD, and GAN, are next)
+COMBINATIONS = {
+    ("self_forcing", "dmd"),
+    ("self_forcing", "sid"),
+    ("teacher_forcing", "diffusion"),
+    ("diffusion_forcing", "diffusion"),
+}
 STAGES = ("teacher", "ode_init", "causal")
 
 
@@ -211,12 +218,20 @@ class TrainConfig:
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.stage == "teacher" or self.causal is not None, f"stage {self.stage} needs a causal: section"),
             (self.stage != "ode_init" or bool(self.ode.pairs), "stage ode_init needs ode.pairs=FOLDER"),
-            (self.stage != "causal" or bool(self.distill.teacher), "stage causal needs distill.teacher=CHECKPOINT"),
+            (
+                self.stage != "causal" or self.distill.loss == "diffusion" or bool(self.distill.teacher),
+                "stage causal with a distillation loss needs distill.teacher=CHECKPOINT",
+            ),
             (
                 self.distill.paradigm in PARADIGMS,
                 f"distill.paradigm must be one of {PARADIGMS}, got {self.distill.paradigm!r}",
             ),
             (self.distill.loss in LOSSES, f"distill.loss must be one of {LOSSES}, got {self.distill.loss!r}"),
+            (
+                self.stage != "causal" or (self.distill.paradigm, self.distill.loss) in COMBINATIONS,
+                f"distill.paradigm={self.distill.paradigm} with distill.loss={self.distill.loss} is not implemented; "
+                f"choose one of {sorted(COMBINATIONS)}",
+            ),
             (self.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1"),
             (0 <= self.distill.min_t < self.distill.max_t <= 1000, "need 0 <= distill.min_t < distill.max_t <= 1000"),
         ]

@@ -47,3 +47,21 @@ def block_causal_mask(
     """Bool token mask ``[F * N, F * N]`` (True = may attend) for tokens ordered (frame, token)."""
     vis = frame_visibility(num_frames, frames_per_block, window, sink)
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, frames_per_block: int) -> torch.Tensor:
+    """Bool mask ``[2 F N, 2 F N]`` for Teacher Forcing in one pass over ``[clean video, noisy video]``.
+
+    The clean copy (first F frames) is block-causal within itself; a noisy chunk attends to the clean
+    chunks before it and to itself, never to other noisy chunks; the clean copy never sees noisy frames.
+    Both copies take the same frame positions (RoPE), 0..F-1.
+    """
+    vis = frame_visibility(num_frames, frames_per_block)
+    chunk = torch.arange(num_frames) // frames_per_block
+    earlier = chunk[:, None] > chunk[None, :]  # (noisy i, clean j): j's chunk strictly before i's
+    same = chunk[:, None] == chunk[None, :]
+    frames = torch.cat(
+        [torch.cat([vis, torch.zeros_like(vis)], dim=1), torch.cat([earlier, same], dim=1)],
+        dim=0,
+    )
+    return frames.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)

@@ -219,6 +219,7 @@ class VideoDiT(nn.Module):
         text_kv: TextKV | None = None,
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
+        frame_positions: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         """Predict the velocity.
 
@@ -228,7 +229,8 @@ class VideoDiT(nn.Module):
         tokens (e.g. ``causal.block_causal_mask``); frame_offset: absolute index of x's first latent
         frame (for RoPE). kv_cache: attend to its frames before x's (x must be the cache's next chunk);
         it is only read. Returns [B, F, C_out, H, W], and with ``return_kv`` also every layer's (k, v)
-        of x's tokens, ``[B, heads, F * N, head_dim]``, for ``kv_cache.commit``.
+        of x's tokens, ``[B, heads, F * N, head_dim]``, for ``kv_cache.commit``. frame_positions: [F]
+        RoPE position of every latent frame (instead of frame_offset + 0..F-1; patch_size[0] must be 1).
         """
         b, nf, c, hh, ww = x.shape
         if c != self.cfg.in_channels:
@@ -255,7 +257,10 @@ class VideoDiT(nn.Module):
         tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
         e = self.time_embedding(timestep_embedding(t, self.cfg.freq_dim).to(tokens.dtype))  # [B, f, d]
         e6 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # [B, f, 6, d]
-        rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta).to(x.device)
+        if frame_positions is not None and (pf != 1 or frame_positions.shape != (nf,)):
+            raise ValueError(f"frame_positions must be [F] = [{nf}] with patch_size[0] == 1")
+        rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta, frame_positions)
+        rope = rope.to(x.device)
 
         new_kv = []
         for i, block in enumerate(self.blocks):

@@ -26,16 +26,25 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> to
 
 
 def rope_3d_angles(
-    frames: int, height: int, width: int, head_dim: int, frame_offset: int = 0, theta: float = 10000.0
+    frames: int,
+    height: int,
+    width: int,
+    head_dim: int,
+    frame_offset: int = 0,
+    theta: float = 10000.0,
+    frame_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Angles ``[frames * height * width, head_dim // 2]`` for tokens ordered (frame, row, column).
 
     ``frame_offset`` gives absolute frame positions, so a chunk generated later gets the same
-    rotation as it would inside the full sequence.
+    rotation as it would inside the full sequence; ``frame_positions [frames]`` gives each frame's
+    position explicitly instead (e.g. a clean and a noisy copy of the same frames).
     """
     df, dh, dw = rope_axis_dims(head_dim)
     dev = torch.device("cpu")
-    af = rope_angles(torch.arange(frame_offset, frame_offset + frames, device=dev), df, theta)
+    if frame_positions is None:
+        frame_positions = torch.arange(frame_offset, frame_offset + frames)
+    af = rope_angles(frame_positions.to(dev), df, theta)
     ah = rope_angles(torch.arange(height, device=dev), dh, theta)
     aw = rope_angles(torch.arange(width, device=dev), dw, theta)
     grid = torch.cat(

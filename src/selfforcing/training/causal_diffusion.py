@@ -1,0 +1,59 @@
+"""Many-step causal diffusion training: the Teacher Forcing and Diffusion Forcing baselines (METHOD.md 1).
+
+Both train the causal student with flow matching on real videos, every chunk at its own noise level:
+- Diffusion Forcing: one block-causal pass over the noisy video; a chunk's context is the earlier
+  chunks *noised at their own levels*.
+- Teacher Forcing: one pass over ``[clean video, noisy video]`` with ``teacher_forcing_mask``; a noisy
+  chunk's context is the *clean* earlier chunks, both copies at RoPE positions 0..F-1. This equals
+  denoising each chunk against a KV cache of the ground truth (tests/test_causal.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
+from ..models.causal import block_causal_mask, teacher_forcing_mask
+from .teacher import TeacherTrainer
+
+
+def causal_diffusion_loss(
+    model, x0: torch.Tensor, prompts: list[str], cfg: TrainConfig, g: torch.Generator
+) -> torch.Tensor:
+    """Flow-matching loss of x0: [B, F, C, H, W] with a random noise level per chunk."""
+    c, d = cfg.causal, cfg.diffusion
+    b, f = x0.shape[:2]
+    fpb = c.frames_per_block
+    drop = torch.rand(b, generator=g) < d.prompt_dropout
+    prompts = ["" if dropped else p for p, dropped in zip(prompts, drop.tolist(), strict=True)]
+    levels = sample_training_sigmas(
+        b * (f // fpb), g, d.timestep_distribution, d.train_shift, d.logit_mean, d.logit_std
+    )
+    sigma = levels.view(b, f // fpb).repeat_interleave(fpb, dim=1).to(x0.device)  # [B, F]
+    noise = torch.randn(x0.shape, generator=g).to(x0)
+    x_t = add_noise(x0, noise, sigma)
+    _, gh, gw = model.dit.token_grid(f, *x0.shape[-2:])
+    text = model.encode_text(prompts)
+    if cfg.distill.paradigm == "diffusion_forcing":
+        mask = block_causal_mask(f, gh * gw, fpb, c.window, c.sink).to(x0.device)
+        v = model(x_t, sigma, text, attn_mask=mask)
+    else:  # teacher forcing
+        mask = teacher_forcing_mask(f, gh * gw, fpb).to(x0.device)
+        positions = torch.arange(f).repeat(2)
+        clean = torch.zeros_like(sigma)
+        v = model(
+            torch.cat([x0, x_t], 1), torch.cat([clean, sigma], 1), text, attn_mask=mask, frame_positions=positions
+        )
+        v = v[:, f:]
+    return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+
+
+class CausalDiffusionTrainer(TeacherTrainer):
+    """``stage: causal`` with ``distill.loss: diffusion``: Teacher or Diffusion Forcing, many-step."""
+
+    def loss(self, g: torch.Generator) -> torch.Tensor:
+        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
+        x0 = self.codec.encode(video.to(self.device))
+        return causal_diffusion_loss(self.model, x0, prompts, self.cfg, g)
