@@ -8,18 +8,23 @@ import sys
 from pathlib import Path
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_config
+def trainer_for(cfg):
+    """The trainer class of a run config: by ``stage`` (and ``distill.loss`` for causal students)."""
     from .training.causal_diffusion import CausalDiffusionTrainer
     from .training.ode_init import ODEInitTrainer
     from .training.self_forcing import SelfForcingTrainer
     from .training.teacher import TeacherTrainer
 
+    if cfg.stage == "causal":
+        return CausalDiffusionTrainer if cfg.distill.loss == "diffusion" else SelfForcingTrainer
+    return {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer}[cfg.stage]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+
     cfg = load_config(args.config, args.overrides)
-    trainer = {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer, "causal": SelfForcingTrainer}[cfg.stage]
-    if cfg.stage == "causal" and cfg.distill.loss == "diffusion":
-        trainer = CausalDiffusionTrainer
-    run_dir = trainer(cfg).train()
+    run_dir = trainer_for(cfg)(cfg).train()
     print(f"done: checkpoints, samples and metrics.jsonl are in {run_dir}")
 
 
