@@ -48,6 +48,6 @@ def test_many_step_baselines_train(teacher, tmp_path, paradigm):
 
 def test_unimplemented_combinations_are_refused(teacher, tmp_path):
     with pytest.raises(ConfigError, match="not implemented"):
-        cfg(teacher, tmp_path, "teacher_forcing", "distill.loss=dmd", f"distill.teacher={teacher}")
+        cfg(teacher, tmp_path, "teacher_forcing", "distill.loss=sid", f"distill.teacher={teacher}")
     with pytest.raises(ConfigError, match="distill.paradigm must be one of"):
         cfg(teacher, tmp_path, "student_forcing")

@@ -41,9 +41,12 @@ def changed(before, module):
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("loss", ["dmd", "sid"])
-def test_generator_trains_every_kth_step_and_the_critic_every_step(teacher, tmp_path, loss):
-    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.loss={loss}"))
+@pytest.mark.parametrize(
+    "paradigm,loss",
+    [("self_forcing", "dmd"), ("self_forcing", "sid"), ("teacher_forcing", "dmd"), ("diffusion_forcing", "dmd")],
+)
+def test_generator_trains_every_kth_step_and_the_critic_every_step(teacher, tmp_path, paradigm, loss):
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.paradigm={paradigm}", f"distill.loss={loss}"))
     teacher_weights = snapshot(t.teacher)
     for step in range(4):
         gen, critic, ema = snapshot(t.model), snapshot(t.critic.dit), snapshot(t.ema.model)

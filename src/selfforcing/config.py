@@ -142,12 +142,14 @@ class DistillConfig:
 
 PARADIGMS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
 LOSSES = ("dmd", "sid", "diffusion")
-# paradigm x loss combinations implemented so far (TF/DF + DMD, and GAN, are next)
+# paradigm x loss combinations implemented so far (GAN is next)
 COMBINATIONS = {
     ("self_forcing", "dmd"),
     ("self_forcing", "sid"),
     ("teacher_forcing", "diffusion"),
     ("diffusion_forcing", "diffusion"),
+    ("teacher_forcing", "dmd"),  # TF + DMD
+    ("diffusion_forcing", "dmd"),  # DF + DMD = CausVid
 }
 STAGES = ("teacher", "ode_init", "causal")
 

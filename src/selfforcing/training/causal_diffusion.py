@@ -34,20 +34,26 @@ def causal_diffusion_loss(
     sigma = levels.view(b, f // fpb).repeat_interleave(fpb, dim=1).to(x0.device)  # [B, F]
     noise = torch.randn(x0.shape, generator=g).to(x0)
     x_t = add_noise(x0, noise, sigma)
-    _, gh, gw = model.dit.token_grid(f, *x0.shape[-2:])
-    text = model.encode_text(prompts)
-    if cfg.distill.paradigm == "diffusion_forcing":
-        mask = block_causal_mask(f, gh * gw, fpb, c.window, c.sink).to(x0.device)
-        v = model(x_t, sigma, text, attn_mask=mask)
-    else:  # teacher forcing
-        mask = teacher_forcing_mask(f, gh * gw, fpb).to(x0.device)
-        positions = torch.arange(f).repeat(2)
-        clean = torch.zeros_like(sigma)
-        v = model(
-            torch.cat([x0, x_t], 1), torch.cat([clean, sigma], 1), text, attn_mask=mask, frame_positions=positions
-        )
-        v = v[:, f:]
+    v = forced_velocity(model, x0, x_t, sigma, model.encode_text(prompts), cfg)
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+
+
+def forced_velocity(model, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, text, cfg: TrainConfig):
+    """The causal model's velocity for the noisy video ``x_t [B, F, C, H, W]`` (levels ``sigma [B, F]``),
+    its context being the clean ``x0`` (Teacher Forcing) or ``x_t`` itself (Diffusion Forcing)."""
+    c = cfg.causal
+    f = x0.shape[1]
+    _, gh, gw = model.dit.token_grid(f, *x0.shape[-2:])
+    if cfg.distill.paradigm == "diffusion_forcing":
+        mask = block_causal_mask(f, gh * gw, c.frames_per_block, c.window, c.sink).to(x0.device)
+        return model(x_t, sigma, text, attn_mask=mask)
+    if cfg.distill.paradigm != "teacher_forcing":
+        raise ValueError(f"forced_velocity is for teacher/diffusion forcing, not {cfg.distill.paradigm}")
+    mask = teacher_forcing_mask(f, gh * gw, c.frames_per_block).to(x0.device)
+    positions = torch.arange(f).repeat(2)
+    clean = torch.zeros_like(sigma)
+    v = model(torch.cat([x0, x_t], 1), torch.cat([clean, sigma], 1), text, attn_mask=mask, frame_positions=positions)
+    return v[:, f:]
 
 
 class CausalDiffusionTrainer(TeacherTrainer):

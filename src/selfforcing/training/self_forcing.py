@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..device import autocast
-from ..diffusion.flow_matching import add_noise, velocity_target
+from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_velocity
 from ..inference.pipeline import load_pipeline
+from .causal_diffusion import forced_velocity
 from .dmd import dmd_generator_loss, dmd_sigma
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
@@ -91,15 +92,35 @@ class SelfForcingTrainer(TeacherTrainer):
         stream = {"generator": 0, "critic": 1}[kind] * 1_000 + k
         return torch.Generator().manual_seed(step_seed(self.cfg.seed * 1_000_003 + stream, self.step))
 
+    def forced_output(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
+        """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random
+        few-step level per chunk, in one pass with clean (TF) or noisy (DF) real context."""
+        c = self.cfg.causal
+        x0 = self.codec.encode(video.to(self.device))
+        b, f = x0.shape[:2]
+        sigmas = c.sigmas().to(x0.device)
+        pick = torch.randint(len(sigmas), (b, f // c.frames_per_block), generator=g).to(x0.device)
+        sigma = sigmas[pick.repeat_interleave(c.frames_per_block, dim=1)]
+        x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), sigma)
+        with torch.set_grad_enabled(grad):
+            v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg)
+            return x0_from_velocity(x_t, v, sigma)
+
+    def generate(self, g: torch.Generator, grad: bool) -> tuple[torch.Tensor, list[str]]:
+        """This micro-batch's generated videos and their prompts: the paradigm's training-time outputs."""
+        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
+        if self.cfg.distill.paradigm == "self_forcing":
+            return self.rollout(prompts, g, grad), prompts  # the real videos are not used
+        return self.forced_output(video, prompts, g, grad), prompts
+
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("generator", k)
-        prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))[1]
-        return self.generator_loss(self.rollout(prompts, g, grad=True), prompts, g)
+        video, prompts = self.generate(g, grad=True)
+        return self.generator_loss(video, prompts, g)
 
     def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("critic", k)
-        prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))[1]
-        video = self.rollout(prompts, g, grad=False)  # a fresh rollout, no gradient
+        video, prompts = self.generate(g, grad=False)  # fresh outputs, no gradient
         return self.critic_loss(video.detach(), prompts, g), {}
 
     def accumulate(self, micro_loss, optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
