@@ -37,3 +37,20 @@ def test_sid_gradient_matches_the_analytic_one():
         n = abs(1 - a) * x.detach().abs().mean()
         expected = 2 * (a - b) * ((a - 1) - alpha * (a - b)) * x.detach() / (x.numel() * n)
         assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+def test_finite_difference_penalty_estimates_the_squared_gradient_norm():
+    from selfforcing.training.gan import finite_difference_penalty, gan_discriminator_loss, gan_generator_loss
+
+    w = torch.randn(6)
+
+    def disc(x):
+        return x @ w  # a linear D: its gradient is w everywhere
+
+    x = torch.randn(20_000, 6)
+    penalty = finite_difference_penalty(disc, x, disc(x), torch.Generator().manual_seed(0))
+    assert abs(float(penalty) / float(w.square().sum()) - 1) < 0.05
+    # the losses: a confident, correct discriminator has a small loss and the generator a large one
+    real, fake = torch.full((4,), 5.0), torch.full((4,), -5.0)
+    assert gan_discriminator_loss(real, fake) < 0.02 and gan_generator_loss(fake) > 4.9
+    assert gan_generator_loss(fake, real) > 9.9  # relativistic: softplus(-(fake - real))

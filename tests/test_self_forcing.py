@@ -43,7 +43,13 @@ def changed(before, module):
 
 @pytest.mark.parametrize(
     "paradigm,loss",
-    [("self_forcing", "dmd"), ("self_forcing", "sid"), ("teacher_forcing", "dmd"), ("diffusion_forcing", "dmd")],
+    [
+        ("self_forcing", "dmd"),
+        ("self_forcing", "sid"),
+        ("self_forcing", "gan"),
+        ("teacher_forcing", "dmd"),
+        ("diffusion_forcing", "dmd"),
+    ],
 )
 def test_generator_trains_every_kth_step_and_the_critic_every_step(teacher, tmp_path, paradigm, loss):
     t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.paradigm={paradigm}", f"distill.loss={loss}"))
@@ -61,25 +67,29 @@ def test_generator_trains_every_kth_step_and_the_critic_every_step(teacher, tmp_
     assert not any(p.requires_grad for p in t.critic.text_encoder.parameters())
 
 
-@pytest.mark.parametrize("loss", ["dmd", "sid"])
+@pytest.mark.parametrize("loss", ["dmd", "sid", "gan"])
 def test_generator_loss_reaches_only_the_generator(teacher, tmp_path, loss):
-    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.loss={loss}"))
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.loss={loss}", "distill.gan_relativistic=true"))
     g = torch.Generator().manual_seed(0)
-    prompts = t.batches(0, 2)[1]
-    generator_loss, _ = t.generator_loss(t.rollout(prompts, g, grad=True), prompts, g)
+    real, prompts = t.batches(0, 2)
+    generator_loss, _ = t.generator_loss(t.rollout(prompts, g, grad=True), prompts, g, real)
     generator_loss.backward()
-    assert all(p.grad is None for p in [*t.critic.parameters(), *t.teacher.parameters()])
+    others = [*t.critic.parameters(), *t.teacher.parameters()]
+    others += list(t.discriminator.head.parameters()) if t.discriminator is not None else []
+    assert all(p.grad is None for p in others)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.model.dit.parameters())
     assert all(p.requires_grad for p in t.critic.dit.parameters())  # restored for the critic's own update
 
 
-def test_resume_is_exact_for_every_network(teacher, tmp_path):
-    a = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=4", "name=a"))
+@pytest.mark.parametrize("loss", ["dmd", "gan"])
+def test_resume_is_exact_for_every_network(teacher, tmp_path, loss):
+    a = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=4", "name=a", f"distill.loss={loss}"))
     a.train()
-    b = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=2", "name=b"))
+    b = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=2", "name=b", f"distill.loss={loss}"))
     b.train()
-    b = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=4", "name=b"))
+    b = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "steps=4", "name=b", f"distill.loss={loss}"))
     b.train()
+    assert ("discriminator_head" in a.networks()) == (loss == "gan")
     for name, module in a.networks().items():
         other = b.networks()[name]
         for (k, va), vb in zip(module.state_dict().items(), other.state_dict().values(), strict=True):

@@ -137,15 +137,19 @@ class DistillConfig:
     min_t: float = 20.0
     max_t: float = 980.0
     sid_alpha: float = 1.0
+    gan_taps: list[int] = field(default_factory=list)  # critic blocks the GAN head reads; [] = 1/3, 2/3, last
+    gan_relativistic: bool = False
+    gan_penalty_weight: float = 0.1  # weight of the finite-difference R1 (real) + R2 (fake) penalties
     grad_frames: int = 0  # gradient only for the last N frames of the rollout (0 = all)
 
 
 PARADIGMS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
-LOSSES = ("dmd", "sid", "diffusion")
-# paradigm x loss combinations implemented so far (GAN is next)
+LOSSES = ("dmd", "sid", "gan", "diffusion")
+# paradigm x loss combinations implemented so far
 COMBINATIONS = {
     ("self_forcing", "dmd"),
     ("self_forcing", "sid"),
+    ("self_forcing", "gan"),
     ("teacher_forcing", "diffusion"),
     ("diffusion_forcing", "diffusion"),
     ("teacher_forcing", "dmd"),  # TF + DMD

@@ -220,7 +220,8 @@ class VideoDiT(nn.Module):
         kv_cache: KVCache | None = None,
         return_kv: bool = False,
         frame_positions: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
+        taps: tuple[int, ...] = (),
+    ) -> torch.Tensor | tuple:
         """Predict the velocity.
 
         x: [B, F, C, H, W] noisy latents; t: [B] or [B, F] timesteps in [0, 1000] (per latent frame);
@@ -231,6 +232,7 @@ class VideoDiT(nn.Module):
         it is only read. Returns [B, F, C_out, H, W], and with ``return_kv`` also every layer's (k, v)
         of x's tokens, ``[B, heads, F * N, head_dim]``, for ``kv_cache.commit``. frame_positions: [F]
         RoPE position of every latent frame (instead of frame_offset + 0..F-1; patch_size[0] must be 1).
+        taps: block indices whose output tokens ``[B, F * N, dim]`` are also returned, as a list (last).
         """
         b, nf, c, hh, ww = x.shape
         if c != self.cfg.in_channels:
@@ -262,7 +264,7 @@ class VideoDiT(nn.Module):
         rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta, frame_positions)
         rope = rope.to(x.device)
 
-        new_kv = []
+        new_kv, features = [], []
         for i, block in enumerate(self.blocks):
             prefix = kv_cache.context(i) if kv_cache is not None else None
             args = (tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
@@ -272,10 +274,13 @@ class VideoDiT(nn.Module):
                 tokens, kv = block(*args)
             if return_kv:
                 new_kv.append(kv)
+            if i in taps:
+                features.append(tokens.flatten(1, 2))
         out = self.head(tokens, e)  # [B, f, h*w, pf*ph*pw*c_out]
         out = rearrange(out, "b f (h w) (pf ph pw c) -> b (f pf) c (h ph) (w pw)", h=h, w=w, pf=pf, ph=ph, pw=pw)
         out = out.to(in_dtype)
-        return (out, new_kv) if return_kv else out
+        extra = ([new_kv] if return_kv else []) + ([features] if taps else [])
+        return (out, *extra) if extra else out
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

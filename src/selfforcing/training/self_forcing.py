@@ -21,6 +21,7 @@ from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_veloci
 from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
 from .dmd import dmd_generator_loss, dmd_sigma
+from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
 from .teacher import TeacherTrainer, lr_at, step_seed
@@ -36,15 +37,26 @@ class SelfForcingTrainer(TeacherTrainer):
         self.teacher = teacher.model.eval().requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).train()
         self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
+        self.discriminator = None
+        critic_params = list(self.critic.dit.parameters())
+        if d.loss == "gan":  # the critic's backbone + a small head
+            n = self.critic.dit.cfg.num_layers
+            taps = tuple(d.gan_taps) or tuple(sorted({n // 3, 2 * n // 3, n - 1}))
+            self.discriminator = Discriminator(self.critic, taps).to(self.device)
+            critic_params += list(self.discriminator.head.parameters())
+        self.critic_params = critic_params
         o = cfg.optim
         self.critic_optimizer = torch.optim.AdamW(
-            self.critic.dit.parameters(), lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            critic_params, lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
         )
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
 
     def networks(self) -> dict[str, torch.nn.Module]:
-        return {**super().networks(), "critic": self.critic}
+        nets = {**super().networks(), "critic": self.critic}
+        if self.discriminator is not None:
+            nets["discriminator_head"] = self.discriminator.head
+        return nets
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {**super().optimizers(), "critic_optimizer": self.critic_optimizer}
@@ -66,18 +78,54 @@ class SelfForcingTrainer(TeacherTrainer):
                 grad_frames=c.distill.grad_frames or None,
             )
 
-    def generator_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator):
+    def generator_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, real=None):
         d = self.cfg.distill
         cond = self.teacher.encode_text(prompts)
         uncond = self.teacher.encode_text([""] * len(prompts))
         args = (video, self.teacher, self.critic, cond, uncond, d.guidance_scale, g)
-        self.critic.dit.requires_grad_(False)  # SiD backpropagates through the critic's input, not into it
+        self.critic.requires_grad_(False)  # SiD/GAN backpropagate through the critic's input, not into it
+        if self.discriminator is not None:
+            self.discriminator.head.requires_grad_(False)
         try:
+            if d.loss == "gan":
+                return self.gan_generator_loss(video, real, prompts, g)
             if d.loss == "sid":
                 return sid_generator_loss(*args, alpha=d.sid_alpha, shift=d.timestep_shift)
             return dmd_generator_loss(*args, shift=d.timestep_shift)
         finally:
             self.critic.dit.requires_grad_(True)
+            if self.discriminator is not None:
+                self.discriminator.head.requires_grad_(True)
+
+    def _disc(self, x: torch.Tensor, sigma: torch.Tensor, text, g: torch.Generator) -> torch.Tensor:
+        return self.discriminator(noised(x, sigma, g), sigma, text)
+
+    def gan_generator_loss(self, fake, real, prompts, g):
+        d = self.cfg.distill
+        sigma = dmd_sigma(fake.shape[0], g, d.timestep_shift, d.min_t, d.max_t).to(fake.device)
+        text = self.critic.encode_text(prompts)
+        d_fake = self._disc(fake, sigma, text, g)
+        d_real = self._disc(self.codec.encode(real.to(self.device)), sigma, text, g) if d.gan_relativistic else None
+        return gan_generator_loss(d_fake, d_real), {"gan/generator_d_fake": float(d_fake.detach().mean())}
+
+    def gan_critic_loss(self, fake, real, prompts, g):
+        """Discriminator loss on real vs generated videos (same noise level), plus R1 (real) and R2 (fake)."""
+        d = self.cfg.distill
+        sigma = dmd_sigma(fake.shape[0], g, d.timestep_shift, d.min_t, d.max_t).to(fake.device)
+        text = self.critic.encode_text(prompts)
+        x_real = noised(self.codec.encode(real.to(self.device)), sigma, g)
+        x_fake = noised(fake, sigma, g)
+
+        def disc(x: torch.Tensor) -> torch.Tensor:
+            return self.discriminator(x, sigma, text)
+
+        d_real, d_fake = disc(x_real), disc(x_fake)
+        loss = gan_discriminator_loss(d_real, d_fake, d.gan_relativistic)
+        penalty = finite_difference_penalty(disc, x_real, d_real, g) + finite_difference_penalty(
+            disc, x_fake, d_fake, g
+        )
+        stats = {"gan/d_real": float(d_real.detach().mean()), "gan/d_fake": float(d_fake.detach().mean())}
+        return loss + d.gan_penalty_weight * penalty, stats
 
     def critic_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
         """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
@@ -106,21 +154,24 @@ class SelfForcingTrainer(TeacherTrainer):
             v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg)
             return x0_from_velocity(x_t, v, sigma)
 
-    def generate(self, g: torch.Generator, grad: bool) -> tuple[torch.Tensor, list[str]]:
-        """This micro-batch's generated videos and their prompts: the paradigm's training-time outputs."""
-        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
+    def generate(self, g: torch.Generator, grad: bool) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """This micro-batch's generated videos, their prompts, and the real videos of the same prompts
+        (used by TF/DF to make the outputs, and by the GAN as the real side)."""
+        real, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
         if self.cfg.distill.paradigm == "self_forcing":
-            return self.rollout(prompts, g, grad), prompts  # the real videos are not used
-        return self.forced_output(video, prompts, g, grad), prompts
+            return self.rollout(prompts, g, grad), prompts, real
+        return self.forced_output(real, prompts, g, grad), prompts, real
 
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("generator", k)
-        video, prompts = self.generate(g, grad=True)
-        return self.generator_loss(video, prompts, g)
+        video, prompts, real = self.generate(g, grad=True)
+        return self.generator_loss(video, prompts, g, real)
 
     def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("critic", k)
-        video, prompts = self.generate(g, grad=False)  # fresh outputs, no gradient
+        video, prompts, real = self.generate(g, grad=False)  # fresh outputs, no gradient
+        if self.discriminator is not None:
+            return self.gan_critic_loss(video.detach(), real, prompts, g)
         return self.critic_loss(video.detach(), prompts, g), {}
 
     def accumulate(self, micro_loss, optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
@@ -153,8 +204,9 @@ class SelfForcingTrainer(TeacherTrainer):
             loss, extra = self.accumulate(self.generator_micro_loss, self.optimizer)
             stats["generator_grad_norm"] = self._step(self.model.parameters(), self.optimizer)
             stats.update({"generator_loss": loss, **extra})
-        critic_loss, _ = self.accumulate(self.critic_micro_loss, self.critic_optimizer)
-        stats["critic_grad_norm"] = self._step(self.critic.dit.parameters(), self.critic_optimizer)
+        critic_loss, critic_stats = self.accumulate(self.critic_micro_loss, self.critic_optimizer)
+        stats.update(critic_stats)
+        stats["critic_grad_norm"] = self._step(self.critic_params, self.critic_optimizer)
         if generator_step:
             self.ema.update(self.model, self.step // d.critic_steps_per_generator_step + 1)  # counts generator updates
         self.step += 1
