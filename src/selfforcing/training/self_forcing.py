@@ -1,11 +1,14 @@
-"""Self Forcing: train the causal student on its own KV-cached rollout with DMD or SiD (METHOD.md 2, 4).
+"""Training a causal student on a video-level loss: Self Forcing, and TF/DF + DMD (METHOD.md 1, 2, 4).
 
 Three networks: the generator (the causal student, from ``init_from``, usually the ODE-initialised
 one), the frozen teacher (real score, with CFG) and the critic (fake score, a trainable copy of the
-teacher). Every step trains the critic with flow matching on a fresh rollout made without gradient;
-every ``critic_steps_per_generator_step``-th step also trains the generator on the video-level loss of
-a rollout with gradient at the exit step. Everything random comes from the (seed, step) generator, so
-a resumed run replays the uninterrupted one exactly.
+teacher; with ``loss: gan`` its backbone plus a head is the discriminator). The generator's
+training-time videos depend on ``distill.paradigm``: its own KV-cached rollout with gradient at the
+exit step (self_forcing), or one pass over real videos with clean (teacher_forcing) or noised
+(diffusion_forcing) context. Every step trains the critic on fresh videos made without gradient
+(flow matching, or the discriminator loss); every ``critic_steps_per_generator_step``-th step also
+trains the generator on DMD, SiD or GAN. Everything random comes from (seed, step, micro-batch), so a
+resumed run replays the uninterrupted one exactly.
 """
 
 from __future__ import annotations
