@@ -17,7 +17,8 @@ Callback = Callable[[int, int, torch.Tensor], None]  # (step, num_steps, current
 
 
 def _frame_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return sigma.to(x.device, x.dtype).expand(x.shape[0], x.shape[1])
+    """Per-frame noise levels ``[B, F]`` in fp32 (a bf16 timestep would round 937.5 to 936)."""
+    return torch.as_tensor(sigma).to(x.device, torch.float32).expand(x.shape[0], x.shape[1])
 
 
 @torch.no_grad()
@@ -39,26 +40,35 @@ def sample_euler(
     return x
 
 
-@torch.no_grad()
 def sample_few_step(
     model: VelocityFn,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
+    exit_step: int | None = None,
+    grad: bool = False,
 ) -> torch.Tensor:
     """Few-step sampling of the distilled student: predict x0, re-noise it with fresh noise to the next level.
 
     ``sigmas`` are the (warped) step levels, e.g. ``warp_timesteps([1000, 750, 500, 250], 5) / 1000``,
-    without a trailing 0: the last prediction is returned as the clean sample.
+    without a trailing 0. Runs the first ``exit_step`` levels (default: all) and returns that step's
+    x0 prediction. Only the exit step may carry gradient (``grad``; stochastic gradient truncation,
+    METHOD.md section 2). Fresh noise is drawn on the CPU from ``generator``, so a seed gives the same
+    result on any device.
     """
+    steps = len(sigmas) if exit_step is None else exit_step
+    if not 1 <= steps <= len(sigmas):
+        raise ValueError(f"exit_step must be in 1..{len(sigmas)}, got {exit_step}")
     x = noise
-    for i, s in enumerate(sigmas):
-        x0 = x0_from_velocity(x, model(x, _frame_sigma(s, x)), s)
+    for i in range(steps):
+        last = i + 1 == steps
+        with torch.set_grad_enabled(grad and last):
+            x0 = x0_from_velocity(x, model(x, _frame_sigma(sigmas[i], x)), sigmas[i])
         if callback is not None:
             callback(i, len(sigmas), x0)
-        if i + 1 == len(sigmas):
+        if last:
             return x0
-        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fresh = torch.randn(x.shape, generator=generator).to(x)
         x = add_noise(x0, fresh, sigmas[i + 1])
     return x

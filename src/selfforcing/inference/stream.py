@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CausalConfig
-from ..diffusion.flow_matching import add_noise, x0_from_velocity
+from ..diffusion.flow_matching import add_noise
+from ..diffusion.samplers import sample_few_step
 from ..models.causal import block_causal_mask
 from ..models.codec import Codec
 from ..models.kv_cache import KVCache, TextKV
@@ -60,26 +61,14 @@ def denoise_chunk(
 ) -> torch.Tensor:
     """Few-step sampling of one chunk against a cache: noise [B, f, C, h, w] -> x0 [B, f, C, h, w].
 
-    Runs the first ``exit_step`` levels (default: all) and returns that step's x0 prediction. Only the
-    exit step may carry gradient (``grad``): the steps before it run without (stochastic gradient
-    truncation, METHOD.md section 2). Inference and the Self Forcing rollout both use this function.
+    ``sample_few_step`` with the model reading the cache; ``exit_step``/``grad`` as there. Inference
+    and the Self Forcing rollout both use this function.
     """
-    b, f = noise.shape[:2]
-    steps = len(sigmas) if exit_step is None else exit_step
-    if not 1 <= steps <= len(sigmas):
-        raise ValueError(f"exit_step must be in 1..{len(sigmas)}, got {exit_step}")
-    x = noise
-    for j in range(steps):
-        last = j + 1 == steps
-        sig = _frame_sigma(sigmas[j], b, f, x)
-        with torch.set_grad_enabled(grad and last):
-            v = model.dit(x, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
-            x0 = x0_from_velocity(x, v, sig)
-        if last:
-            return x0
-        fresh = torch.randn(x.shape, generator=generator).to(x)
-        x = add_noise(x0, fresh, sigmas[j + 1])
-    return x
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model.dit(x, sigma * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
+
+    return sample_few_step(velocity, noise, sigmas, generator=generator, exit_step=exit_step, grad=grad)
 
 
 def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -184,17 +173,14 @@ def _denoise_recompute(
     g: torch.Generator,
 ) -> torch.Tensor:
     """``denoise_chunk`` without a cache: every step runs the masked model over history + chunk."""
-    b, f = noise.shape[:2]
-    start = history.shape[1]
-    x = noise
-    for j, s in enumerate(sigmas):
-        sig = torch.cat([_frame_sigma(ctx_sigma, b, start, x), _frame_sigma(s, b, f, x)], dim=1)
+    b, start = history.shape[:2]
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sig = torch.cat([_frame_sigma(ctx_sigma, b, start, x), sigma], dim=1)
         v, _ = _masked_pass(model, torch.cat([history, x], dim=1), sig, text_kv, settings, n)
-        x0 = x0_from_velocity(x, v[:, start:], s)
-        if j + 1 == len(sigmas):
-            return x0
-        x = add_noise(x0, torch.randn(x.shape, generator=g).to(x), sigmas[j + 1])
-    return x
+        return v[:, start:]
+
+    return sample_few_step(velocity, noise, sigmas, generator=g)
 
 
 def generate_stream(
