@@ -93,3 +93,13 @@ def test_exit_step_is_uniform_and_checked():
     assert set(draws) == {1, 2, 3, 4} and min(draws.count(s) for s in range(1, 5)) > 70
     with pytest.raises(ValueError, match="exit_step"):
         self_forcing_rollout(tiny_t2v(), None, SHAPE, CausalConfig(3), 5, torch.Generator())
+
+
+def test_a_rollout_without_grad_builds_no_graph():
+    """The critic's fresh rollouts: no forward runs with gradient, even at the exit step."""
+    t2v = tiny_t2v()
+    text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+    calls, handle = grad_enabled_calls(t2v)
+    video = self_forcing_rollout(t2v, text_kv, SHAPE, CausalConfig(3), 2, torch.Generator(), grad=False)
+    handle.remove()
+    assert calls and not any(calls) and not video.requires_grad

@@ -89,6 +89,44 @@ def commit_chunk(
     cache.commit(start, kv)
 
 
+def causal_chunks(
+    model: TextToVideo,
+    text_kv: TextKV,
+    shape: tuple[int, int, int, int, int],
+    settings: CausalConfig,
+    generator: torch.Generator,
+    window: int | None = None,
+    exit_step: int | None = None,
+    grad: bool = False,
+    grad_frames: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The chunk loop against a KV cache: yields ``(start, x0 [B, fpb, C, H, W])`` for latents ``shape =
+    (B, F, C, H, W)``, and commits each chunk when the consumer asks for the next one.
+
+    Each chunk's noise is drawn from ``generator`` (CPU) when it begins. ``exit_step``/``grad`` go to
+    ``sample_few_step``; with ``grad``, only chunks overlapping the last ``grad_frames`` frames (default:
+    all) carry gradient. ``window`` defaults to ``settings.window`` or the whole video. Streaming and
+    the Self Forcing rollout both run this loop.
+    """
+    b, f, c, h, w = shape
+    fpb = settings.frames_per_block
+    settings.validate(f)
+    p = next(model.parameters())
+    _, gh, gw = model.dit.token_grid(fpb, h, w)
+    window = window or settings.window or f
+    cache = KVCache.for_model(model.dit, b, gh * gw, fpb, window, settings.sink, dtype=p.dtype, device=p.device)
+    sigmas = settings.sigmas().to(p.device)
+    ctx_sigma = settings.context_timestep / 1000.0
+    first_trained = 0 if grad_frames is None else f - grad_frames
+    for start in range(0, f, fpb):
+        trained = grad and start + fpb > first_trained
+        noise = torch.randn(b, fpb, c, h, w, generator=generator).to(p.device)
+        x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained)
+        x_ctx = commit_input(x0.detach(), ctx_sigma, generator)
+        yield start, x0
+        commit_chunk(model, x_ctx, ctx_sigma, text_kv, cache, start)
+
+
 def _masked_pass(
     model: TextToVideo, x: torch.Tensor, sigma: torch.Tensor, text_kv: TextKV, settings: CausalConfig, n: int
 ):
@@ -122,43 +160,55 @@ def stream_video(
     device = next(model.parameters()).device
     f_lat, c, h, w = codec.latent_shape(frames, height, width)
     settings.validate(f_lat)
-    fpb = settings.frames_per_block
-    window = settings.window or f_lat
-    _, gh, gw = model.dit.token_grid(fpb, h, w)
-    n = gh * gw  # tokens per frame
-    sigmas = settings.sigmas().to(device)
-    ctx_sigma = settings.context_timestep / 1000.0
     g = torch.Generator().manual_seed(seed)
     b = len(prompts)
-    text = model.encode_text(prompts)
-    text_kv = model.dit.text_kv(*text)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, dtype=dtype, device=device)
-    history = torch.zeros(b, 0, c, h, w, device=device)  # commit-pass inputs of every frame so far (recompute)
-
+    text_kv = model.dit.text_kv(*model.encode_text(prompts))
+    shape = (b, f_lat, c, h, w)
+    chunks = (
+        causal_chunks(model, text_kv, shape, settings, g)
+        if context == "cache"
+        else _recomputed_chunks(model, text_kv, shape, settings, g, context == "recompute_chunk")
+    )
     t0 = time.perf_counter()
-    for index, start in enumerate(range(0, f_lat, fpb)):
-        noise = torch.randn(b, fpb, c, h, w, generator=g).to(device)
-        if context == "recompute_chunk":  # rebuild the cache from the whole history in one masked pass
-            cache.reset()
-            if start:
-                _, kv = _masked_pass(model, history, _frame_sigma(ctx_sigma, b, start, history), text_kv, settings, n)
-                cache.commit(0, kv)
-        if context == "recompute_step":
-            x0 = _denoise_recompute(model, noise, sigmas, history, ctx_sigma, text_kv, settings, n, g)
-        else:
-            x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g)
-        x_ctx = commit_input(x0, ctx_sigma, g)
+    for index, (start, x0) in enumerate(chunks):  # asking for a chunk also commits the previous one
         pixels = codec.decode(x0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         yield Chunk(index, start, x0, pixels, time.perf_counter() - t0)
-        # the consumer has the chunk; commit it while it is being shown (its cost counts for the next chunk)
         t0 = time.perf_counter()
-        if context == "cache":
-            commit_chunk(model, x_ctx, ctx_sigma, text_kv, cache, start)
+
+
+def _recomputed_chunks(
+    model: TextToVideo,
+    text_kv: TextKV,
+    shape: tuple[int, int, int, int, int],
+    settings: CausalConfig,
+    g: torch.Generator,
+    rebuild_cache: bool,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``causal_chunks`` without a persistent cache (for measuring what the cache saves): the context is
+    re-run at every denoising step, or (``rebuild_cache``) once per chunk to rebuild a cache."""
+    b, f, c, h, w = shape
+    fpb = settings.frames_per_block
+    p = next(model.parameters())
+    _, gh, gw = model.dit.token_grid(fpb, h, w)
+    n = gh * gw
+    cache = KVCache.for_model(model.dit, b, n, fpb, settings.window or f, settings.sink, p.dtype, p.device)
+    sigmas = settings.sigmas().to(p.device)
+    ctx_sigma = settings.context_timestep / 1000.0
+    history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far
+    for start in range(0, f, fpb):
+        noise = torch.randn(b, fpb, c, h, w, generator=g).to(p.device)
+        if rebuild_cache:  # one masked pass over the whole history, then denoise against that cache
+            cache.reset()
+            if start:
+                _, kv = _masked_pass(model, history, _frame_sigma(ctx_sigma, b, start, history), text_kv, settings, n)
+                cache.commit(0, kv)
+            x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g)
         else:
-            history = torch.cat([history, x_ctx], dim=1)
+            x0 = _denoise_recompute(model, noise, sigmas, history, ctx_sigma, text_kv, settings, n, g)
+        history = torch.cat([history, commit_input(x0, ctx_sigma, g)], dim=1)
+        yield start, x0
 
 
 def _denoise_recompute(

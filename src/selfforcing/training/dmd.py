@@ -47,18 +47,16 @@ def dmd_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> t
 
 def dmd_generator_loss(
     x: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
     teacher,
     critic,
     cond,
     uncond,
     guidance: float,
-    generator: torch.Generator,
-    shift: float = 5.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DMD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator)."""
-    b = x.shape[0]
-    sigma = dmd_sigma(b, generator, shift).to(x.device)
-    noise = torch.randn(x.shape, generator=generator).to(x)
+    """The DMD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored
+    at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``."""
     with torch.no_grad():
         x_t = add_noise(x.detach(), noise, sigma)
         x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance)

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import CausalConfig
-from ..inference.stream import commit_chunk, commit_input, denoise_chunk
-from ..models.kv_cache import KVCache, TextKV
+from ..inference.stream import causal_chunks
+from ..models.kv_cache import TextKV
 from ..models.t2v import TextToVideo
 
 
@@ -37,31 +37,14 @@ def self_forcing_rollout(
     generator: torch.Generator,
     grad_frames: int | None = None,
     window: int | None = None,
+    grad: bool = True,
 ) -> torch.Tensor:
     """Generate a video of latent ``shape = (B, F, C, H, W)``: the x0 of each chunk's exit step.
 
-    Each chunk's starting noise is drawn from ``generator`` (on the CPU) when the chunk begins, as in
-    ``stream_video``, so with ``exit_step = S`` the rollout is the streamed video. Gradient reaches the
-    generator only through each chunk's exit-step forward, and only for chunks that overlap the last
-    ``grad_frames`` frames (default: all). ``window``: KV-cache window in frames (default
-    ``causal.window``, or the whole video).
+    The streaming chunk loop (``causal_chunks``), so with ``exit_step = S`` the rollout is the streamed
+    video. With ``grad``, gradient reaches the generator only through each chunk's exit-step forward,
+    and only for chunks that overlap the last ``grad_frames`` frames (default: all). ``window``:
+    KV-cache window in frames (default ``causal.window``, or the whole video).
     """
-    b, f, c, h, w = shape
-    fpb = causal.frames_per_block
-    causal.validate(f)
-    device = next(model.parameters()).device
-    _, gh, gw = model.dit.token_grid(fpb, h, w)
-    window = window or causal.window or f
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(model.dit, b, gh * gw, fpb, window, causal.sink, dtype=dtype, device=device)
-    sigmas = causal.sigmas().to(device)
-    ctx_sigma = causal.context_timestep / 1000.0
-    first_trained = 0 if grad_frames is None else f - grad_frames
-    chunks = []
-    for start in range(0, f, fpb):
-        trained = start + fpb > first_trained
-        noise = torch.randn(b, fpb, c, h, w, generator=generator).to(device)
-        x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained)
-        chunks.append(x0)
-        commit_chunk(model, commit_input(x0.detach(), ctx_sigma, generator), ctx_sigma, text_kv, cache, start)
-    return torch.cat(chunks, dim=1)
+    chunks = causal_chunks(model, text_kv, shape, causal, generator, window, exit_step, grad, grad_frames)
+    return torch.cat([x0 for _, x0 in chunks], dim=1)

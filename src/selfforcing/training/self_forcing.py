@@ -79,33 +79,41 @@ class SelfForcingTrainer(TeacherTrainer):
                 exit_step,
                 g,
                 grad_frames=c.distill.grad_frames or None,
+                grad=grad,
             )
 
     def generator_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, real=None):
         d = self.cfg.distill
         cond = self.teacher.encode_text(prompts)
         uncond = self.teacher.encode_text([""] * len(prompts))
-        args = (video, self.teacher, self.critic, cond, uncond, d.guidance_scale, g)
         self.critic.requires_grad_(False)  # SiD/GAN backpropagate through the critic's input, not into it
         if self.discriminator is not None:
             self.discriminator.head.requires_grad_(False)
         try:
             if d.loss == "gan":
                 return self.gan_generator_loss(video, real, prompts, g)
+            sigma = self.loss_sigma(video.shape[0], g)
+            noise = torch.randn(video.shape, generator=g).to(video)
+            args = (video, sigma, noise, self.teacher, self.critic, cond, uncond, d.guidance_scale)
             if d.loss == "sid":
-                return sid_generator_loss(*args, alpha=d.sid_alpha, shift=d.timestep_shift)
-            return dmd_generator_loss(*args, shift=d.timestep_shift)
+                return sid_generator_loss(*args, alpha=d.sid_alpha)
+            return dmd_generator_loss(*args)
         finally:
             self.critic.dit.requires_grad_(True)
             if self.discriminator is not None:
                 self.discriminator.head.requires_grad_(True)
+
+    def loss_sigma(self, batch: int, g: torch.Generator) -> torch.Tensor:
+        """One noise level per video for the DMD/SiD/GAN scores and the critic: shifted, clamped."""
+        d = self.cfg.distill
+        return dmd_sigma(batch, g, d.timestep_shift, d.min_t, d.max_t).to(self.device)
 
     def _disc(self, x: torch.Tensor, sigma: torch.Tensor, text, g: torch.Generator) -> torch.Tensor:
         return self.discriminator(noised(x, sigma, g), sigma, text)
 
     def gan_generator_loss(self, fake, real, prompts, g):
         d = self.cfg.distill
-        sigma = dmd_sigma(fake.shape[0], g, d.timestep_shift, d.min_t, d.max_t).to(fake.device)
+        sigma = self.loss_sigma(fake.shape[0], g)
         text = self.critic.encode_text(prompts)
         d_fake = self._disc(fake, sigma, text, g)
         d_real = self._disc(self.codec.encode(real.to(self.device)), sigma, text, g) if d.gan_relativistic else None
@@ -114,7 +122,7 @@ class SelfForcingTrainer(TeacherTrainer):
     def gan_critic_loss(self, fake, real, prompts, g):
         """Discriminator loss on real vs generated videos (same noise level), plus R1 (real) and R2 (fake)."""
         d = self.cfg.distill
-        sigma = dmd_sigma(fake.shape[0], g, d.timestep_shift, d.min_t, d.max_t).to(fake.device)
+        sigma = self.loss_sigma(fake.shape[0], g)
         text = self.critic.encode_text(prompts)
         x_real = noised(self.codec.encode(real.to(self.device)), sigma, g)
         x_fake = noised(fake, sigma, g)
@@ -132,8 +140,7 @@ class SelfForcingTrainer(TeacherTrainer):
 
     def critic_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
         """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
-        d = self.cfg.distill
-        sigma = dmd_sigma(video.shape[0], g, d.timestep_shift, d.min_t, d.max_t).to(video.device)
+        sigma = self.loss_sigma(video.shape[0], g)
         noise = torch.randn(video.shape, generator=g).to(video)
         v = self.critic(add_noise(video, noise, sigma), sigma, self.critic.encode_text(prompts))
         return F.mse_loss(v.float(), velocity_target(video, noise).float())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.flow_matching import add_noise
-from .dmd import dmd_sigma, score_x0
+from .dmd import score_x0
 
 
 def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -28,18 +28,17 @@ def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alph
 
 def sid_generator_loss(
     x: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
     teacher,
     critic,
     cond,
     uncond,
     guidance: float,
-    generator: torch.Generator,
     alpha: float = 1.0,
-    shift: float = 5.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The SiD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator)."""
-    sigma = dmd_sigma(x.shape[0], generator, shift).to(x.device)
-    noise = torch.randn(x.shape, generator=generator).to(x)
+    """The SiD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored
+    at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``."""
     x_t = add_noise(x, noise, sigma)
     x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance)
     x0_fake = score_x0(critic, x_t, sigma, cond)
