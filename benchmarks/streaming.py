@@ -28,9 +28,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PRESET_DEFAULTS = {  # latent size, training length (latent frames), text tokens
-    "toy": dict(channels=3, height=24, width=24, train_frames=12, text_len=16),
-    "wan2.1-1.3b": dict(channels=16, height=60, width=104, train_frames=21, text_len=512),
+PRESET_DEFAULTS = {  # latent size, training length (latent frames), text tokens, video frames per latent frame
+    "toy": dict(channels=3, height=24, width=24, train_frames=12, text_len=16, temporal_compression=1),
+    "wan2.1-1.3b": dict(
+        channels=16, height=60, width=104, train_frames=21, text_len=512, temporal_compression=4
+    ),  # 832x480 pixels, 81 frames
 }
 
 
@@ -66,7 +68,10 @@ def build(args: argparse.Namespace):
         torch.nn.init.normal_(dit.head.head.weight, std=0.02)
         model = TextToVideo(RandomText(cfg.text_dim, args.text_len), dit)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return model.to(dtype).eval().requires_grad_(False), Latents()
+    model = model.to(dtype).eval().requires_grad_(False)
+    if args.compile:  # fuses the norms, RoPE and modulation around the matmuls; shapes vary as the cache fills
+        model.dit.compile_blocks()
+    return model, Latents()
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -91,6 +96,15 @@ def run_one(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if args.profile:  # where the time of one whole stream goes, by kernel
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in stream(frames):
+                pass
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
     runs = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -109,6 +123,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "latent_frames": frames,
         "first_chunk_s": round(times[0], 4),
         "steady_fps": round(steady * args.batch, 2),
+        "video_fps": round(steady * args.batch * args.temporal_compression, 2),
         "overall_fps": round(frames * args.batch / total, 2),
         "total_s": round(total, 3),
         "peak_memory_mb": round(peak, 1),
@@ -127,7 +142,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the fastest is kept")
-    for k in ("channels", "height", "width", "train_frames", "text_len"):
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT (warm-up covers compilation)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one stream (stderr)")
+    for k in ("channels", "height", "width", "train_frames", "text_len", "temporal_compression"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help="default: the preset's")
     p.add_argument("--out", default=None)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: a single measurement
@@ -150,6 +167,8 @@ def main() -> None:
                 print(f"{mode} {length}x failed:\n{res.stderr[-2000:]}", file=sys.stderr)
                 rows.append({"mode": mode, "length": f"{length}x", "error": res.stderr.strip().splitlines()[-1]})
                 continue
+            if args.profile:
+                print(res.stderr, file=sys.stderr)
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     for r in rows:  # speed-up of the cache over each recompute mode at the same length
@@ -165,6 +184,7 @@ def main() -> None:
         "latent_frames",
         "first_chunk_s",
         "steady_fps",
+        "video_fps",
         "overall_fps",
         "peak_memory_mb",
         "cache_speedup",
@@ -188,6 +208,8 @@ def main() -> None:
         "train_frames": args.train_frames,
         "frames_per_block": args.fpb,
         "steps": 4,
+        "temporal_compression": args.temporal_compression,
+        "compile": args.compile,
         "batch": args.batch,
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

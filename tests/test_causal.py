@@ -139,6 +139,18 @@ def test_streaming_with_cache_equals_recomputed_context(settings):
     assert not torch.allclose(videos["cache"], other, atol=1e-3)
 
 
+def test_compiled_blocks_stream_the_same_video():
+    """``compile_blocks`` (dynamo graph capture, a context whose length grows chunk by chunk) changes
+    nothing in the streamed video. The eager backend keeps the test free of a C compiler."""
+    t2v = tiny_t2v()
+    settings = CausalConfig(3, window=6)
+    ref = torch.cat([c.frames for c in stream_video(t2v, IdentityCodec(), ["a red circle"], 12, 8, 8, settings)], 1)
+    t2v.dit.compile_blocks(backend="eager")
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in t2v.dit.blocks)
+    out = torch.cat([c.frames for c in stream_video(t2v, IdentityCodec(), ["a red circle"], 12, 8, 8, settings)], 1)
+    assert torch.allclose(out, ref, **TOL)
+
+
 def test_stream_rejects_partial_chunks():
     with pytest.raises(ValueError, match="whole number of chunks"):
         next(stream_video(tiny_t2v(), IdentityCodec(), ["a red circle"], 8, 8, 8, CausalConfig(3)))

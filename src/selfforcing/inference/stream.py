@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CausalConfig
+from ..device import to_device
 from ..diffusion.flow_matching import add_noise
 from ..diffusion.samplers import sample_few_step
 from ..models.causal import block_causal_mask
@@ -75,7 +76,7 @@ def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Genera
     """What the commit pass sees: the clean chunk, or it re-noised to ``context_sigma`` (> 0)."""
     if context_sigma == 0:
         return x0
-    return add_noise(x0, torch.randn(x0.shape, generator=generator).to(x0), context_sigma)
+    return add_noise(x0, to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype), context_sigma)
 
 
 def commit_chunk(
@@ -120,7 +121,7 @@ def causal_chunks(
     first_trained = 0 if grad_frames is None else f - grad_frames
     for start in range(0, f, fpb):
         trained = grad and start + fpb > first_trained
-        noise = torch.randn(b, fpb, c, h, w, generator=generator).to(p.device)
+        noise = to_device(torch.randn(b, fpb, c, h, w, generator=generator), p.device)
         x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained)
         x_ctx = commit_input(x0.detach(), ctx_sigma, generator)
         yield start, x0
@@ -198,7 +199,7 @@ def _recomputed_chunks(
     ctx_sigma = settings.context_timestep / 1000.0
     history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far
     for start in range(0, f, fpb):
-        noise = torch.randn(b, fpb, c, h, w, generator=g).to(p.device)
+        noise = to_device(torch.randn(b, fpb, c, h, w, generator=g), p.device)
         if rebuild_cache:  # one masked pass over the whole history, then denoise against that cache
             cache.reset()
             if start:

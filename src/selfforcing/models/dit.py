@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
+from ..device import to_device
 from .attention import CrossAttention, SelfAttention
 from .kv_cache import KV, KVCache, TextKV
 from .rope import rope_3d_angles
@@ -184,6 +185,14 @@ class VideoDiT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)  # the untrained model predicts v = 0
 
+    def compile_blocks(self, **compile_kwargs) -> VideoDiT:
+        """``torch.compile`` each transformer block in place (fuses norms, RoPE and modulation around the
+        matmuls and cuts kernel launches). Blocks, not the whole model: the KV cache's bookkeeping stays
+        plain Python, and one compiled graph serves every block. Returns self."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -262,7 +271,7 @@ class VideoDiT(nn.Module):
         if frame_positions is not None and (pf != 1 or frame_positions.shape != (nf,)):
             raise ValueError(f"frame_positions must be [F] = [{nf}] with patch_size[0] == 1")
         rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta, frame_positions)
-        rope = rope.to(x.device)
+        rope = to_device(rope, x.device)
 
         new_kv, features = [], []
         for i, block in enumerate(self.blocks):
