@@ -5,6 +5,7 @@ import torch
 
 from selfforcing.config import load_config
 from selfforcing.training.self_forcing import SelfForcingTrainer
+from selfforcing.training.teacher import TeacherTrainer
 
 
 def sf_cfg(teacher, tmp_path, *extra):
@@ -103,8 +104,14 @@ def test_teacher_must_be_bidirectional(teacher, tmp_path):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"distill.teacher={student}", "name=c"))
 
 
-def test_gradient_accumulation_averages_the_micro_batches(teacher, tmp_path):
-    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "grad_accum_steps=2"))
+@pytest.mark.parametrize("stage", ["teacher", "self_forcing"])
+def test_gradient_accumulation_averages_the_micro_batches(teacher, tmp_path, stage):
+    from tests.conftest import TINY
+
+    if stage == "teacher":
+        t = TeacherTrainer(load_config(None, [*TINY, f"out_dir={tmp_path}", "grad_accum_steps=2", "data.frames=6"]))
+    else:
+        t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "grad_accum_steps=2"))
     params = list(t.model.parameters())
     expected = [torch.zeros_like(p) for p in params]
     for k in range(2):  # each micro-batch on its own
@@ -112,9 +119,10 @@ def test_gradient_accumulation_averages_the_micro_batches(teacher, tmp_path):
         loss, _ = t.generator_micro_loss(k)
         loss.backward()
         expected = [e + (p.grad if p.grad is not None else 0) / 2 for e, p in zip(expected, params, strict=True)]
-    t.accumulate(t.generator_micro_loss, t.optimizer)
+    t.accumulate("generator", t.optimizer)
     for e, p in zip(expected, params, strict=True):
         assert torch.allclose(e, p.grad if p.grad is not None else torch.zeros_like(e), atol=1e-7)
     assert any(e.abs().sum() > 0 for e in expected)
-    with pytest.raises(Exception, match="grad_accum_steps"):
-        load_config(None, ["grad_accum_steps=2"])  # not for the teacher stage yet
+    t.cfg.grad_accum_steps = 1  # one micro-batch: a different gradient (the two micro-batches differ)
+    t.accumulate("generator", t.optimizer)
+    assert any(not torch.allclose(e, p.grad) for e, p in zip(expected, params, strict=True) if p.grad is not None)

@@ -197,10 +197,6 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
             (
-                self.grad_accum_steps == 1 or self.stage == "causal",
-                "grad_accum_steps > 1 is implemented for stage causal only so far: use a larger batch_size",
-            ),
-            (
                 self.precision in ("fp32", "bf16", "fp16"),
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
             ),

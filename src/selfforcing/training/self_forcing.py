@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..device import autocast
 from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_velocity
 from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
@@ -27,7 +26,7 @@ from .dmd import dmd_generator_loss, dmd_sigma
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
-from .teacher import TeacherTrainer, lr_at, step_seed
+from .teacher import STREAMS, TeacherTrainer, lr_at, step_seed
 
 
 class SelfForcingTrainer(TeacherTrainer):
@@ -64,11 +63,24 @@ class SelfForcingTrainer(TeacherTrainer):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {**super().optimizers(), "critic_optimizer": self.critic_optimizer}
 
+    def trainable(self, kind: str) -> list[torch.nn.Module]:
+        if kind == "generator":
+            return [self.model]
+        return [self.critic.dit] + ([self.discriminator.head] if self.discriminator is not None else [])
+
     # -- one step ------------------------------------------------------------------------------
-    def rollout(self, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
-        """The generator's video for ``prompts`` ([B, F, C, H, W]), exit step drawn from ``g``."""
+    def exit_step(self, kind: str) -> int:
+        """This step's exit step s* for the ``generator`` or ``critic`` update: one draw per step, shared by
+        every micro-batch, and broadcast from rank 0 to every process."""
+        g = torch.Generator().manual_seed(step_seed(self.cfg.seed * 1_000_003 + 10_000 + STREAMS[kind], self.step))
+        return draw_exit_step(len(self.cfg.causal.denoising_steps), g)
+
+    def rollout(self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None) -> torch.Tensor:
+        """The generator's video for ``prompts`` ([B, F, C, H, W]); the exit step is drawn from ``g`` if
+        not given."""
         c = self.cfg
-        exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
+        if exit_step is None:
+            exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
         with torch.set_grad_enabled(grad):
             text_kv = self.model.dit.text_kv(*self.model.encode_text(prompts))
             return self_forcing_rollout(
@@ -145,11 +157,6 @@ class SelfForcingTrainer(TeacherTrainer):
         v = self.critic(add_noise(video, noise, sigma), sigma, self.critic.encode_text(prompts))
         return F.mse_loss(v.float(), velocity_target(video, noise).float())
 
-    def micro_generator(self, kind: str, k: int) -> torch.Generator:
-        """The random source of micro-batch ``k`` of this step's ``generator`` or ``critic`` update."""
-        stream = {"generator": 0, "critic": 1}[kind] * 1_000 + k
-        return torch.Generator().manual_seed(step_seed(self.cfg.seed * 1_000_003 + stream, self.step))
-
     def forced_output(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
         """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random
         few-step level per chunk, in one pass with clean (TF) or noisy (DF) real context."""
@@ -165,11 +172,12 @@ class SelfForcingTrainer(TeacherTrainer):
             return x0_from_velocity(x_t, v, sigma)
 
     def generate(self, g: torch.Generator, grad: bool) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """This micro-batch's generated videos, their prompts, and the real videos of the same prompts
-        (used by TF/DF to make the outputs, and by the GAN as the real side)."""
+        """This micro-batch's generated videos (with gradient for the generator update, without for the
+        critic's), their prompts, and the real videos of the same prompts (used by TF/DF to make the
+        outputs, and by the GAN as the real side)."""
         real, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
         if self.cfg.distill.paradigm == "self_forcing":
-            return self.rollout(prompts, g, grad), prompts, real
+            return self.rollout(prompts, g, grad, self.exit_step("generator" if grad else "critic")), prompts, real
         return self.forced_output(real, prompts, g, grad), prompts, real
 
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -184,25 +192,6 @@ class SelfForcingTrainer(TeacherTrainer):
             return self.gan_critic_loss(video.detach(), real, prompts, g)
         return self.critic_loss(video.detach(), prompts, g), {}
 
-    def accumulate(self, micro_loss, optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
-        """Gradients of the mean loss over ``grad_accum_steps`` micro-batches (each ``batch_size`` videos)."""
-        n = self.cfg.grad_accum_steps
-        optimizer.zero_grad(set_to_none=True)
-        total, stats = 0.0, {}
-        for k in range(n):
-            with autocast(self.device, self.cfg.precision):
-                loss, stats = micro_loss(k)
-            self.scaler.scale(loss / n).backward()
-            total += float(loss.detach()) / n
-        return total, stats
-
-    def _step(self, params, optimizer: torch.optim.Optimizer) -> float:
-        self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(list(params), self.cfg.optim.grad_clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return float(norm)
-
     def train_step(self) -> dict[str, float]:
         cfg, d = self.cfg, self.cfg.distill
         stats: dict[str, float] = {}
@@ -211,12 +200,12 @@ class SelfForcingTrainer(TeacherTrainer):
         self.model.train()
         generator_step = self.step % d.critic_steps_per_generator_step == 0
         if generator_step:
-            loss, extra = self.accumulate(self.generator_micro_loss, self.optimizer)
-            stats["generator_grad_norm"] = self._step(self.model.parameters(), self.optimizer)
+            loss, extra = self.accumulate("generator", self.optimizer)
+            stats["generator_grad_norm"] = self.optimizer_step(self.model.parameters(), self.optimizer)
             stats.update({"generator_loss": loss, **extra})
-        critic_loss, critic_stats = self.accumulate(self.critic_micro_loss, self.critic_optimizer)
+        critic_loss, critic_stats = self.accumulate("critic", self.critic_optimizer)
         stats.update(critic_stats)
-        stats["critic_grad_norm"] = self._step(self.critic_params, self.critic_optimizer)
+        stats["critic_grad_norm"] = self.optimizer_step(self.critic_params, self.critic_optimizer)
         if generator_step:
             self.ema.update(self.model, self.step // d.critic_steps_per_generator_step + 1)  # counts generator updates
         self.step += 1

@@ -1,12 +1,14 @@
-"""Training the bidirectional text-to-video teacher with flow matching.
+"""Training the bidirectional text-to-video teacher with flow matching, and the loop every stage shares.
 
 Every step is a pure function of (seed, step): the batch, the prompt dropout, the timesteps and the
-noise are drawn from a generator seeded with both. Resuming from a checkpoint therefore replays the
-exact loss curve of an uninterrupted run.
+noise of micro-batch ``k`` are drawn from a generator seeded with (seed, step, k). Resuming from a
+checkpoint therefore replays the exact loss curve of an uninterrupted run, and N processes under
+``torchrun`` train what one process trains with N times the gradient accumulation (``distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,7 +31,10 @@ from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model, stream_settings
 from ..inference.stream import generate_stream
 from .checkpoint import latest_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
+from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
+
+STREAMS = {"generator": 0, "critic": 1}  # independent random streams of a step's two kinds of update
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -94,7 +99,8 @@ class TeacherTrainer:
         self.cfg = cfg
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        self.device = resolve_device(cfg.device)
+        self.rank, self.world_size, self.device = init_distributed(resolve_device(cfg.device))
+        self.is_main = self.rank == 0  # rank 0 alone writes checkpoints, metrics and samples
         self.run_dir = cfg.run_dir
         self.batches = Batches(cfg)
         init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
@@ -114,6 +120,7 @@ class TeacherTrainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
+        self._loss_modules: dict[str, torch.nn.Module] = {}
         self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
 
     # -- state ---------------------------------------------------------------------------------
@@ -125,11 +132,16 @@ class TeacherTrainer:
         return {"optimizer": self.optimizer}
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it."""
         state = {"step": self.step, "scaler": self.scaler.state_dict()}
         state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
-        return save_checkpoint(
-            self.run_dir, self.step, self.networks(), state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
-        )
+        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        if self.is_main:
+            path = save_checkpoint(
+                self.run_dir, self.step, self.networks(), state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
+            )
+        barrier()
+        return path
 
     def load(self, ckpt: Path) -> None:
         for name, module in self.networks().items():
@@ -149,28 +161,65 @@ class TeacherTrainer:
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, g: torch.Generator) -> torch.Tensor:
-        """This step's training loss; every random draw comes from ``g``."""
+        """One micro-batch's training loss; every random draw comes from ``g``."""
         video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
         x0 = self.codec.encode(video.to(self.device))
         return flow_matching_loss(self.model, x0, prompts, self.cfg, g)
 
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
-        self.model.train()
-        with autocast(self.device, cfg.precision):
-            loss = self.loss(g)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+    def micro_generator(self, kind: str, k: int) -> torch.Generator:
+        """The random source of this rank's micro-batch ``k`` of this step's ``generator``/``critic`` update:
+        global micro-batch ``rank * grad_accum_steps + k``."""
+        i = self.rank * self.cfg.grad_accum_steps + k
+        return torch.Generator().manual_seed(
+            step_seed(self.cfg.seed * 1_000_003 + STREAMS[kind] * 1_000 + i, self.step)
+        )
+
+    def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss(self.micro_generator("generator", k)), {}
+
+    def trainable(self, kind: str) -> list[torch.nn.Module]:
+        """The networks an update of ``kind`` trains (subclasses add the critic)."""
+        return [self.model]
+
+    def loss_module(self, kind: str) -> torch.nn.Module:
+        """``kind``'s micro-batch loss as a module, DDP-wrapped under torchrun (built on first use)."""
+        if kind not in self._loss_modules:
+            fn = getattr(self, f"{kind}_micro_loss")
+            self._loss_modules[kind] = wrap_loss(fn, self.trainable(kind), self.world_size)
+        return self._loss_modules[kind]
+
+    def accumulate(self, kind: str, optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
+        """Gradients of the mean loss over ``grad_accum_steps`` micro-batches (each ``batch_size`` videos),
+        averaged over the processes by DDP at the last one."""
+        n = self.cfg.grad_accum_steps
+        module = self.loss_module(kind)
+        optimizer.zero_grad(set_to_none=True)
+        total, stats = 0.0, {}
+        for k in range(n):
+            with no_sync(module, sync=k == n - 1):
+                with autocast(self.device, self.cfg.precision):
+                    loss, stats = module(k)
+                self.scaler.scale(loss / n).backward()
+            total += float(loss.detach()) / n
+        return total, stats
+
+    def optimizer_step(self, params, optimizer: torch.optim.Optimizer) -> float:
+        """Unscale, clip to ``optim.grad_clip``, step; returns the gradient norm before clipping."""
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(list(params), self.cfg.optim.grad_clip)
+        self.scaler.step(optimizer)
         self.scaler.update()
+        return float(norm)
+
+    def train_step(self) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        self.model.train()
+        loss, stats = self.accumulate("generator", self.optimizer)
+        grad_norm = self.optimizer_step(self.model.parameters(), self.optimizer)
         self.step += 1
         self.ema.update(self.model, self.step)
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr_at(self.step - 1, cfg)}
+        return {"loss": loss, **stats, "grad_norm": grad_norm, "lr": lr_at(self.step - 1, self.cfg)}
 
     def generate_samples(self) -> torch.Tensor:
         """The fixed prompts sampled by the EMA weights: ``[B, F, 3, H, W]``.
@@ -207,36 +256,43 @@ class TeacherTrainer:
         return {f"sample/{k}": v for k, v in summary.items()}
 
     def train(self) -> Path:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
+        barrier()  # every rank has seen the same checkpoints before rank 0 writes anything
         if ckpt is not None:
             self.load(ckpt)
-            self._truncate_metrics()
-            print(f"resumed from {ckpt} at step {self.step}")
-        elif (self.run_dir / "metrics.jsonl").exists():
+            if main:
+                self._truncate_metrics()
+                print(f"resumed from {ckpt} at step {self.step}")
+        elif main and (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()
-        (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        n_params = sum(p.numel() for p in self.model.dit.parameters())
-        print(f"training {cfg.name}: DiT {n_params / 1e6:.2f}M parameters on {self.device}, run folder {self.run_dir}")
+        if main:
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            n_params = sum(p.numel() for p in self.model.dit.parameters())
+            where = f"{self.world_size} processes" if self.world_size > 1 else str(self.device)
+            print(f"training {cfg.name}: DiT {n_params / 1e6:.2f}M parameters on {where}, run folder {self.run_dir}")
         with (
-            open(self.run_dir / "metrics.jsonl", "a") as log,
-            tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True) as bar,
+            open(self.run_dir / "metrics.jsonl", "a") if main else contextlib.nullcontext() as log,
+            tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True, disable=not main) as bar,
         ):
             t0 = time.perf_counter()
             while self.step < cfg.steps:
                 stats = self.train_step()
                 stats["sec_per_step"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                     stats.update(self.sample(f"step_{self.step:06d}"))
-                log.write(json.dumps({"step": self.step, **stats}) + "\n")
-                if self.step % cfg.log_every == 0:
-                    log.flush()
+                if main:
+                    log.write(json.dumps({"step": self.step, **stats}) + "\n")
+                    if self.step % cfg.log_every == 0:
+                        log.flush()
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    log.flush()
-                    self.save()
-                    plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
+                    if main:
+                        log.flush()
+                    self.save()  # rank 0 writes, the others wait
+                    if main:
+                        plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
         return self.run_dir
