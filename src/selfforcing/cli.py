@@ -120,6 +120,19 @@ def cmd_ode_pairs(args: argparse.Namespace) -> None:
     print(f"ODE pairs are in {out}")
 
 
+def cmd_recipe(args: argparse.Namespace) -> None:
+    from .config import ConfigError
+    from .recipe import STAGES, run_recipe
+
+    overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        stage, sep, kv = item.partition(":")
+        if not sep or stage not in STAGES or "=" not in kv:
+            raise ConfigError(f"--set {item!r}: write STAGE:key=value with STAGE one of {STAGES}")
+        overrides.setdefault(stage, []).append(kv)
+    run_recipe(args.out, loss=args.loss, teacher=args.teacher, overrides=overrides, device=args.device)
+
+
 def cmd_world(args: argparse.Namespace) -> None:
     from .data.shapes import ShapesWorld, ShapesWorldConfig
     from .data.video_io import video_grid, write_video
@@ -179,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
     )
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser(
+        "recipe", help="the whole recipe: teacher -> ODE pairs -> ODE init -> Self Forcing (skips finished stages)"
+    )
+    r.add_argument("--out", default="runs/recipe", help="folder of the stages' run folders (a rerun resumes)")
+    r.add_argument("--loss", default="dmd", choices=["dmd", "sid", "gan"], help="the Self Forcing loss")
+    r.add_argument("--teacher", default=None, help="use this trained teacher instead of training one")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="override a stage's setting, e.g. teacher:steps=2000 pairs:num_samples=256 self_forcing:batch_size=4",
+    )
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_recipe)
 
     o = sub.add_parser("ode-pairs", help="sample the teacher and store its trajectories at the student's levels")
     o.add_argument("--teacher", required=True, help="teacher checkpoint or run folder")

@@ -36,7 +36,7 @@ def save_checkpoint(
     file stems (``model``, ``ema``) to modules."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -51,6 +51,11 @@ def save_checkpoint(
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives: ``run_dir/checkpoints/step_{step:06d}``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -132,6 +132,16 @@ def generate_ode_pairs(
     return out
 
 
+def is_complete(out_dir: str | Path, settings: ODEPairSettings) -> bool:
+    """True when ``out_dir`` holds every shard of the pairs ``settings`` describe."""
+    out = Path(out_dir)
+    if not (out / INDEX).is_file():
+        return False
+    index = json.loads((out / INDEX).read_text())
+    want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+    return index["settings"] == want and all(_shard_ok(out / name) for name in index["shards"])
+
+
 def _shard_len(i: int, settings: ODEPairSettings) -> int:
     return min(settings.shard_size, settings.num_samples - i * settings.shard_size)
 

@@ -30,7 +30,7 @@ from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model, stream_settings
 from ..inference.stream import generate_stream
-from .checkpoint import latest_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
 from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
 
@@ -135,7 +135,7 @@ class TeacherTrainer:
         """Rank 0 writes the checkpoint (atomically); the other ranks wait for it."""
         state = {"step": self.step, "scaler": self.scaler.state_dict()}
         state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
-        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        path = checkpoint_path(self.run_dir, self.step)
         if self.is_main:
             path = save_checkpoint(
                 self.run_dir, self.step, self.networks(), state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
