@@ -54,3 +54,38 @@ def test_finite_difference_penalty_estimates_the_squared_gradient_norm():
     real, fake = torch.full((4,), 5.0), torch.full((4,), -5.0)
     assert gan_discriminator_loss(real, fake) < 0.02 and gan_generator_loss(fake) > 4.9
     assert gan_generator_loss(fake, real) > 9.9  # relativistic: softplus(-(fake - real))
+
+
+class _AffineScore(torch.nn.Module):
+    """A stand-in text-to-video model whose velocity is c * x_t for the prompt and u * x_t without it."""
+
+    def forward(self, x, sigma, text):
+        return x * text
+
+    def cond_uncond_velocities(self, x, sigma, cond, uncond):
+        return self(x, sigma, cond), self(x, sigma, uncond)
+
+    def velocity_with_cfg(self, x, sigma, cond, uncond, scale):
+        v_c, v_u = self.cond_uncond_velocities(x, sigma, cond, uncond)
+        return v_u + scale * (v_c - v_u)
+
+
+def test_guidance_rescale_pulls_the_guided_std_back_to_the_conditional_one():
+    from selfforcing.training.dmd import score_x0
+
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 3, 2, 4, 4, generator=g)
+    sigma = torch.tensor([0.5, 0.8])
+    s = sigma.view(2, 1, 1, 1, 1)
+    cond, uncond, w = torch.tensor(0.3), torch.tensor(-0.4), 3.0
+    x0_c, x0_u = x_t - s * 0.3 * x_t, x_t + s * 0.4 * x_t  # x0 = x_t - sigma v
+    guided = x0_u + w * (x0_c - x0_u)
+    model = _AffineScore()
+    assert torch.allclose(score_x0(model, x_t, sigma, cond, uncond, w), guided, atol=1e-6)
+    assert torch.allclose(score_x0(model, x_t, sigma, cond, uncond, w, rescale=0.0), guided, atol=1e-6)
+    full = score_x0(model, x_t, sigma, cond, uncond, w, rescale=1.0)
+    dims = (1, 2, 3, 4)
+    assert torch.allclose(full.std(dim=dims), x0_c.std(dim=dims), atol=1e-5)
+    assert not torch.allclose(guided.std(dim=dims), x0_c.std(dim=dims), atol=1e-2)  # CFG did inflate it
+    half = score_x0(model, x_t, sigma, cond, uncond, w, rescale=0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided, atol=1e-6)

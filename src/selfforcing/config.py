@@ -131,6 +131,7 @@ class DistillConfig:
     loss: str = "dmd"  # dmd | sid (self_forcing) | diffusion (many-step teacher/diffusion forcing)
     teacher: str = ""  # bidirectional teacher checkpoint: the frozen real score and the critic's start
     guidance_scale: float = 3.0  # CFG of the real score
+    guidance_rescale: float = 0.0  # phi: pull the guided real score's std back to the conditional one's
     critic_lr: float = 1e-4
     critic_steps_per_generator_step: int = 5  # the critic trains every step, the generator every 5th
     timestep_shift: float = 5.0  # DMD/SiD noise levels: uniform, shifted, clamped to [min_t, max_t]
@@ -235,6 +236,10 @@ class TrainConfig:
                 f"choose one of {sorted(COMBINATIONS)}",
             ),
             (self.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1"),
+            (
+                0.0 <= self.distill.guidance_rescale <= 1.0,
+                f"distill.guidance_rescale must be in [0, 1], got {self.distill.guidance_rescale}",
+            ),
             (0 <= self.distill.min_t < self.distill.max_t <= 1000, "need 0 <= distill.min_t < distill.max_t <= 1000"),
         ]
         for ok, message in checks:

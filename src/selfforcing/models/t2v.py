@@ -31,11 +31,18 @@ class TextToVideo(nn.Module):
         """Classifier-free guidance in one batched call: v_u + scale * (v_c - v_u) (DiT's forward_with_cfg)."""
         if scale == 1.0:
             return self(x, sigma, cond)
+        v_c, v_u = self.cond_uncond_velocities(x, sigma, cond, uncond)
+        return v_u + scale * (v_c - v_u)
+
+    def cond_uncond_velocities(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Text, uncond: Text
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v_c, v_u)``, the velocities with the prompt and with the empty prompt, in one batched call."""
         length = max(cond[0].shape[1], uncond[0].shape[1])
         emb = torch.cat([_pad(cond[0], length), _pad(uncond[0], length)])
         mask = torch.cat([_pad(cond[1], length), _pad(uncond[1], length)])
         v_c, v_u = self(torch.cat([x, x]), torch.cat([sigma, sigma]), (emb, mask)).chunk(2)
-        return v_u + scale * (v_c - v_u)
+        return v_c, v_u
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 t ~ U(0, 1), shifted (s = 5), clamped to [20, 980] / 1000;  x_t = (1 - t) x + t eps
 x0_real = teacher with CFG:  uncond + w (cond - uncond)        (frozen)
+          optionally rescaled:   phi * x0_real * std(cond) / std(x0_real) + (1 - phi) * x0_real
 x0_fake = critic, no guidance                                  (trained on the generator's videos)
 g = (x0_fake - x0_real) / mean(|x - x0_real|)                  (per sample, made finite)
 loss = 0.5 * mse(x, (x - g).detach())                          -> d loss / d x = g / numel
@@ -23,13 +24,25 @@ def dmd_sigma(
     return sigma.clamp(min_t / 1000, max_t / 1000)
 
 
-def score_x0(model, x_t: torch.Tensor, sigma: torch.Tensor, cond, uncond=None, guidance: float = 1.0) -> torch.Tensor:
-    """A bidirectional model's x0 prediction for ``x_t: [B, F, C, H, W]``, with CFG when ``guidance != 1``."""
+def score_x0(
+    model, x_t: torch.Tensor, sigma: torch.Tensor, cond, uncond=None, guidance: float = 1.0, rescale: float = 0.0
+) -> torch.Tensor:
+    """A bidirectional model's x0 prediction for ``x_t: [B, F, C, H, W]``, with CFG when ``guidance != 1``.
+
+    rescale (phi in [0, 1], Lin et al. 2024, "Common diffusion noise schedules are flawed"): pull the
+    guided prediction's per-video standard deviation back towards the conditional one's. CFG inflates
+    it, which shows as over-saturated colours and swollen objects in what a DMD student learns.
+    """
     if uncond is None or guidance == 1.0:
-        v = model(x_t, sigma, cond)
-    else:
-        v = model.velocity_with_cfg(x_t, sigma, cond, uncond, guidance)
-    return x0_from_velocity(x_t, v, sigma)
+        return x0_from_velocity(x_t, model(x_t, sigma, cond), sigma)
+    if rescale == 0.0:
+        return x0_from_velocity(x_t, model.velocity_with_cfg(x_t, sigma, cond, uncond, guidance), sigma)
+    v_c, v_u = model.cond_uncond_velocities(x_t, sigma, cond, uncond)
+    x0_c, x0_u = x0_from_velocity(x_t, v_c, sigma), x0_from_velocity(x_t, v_u, sigma)
+    guided = x0_u + guidance * (x0_c - x0_u)
+    dims = tuple(range(1, guided.dim()))
+    ratio = x0_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return rescale * guided * ratio + (1 - rescale) * guided
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -54,12 +67,14 @@ def dmd_generator_loss(
     cond,
     uncond,
     guidance: float,
+    rescale: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DMD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored
-    at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``."""
+    at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``; ``rescale``: see
+    ``score_x0``."""
     with torch.no_grad():
         x_t = add_noise(x.detach(), noise, sigma)
-        x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance)
+        x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance, rescale)
         x0_fake = score_x0(critic, x_t, sigma, cond)
     loss = dmd_loss(x, x0_real, x0_fake)
     return loss, {"dmd/real_fake_gap": float((x0_real - x0_fake).abs().mean()), "dmd/sigma": float(sigma.mean())}

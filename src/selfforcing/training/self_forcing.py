@@ -108,8 +108,8 @@ class SelfForcingTrainer(TeacherTrainer):
             noise = torch.randn(video.shape, generator=g).to(video)
             args = (video, sigma, noise, self.teacher, self.critic, cond, uncond, d.guidance_scale)
             if d.loss == "sid":
-                return sid_generator_loss(*args, alpha=d.sid_alpha)
-            return dmd_generator_loss(*args)
+                return sid_generator_loss(*args, alpha=d.sid_alpha, rescale=d.guidance_rescale)
+            return dmd_generator_loss(*args, rescale=d.guidance_rescale)
         finally:
             self.critic.dit.requires_grad_(True)
             if self.discriminator is not None:

@@ -36,11 +36,12 @@ def sid_generator_loss(
     uncond,
     guidance: float,
     alpha: float = 1.0,
+    rescale: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The SiD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored
     at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``."""
     x_t = add_noise(x, noise, sigma)
-    x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance)
+    x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance, rescale)
     x0_fake = score_x0(critic, x_t, sigma, cond)
     loss = sid_loss(x, x0_real, x0_fake, alpha)
     gap = float((x0_real - x0_fake).detach().abs().mean())
