@@ -89,3 +89,18 @@ def test_guidance_rescale_pulls_the_guided_std_back_to_the_conditional_one():
     assert not torch.allclose(guided.std(dim=dims), x0_c.std(dim=dims), atol=1e-2)  # CFG did inflate it
     half = score_x0(model, x_t, sigma, cond, uncond, w, rescale=0.5)
     assert torch.allclose(half, 0.5 * full + 0.5 * guided, atol=1e-6)
+
+
+def test_limited_interval_guidance_guides_only_high_noise_videos():
+    from selfforcing.training.dmd import guidance_per_video, score_x0
+
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    assert guidance_per_video(sigma, 3.0, 0.0) == 3.0
+    w = guidance_per_video(sigma, 3.0, 0.5)
+    assert w.tolist() == [1.0, 3.0, 3.0]
+    x_t = torch.randn(3, 2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    cond, uncond, model = torch.tensor(0.3), torch.tensor(-0.4), _AffineScore()
+    per_video = score_x0(model, x_t, sigma, cond, uncond, w)
+    for i, wi in enumerate(w.tolist()):  # each video as if scored alone with its own scale
+        alone = score_x0(model, x_t[i : i + 1], sigma[i : i + 1], cond, uncond, wi)
+        assert torch.allclose(per_video[i : i + 1], alone, atol=1e-6)

@@ -132,6 +132,7 @@ class DistillConfig:
     teacher: str = ""  # bidirectional teacher checkpoint: the frozen real score and the critic's start
     guidance_scale: float = 3.0  # CFG of the real score
     guidance_rescale: float = 0.0  # phi: pull the guided real score's std back to the conditional one's
+    guidance_min_sigma: float = 0.0  # CFG only at noise levels >= this (limited-interval guidance); 0 = all
     critic_lr: float = 1e-4
     critic_steps_per_generator_step: int = 5  # the critic trains every step, the generator every 5th
     timestep_shift: float = 5.0  # DMD/SiD noise levels: uniform, shifted, clamped to [min_t, max_t]
@@ -239,6 +240,10 @@ class TrainConfig:
             (
                 0.0 <= self.distill.guidance_rescale <= 1.0,
                 f"distill.guidance_rescale must be in [0, 1], got {self.distill.guidance_rescale}",
+            ),
+            (
+                0.0 <= self.distill.guidance_min_sigma < 1.0,
+                f"distill.guidance_min_sigma must be in [0, 1), got {self.distill.guidance_min_sigma}",
             ),
             (0 <= self.distill.min_t < self.distill.max_t <= 1000, "need 0 <= distill.min_t < distill.max_t <= 1000"),
         ]

@@ -25,24 +25,41 @@ def dmd_sigma(
 
 
 def score_x0(
-    model, x_t: torch.Tensor, sigma: torch.Tensor, cond, uncond=None, guidance: float = 1.0, rescale: float = 0.0
+    model,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    cond,
+    uncond=None,
+    guidance: float | torch.Tensor = 1.0,
+    rescale: float = 0.0,
 ) -> torch.Tensor:
     """A bidirectional model's x0 prediction for ``x_t: [B, F, C, H, W]``, with CFG when ``guidance != 1``.
 
     rescale (phi in [0, 1], Lin et al. 2024, "Common diffusion noise schedules are flawed"): pull the
     guided prediction's per-video standard deviation back towards the conditional one's. CFG inflates
     it, which shows as over-saturated colours and swollen objects in what a DMD student learns.
+    guidance: a number, or one per video ``[B]`` (see ``guidance_per_video``).
     """
-    if uncond is None or guidance == 1.0:
+    if uncond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
         return x0_from_velocity(x_t, model(x_t, sigma, cond), sigma)
-    if rescale == 0.0:
+    if not torch.is_tensor(guidance) and rescale == 0.0:
         return x0_from_velocity(x_t, model.velocity_with_cfg(x_t, sigma, cond, uncond, guidance), sigma)
+    if torch.is_tensor(guidance):
+        guidance = guidance.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
     v_c, v_u = model.cond_uncond_velocities(x_t, sigma, cond, uncond)
     x0_c, x0_u = x0_from_velocity(x_t, v_c, sigma), x0_from_velocity(x_t, v_u, sigma)
     guided = x0_u + guidance * (x0_c - x0_u)
     dims = tuple(range(1, guided.dim()))
     ratio = x0_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
     return rescale * guided * ratio + (1 - rescale) * guided
+
+
+def guidance_per_video(sigma: torch.Tensor, guidance: float, min_sigma: float) -> torch.Tensor | float:
+    """CFG in a limited interval (Kynkaanniemi et al. 2024): ``guidance`` where ``sigma >= min_sigma``
+    (layout and presence are decided at high noise), 1 (no guidance) below it (colours, edges)."""
+    if min_sigma <= 0.0:
+        return guidance
+    return torch.where(sigma >= min_sigma, guidance, 1.0)
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -66,7 +83,7 @@ def dmd_generator_loss(
     critic,
     cond,
     uncond,
-    guidance: float,
+    guidance: float | torch.Tensor,
     rescale: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DMD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored

@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_velocity
 from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
-from .dmd import dmd_generator_loss, dmd_sigma
+from .dmd import dmd_generator_loss, dmd_sigma, guidance_per_video
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
@@ -106,7 +106,8 @@ class SelfForcingTrainer(TeacherTrainer):
                 return self.gan_generator_loss(video, real, prompts, g)
             sigma = self.loss_sigma(video.shape[0], g)
             noise = torch.randn(video.shape, generator=g).to(video)
-            args = (video, sigma, noise, self.teacher, self.critic, cond, uncond, d.guidance_scale)
+            guidance = guidance_per_video(sigma, d.guidance_scale, d.guidance_min_sigma)
+            args = (video, sigma, noise, self.teacher, self.critic, cond, uncond, guidance)
             if d.loss == "sid":
                 return sid_generator_loss(*args, alpha=d.sid_alpha, rescale=d.guidance_rescale)
             return dmd_generator_loss(*args, rescale=d.guidance_rescale)

@@ -34,7 +34,7 @@ def sid_generator_loss(
     critic,
     cond,
     uncond,
-    guidance: float,
+    guidance: float | torch.Tensor,
     alpha: float = 1.0,
     rescale: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
