@@ -126,3 +126,15 @@ def test_gradient_accumulation_averages_the_micro_batches(teacher, tmp_path, sta
     t.cfg.grad_accum_steps = 1  # one micro-batch: a different gradient (the two micro-batches differ)
     t.accumulate("generator", t.optimizer)
     assert any(not torch.allclose(e, p.grad) for e, p in zip(expected, params, strict=True) if p.grad is not None)
+
+
+def test_critic_warmup_trains_the_critic_alone_first(teacher, tmp_path):
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.critic_warmup_steps=3"))
+    updates = []
+    for _ in range(6):
+        gen, critic = snapshot(t.model), snapshot(t.critic.dit)
+        stats = t.train_step()
+        assert changed(critic, t.critic.dit)
+        updates.append(changed(gen, t.model))
+        assert ("generator_loss" in stats) == updates[-1]
+    assert updates == [False, False, False, True, False, True]  # ratio 2 from step 3 on

@@ -135,6 +135,7 @@ class DistillConfig:
     guidance_min_sigma: float = 0.0  # CFG only at noise levels >= this (limited-interval guidance); 0 = all
     critic_lr: float = 1e-4
     critic_steps_per_generator_step: int = 5  # the critic trains every step, the generator every 5th
+    critic_warmup_steps: int = 0  # critic-only steps first, so the fake score fits the student before it is used
     timestep_shift: float = 5.0  # DMD/SiD noise levels: uniform, shifted, clamped to [min_t, max_t]
     min_t: float = 20.0
     max_t: float = 980.0
@@ -237,6 +238,7 @@ class TrainConfig:
                 f"choose one of {sorted(COMBINATIONS)}",
             ),
             (self.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1"),
+            (self.distill.critic_warmup_steps >= 0, "distill.critic_warmup_steps must be >= 0"),
             (
                 0.0 <= self.distill.guidance_rescale <= 1.0,
                 f"distill.guidance_rescale must be in [0, 1], got {self.distill.guidance_rescale}",

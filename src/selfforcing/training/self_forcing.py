@@ -199,7 +199,8 @@ class SelfForcingTrainer(TeacherTrainer):
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.model.train()
-        generator_step = self.step % d.critic_steps_per_generator_step == 0
+        since = self.step - d.critic_warmup_steps  # the critic first fits the student alone
+        generator_step = since >= 0 and since % d.critic_steps_per_generator_step == 0
         if generator_step:
             loss, extra = self.accumulate("generator", self.optimizer)
             stats["generator_grad_norm"] = self.optimizer_step(self.model.parameters(), self.optimizer)
@@ -208,6 +209,6 @@ class SelfForcingTrainer(TeacherTrainer):
         stats.update(critic_stats)
         stats["critic_grad_norm"] = self.optimizer_step(self.critic_params, self.critic_optimizer)
         if generator_step:
-            self.ema.update(self.model, self.step // d.critic_steps_per_generator_step + 1)  # counts generator updates
+            self.ema.update(self.model, since // d.critic_steps_per_generator_step + 1)  # counts generator updates
         self.step += 1
         return {"loss": critic_loss, **stats, "lr": self.optimizer.param_groups[0]["lr"]}
