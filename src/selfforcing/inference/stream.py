@@ -200,11 +200,10 @@ def _recomputed_chunks(
     history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far
     for start in range(0, f, fpb):
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=g), p.device)
-        if rebuild_cache:  # one masked pass over the whole history, then denoise against that cache
+        if rebuild_cache:  # re-run the whole history chunk by chunk into an empty cache, then denoise
             cache.reset()
-            if start:
-                _, kv = _masked_pass(model, history, _frame_sigma(ctx_sigma, b, start, history), text_kv, settings, n)
-                cache.commit(0, kv)
+            for past in range(0, start, fpb):
+                commit_chunk(model, history[:, past : past + fpb], ctx_sigma, text_kv, cache, past)
             x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g)
         else:
             x0 = _denoise_recompute(model, noise, sigmas, history, ctx_sigma, text_kv, settings, n, g)
