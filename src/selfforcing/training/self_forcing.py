@@ -40,16 +40,14 @@ class SelfForcingTrainer(TeacherTrainer):
         self.critic = copy.deepcopy(self.teacher).train()
         self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
         self.discriminator = None
-        critic_params = list(self.critic.dit.parameters())
         if d.loss == "gan":  # the critic's backbone + a small head
             n = self.critic.dit.cfg.num_layers
             taps = tuple(d.gan_taps) or tuple(sorted({n // 3, 2 * n // 3, n - 1}))
             self.discriminator = Discriminator(self.critic, taps).to(self.device)
-            critic_params += list(self.discriminator.head.parameters())
-        self.critic_params = critic_params
+        self.critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
         o = cfg.optim
         self.critic_optimizer = torch.optim.AdamW(
-            critic_params, lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            self.critic_params, lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
         )
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
