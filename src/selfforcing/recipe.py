@@ -16,7 +16,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, load_config
-from .training.checkpoint import latest_checkpoint
+from .training.checkpoint import checkpoint_step, latest_checkpoint
 from .training.ode_pairs import ODEPairSettings, generate_ode_pairs, is_complete
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -38,7 +38,7 @@ def recipe_files(loss: str = "dmd") -> dict[str, Path]:
 def is_finished(cfg: TrainConfig) -> bool:
     """True when the run folder already holds the checkpoint of the run's last step."""
     ckpt = latest_checkpoint(cfg.run_dir)
-    return ckpt is not None and int(ckpt.name.split("_")[-1]) >= cfg.steps
+    return ckpt is not None and checkpoint_step(ckpt) >= cfg.steps
 
 
 def pair_settings(student: TrainConfig, overrides: list[str]) -> ODEPairSettings:

@@ -194,7 +194,8 @@ def _recomputed_chunks(
     p = next(model.parameters())
     _, gh, gw = model.dit.token_grid(fpb, h, w)
     n = gh * gw
-    cache = KVCache.for_model(model.dit, b, n, fpb, settings.window or f, settings.sink, p.dtype, p.device)
+    window = settings.window or f
+    cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, p.dtype, p.device) if rebuild_cache else None
     sigmas = settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far

@@ -58,6 +58,11 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint folder holds (the inverse of ``checkpoint_path``)."""
+    return int(Path(ckpt).name.removeprefix("step_"))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint folder named by ``run_dir/checkpoints/latest``, or None."""
     pointer = Path(run_dir) / "checkpoints" / "latest"

@@ -10,6 +10,8 @@ loss = 0.5 * mse(x, (x - g).detach())                          -> d loss / d x =
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -42,13 +44,13 @@ def score_x0(
     """
     if uncond is None or (not torch.is_tensor(guidance) and guidance == 1.0):
         return x0_from_velocity(x_t, model(x_t, sigma, cond), sigma)
-    if not torch.is_tensor(guidance) and rescale == 0.0:
-        return x0_from_velocity(x_t, model.velocity_with_cfg(x_t, sigma, cond, uncond, guidance), sigma)
     if torch.is_tensor(guidance):
         guidance = guidance.to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
     v_c, v_u = model.cond_uncond_velocities(x_t, sigma, cond, uncond)
     x0_c, x0_u = x0_from_velocity(x_t, v_c, sigma), x0_from_velocity(x_t, v_u, sigma)
-    guided = x0_u + guidance * (x0_c - x0_u)
+    guided = x0_u + guidance * (x0_c - x0_u)  # CFG, in x0 (linear in v, so the same as guiding v)
+    if rescale == 0.0:
+        return guided
     dims = tuple(range(1, guided.dim()))
     ratio = x0_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
     return rescale * guided * ratio + (1 - rescale) * guided
@@ -60,6 +62,24 @@ def guidance_per_video(sigma: torch.Tensor, guidance: float, min_sigma: float) -
     if min_sigma <= 0.0:
         return guidance
     return torch.where(sigma >= min_sigma, guidance, 1.0)
+
+
+@dataclass
+class Scores:
+    """The two scores DMD and SiD compare: the real one (the frozen teacher, with CFG ``guidance`` and
+    ``rescale`` as in ``score_x0``) and the fake one (the critic, prompt only)."""
+
+    teacher: torch.nn.Module
+    critic: torch.nn.Module
+    cond: tuple[torch.Tensor, torch.Tensor]
+    uncond: tuple[torch.Tensor, torch.Tensor]
+    guidance: float | torch.Tensor
+    rescale: float = 0.0
+
+    def x0(self, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_real, x0_fake)`` for ``x_t: [B, F, C, H, W]`` at ``sigma [B]``."""
+        real = score_x0(self.teacher, x_t, sigma, self.cond, self.uncond, self.guidance, self.rescale)
+        return real, score_x0(self.critic, x_t, sigma, self.cond)
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -76,22 +96,11 @@ def dmd_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> t
 
 
 def dmd_generator_loss(
-    x: torch.Tensor,
-    sigma: torch.Tensor,
-    noise: torch.Tensor,
-    teacher,
-    critic,
-    cond,
-    uncond,
-    guidance: float | torch.Tensor,
-    rescale: float = 0.0,
+    x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, scores: Scores
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DMD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored
-    at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``; ``rescale``: see
-    ``score_x0``."""
+    at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``."""
     with torch.no_grad():
-        x_t = add_noise(x.detach(), noise, sigma)
-        x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance, rescale)
-        x0_fake = score_x0(critic, x_t, sigma, cond)
+        x0_real, x0_fake = scores.x0(add_noise(x.detach(), noise, sigma), sigma)
     loss = dmd_loss(x, x0_real, x0_fake)
     return loss, {"dmd/real_fake_gap": float((x0_real - x0_fake).abs().mean()), "dmd/sigma": float(sigma.mean())}

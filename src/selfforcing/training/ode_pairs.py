@@ -96,7 +96,7 @@ def generate_ode_pairs(
     out.mkdir(parents=True, exist_ok=True)
     num_shards = -(-settings.num_samples // settings.shard_size)
     index = {
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+        "settings": _settings_json(settings),
         "teacher": str(pipe.checkpoint.resolve()),
         "student_sigmas": settings.student_sigmas().tolist(),
         "latent_shape": [f, c, h, w],
@@ -138,8 +138,12 @@ def is_complete(out_dir: str | Path, settings: ODEPairSettings) -> bool:
     if not (out / INDEX).is_file():
         return False
     index = json.loads((out / INDEX).read_text())
-    want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
-    return index["settings"] == want and all(_shard_ok(out / name) for name in index["shards"])
+    return index["settings"] == _settings_json(settings) and all(_shard_ok(out / name) for name in index["shards"])
+
+
+def _settings_json(settings: ODEPairSettings) -> dict:
+    """The settings as ``index.json`` stores them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
 
 def _shard_len(i: int, settings: ODEPairSettings) -> int:

@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_velocity
 from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
-from .dmd import dmd_generator_loss, dmd_sigma, guidance_per_video
+from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
@@ -44,10 +44,10 @@ class SelfForcingTrainer(TeacherTrainer):
             n = self.critic.dit.cfg.num_layers
             taps = tuple(d.gan_taps) or tuple(sorted({n // 3, 2 * n // 3, n - 1}))
             self.discriminator = Discriminator(self.critic, taps).to(self.device)
-        self.critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
+        critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
         o = cfg.optim
         self.critic_optimizer = torch.optim.AdamW(
-            self.critic_params, lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            critic_params, lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
         )
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
@@ -105,10 +105,10 @@ class SelfForcingTrainer(TeacherTrainer):
             sigma = self.loss_sigma(video.shape[0], g)
             noise = torch.randn(video.shape, generator=g).to(video)
             guidance = guidance_per_video(sigma, d.guidance_scale, d.guidance_min_sigma)
-            args = (video, sigma, noise, self.teacher, self.critic, cond, uncond, guidance)
+            scores = Scores(self.teacher, self.critic, cond, uncond, guidance, d.guidance_rescale)
             if d.loss == "sid":
-                return sid_generator_loss(*args, alpha=d.sid_alpha, rescale=d.guidance_rescale)
-            return dmd_generator_loss(*args, rescale=d.guidance_rescale)
+                return sid_generator_loss(video, sigma, noise, scores, alpha=d.sid_alpha)
+            return dmd_generator_loss(video, sigma, noise, scores)
         finally:
             self.critic.dit.requires_grad_(True)
             if self.discriminator is not None:
@@ -201,11 +201,11 @@ class SelfForcingTrainer(TeacherTrainer):
         generator_step = since >= 0 and since % d.critic_steps_per_generator_step == 0
         if generator_step:
             loss, extra = self.accumulate("generator", self.optimizer)
-            stats["generator_grad_norm"] = self.optimizer_step(self.model.parameters(), self.optimizer)
+            stats["generator_grad_norm"] = self.optimizer_step(self.optimizer)
             stats.update({"generator_loss": loss, **extra})
         critic_loss, critic_stats = self.accumulate("critic", self.critic_optimizer)
         stats.update(critic_stats)
-        stats["critic_grad_norm"] = self.optimizer_step(self.critic_params, self.critic_optimizer)
+        stats["critic_grad_norm"] = self.optimizer_step(self.critic_optimizer)
         if generator_step:
             self.ema.update(self.model, since // d.critic_steps_per_generator_step + 1)  # counts generator updates
         self.step += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.flow_matching import add_noise
-from .dmd import score_x0
+from .dmd import Scores
 
 
 def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -27,22 +27,11 @@ def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alph
 
 
 def sid_generator_loss(
-    x: torch.Tensor,
-    sigma: torch.Tensor,
-    noise: torch.Tensor,
-    teacher,
-    critic,
-    cond,
-    uncond,
-    guidance: float | torch.Tensor,
-    alpha: float = 1.0,
-    rescale: float = 0.0,
+    x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, scores: Scores, alpha: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The SiD loss of a generated video ``x: [B, F, C, H, W]`` (with gradient to the generator), scored
     at ``x_t = add_noise(x, noise, sigma)`` with ``sigma [B]`` from ``dmd_sigma``."""
-    x_t = add_noise(x, noise, sigma)
-    x0_real = score_x0(teacher, x_t, sigma, cond, uncond, guidance, rescale)
-    x0_fake = score_x0(critic, x_t, sigma, cond)
+    x0_real, x0_fake = scores.x0(add_noise(x, noise, sigma), sigma)
     loss = sid_loss(x, x0_real, x0_fake, alpha)
     gap = float((x0_real - x0_fake).detach().abs().mean())
     return loss, {"sid/real_fake_gap": gap, "sid/sigma": float(sigma.mean())}

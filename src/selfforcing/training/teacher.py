@@ -203,10 +203,12 @@ class TeacherTrainer:
             total += float(loss.detach()) / n
         return total, stats
 
-    def optimizer_step(self, params, optimizer: torch.optim.Optimizer) -> float:
-        """Unscale, clip to ``optim.grad_clip``, step; returns the gradient norm before clipping."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> float:
+        """Unscale, clip the optimizer's parameters to ``optim.grad_clip``, step; returns the gradient norm
+        before clipping."""
         self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(list(params), self.cfg.optim.grad_clip)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
         return float(norm)
@@ -216,7 +218,7 @@ class TeacherTrainer:
             group["lr"] = lr_at(self.step, self.cfg)
         self.model.train()
         loss, stats = self.accumulate("generator", self.optimizer)
-        grad_norm = self.optimizer_step(self.model.parameters(), self.optimizer)
+        grad_norm = self.optimizer_step(self.optimizer)
         self.step += 1
         self.ema.update(self.model, self.step)
         return {"loss": loss, **stats, "grad_norm": grad_norm, "lr": lr_at(self.step - 1, self.cfg)}
