@@ -38,3 +38,9 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     if t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device=device, dtype=dtype)
+
+
+def cpu_randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the CPU from ``generator`` (so a seed gives the
+    same noise on any device) and moved to ``x``'s device and dtype with ``to_device``."""
+    return to_device(torch.randn(x.shape, generator=generator), x.device, x.dtype)

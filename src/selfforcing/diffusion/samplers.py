@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..device import to_device
+from ..device import cpu_randn_like
 from .flow_matching import add_noise, x0_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,6 +70,6 @@ def sample_few_step(
             callback(i, len(sigmas), x0)
         if last:
             return x0
-        fresh = to_device(torch.randn(x.shape, generator=generator), x.device, x.dtype)
+        fresh = cpu_randn_like(x, generator)
         x = add_noise(x0, fresh, sigmas[i + 1])
     return x

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CausalConfig
-from ..device import to_device
+from ..device import cpu_randn_like, to_device
 from ..diffusion.flow_matching import add_noise
 from ..diffusion.samplers import sample_few_step
 from ..models.causal import block_causal_mask
@@ -76,7 +76,7 @@ def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Genera
     """What the commit pass sees: the clean chunk, or it re-noised to ``context_sigma`` (> 0)."""
     if context_sigma == 0:
         return x0
-    return add_noise(x0, to_device(torch.randn(x0.shape, generator=generator), x0.device, x0.dtype), context_sigma)
+    return add_noise(x0, cpu_randn_like(x0, generator), context_sigma)
 
 
 def commit_chunk(

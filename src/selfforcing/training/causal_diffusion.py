@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
 from ..models.causal import block_causal_mask, teacher_forcing_mask
 from .teacher import TeacherTrainer
@@ -32,7 +33,7 @@ def causal_diffusion_loss(
         b * (f // fpb), g, d.timestep_distribution, d.train_shift, d.logit_mean, d.logit_std
     )
     sigma = levels.view(b, f // fpb).repeat_interleave(fpb, dim=1).to(x0.device)  # [B, F]
-    noise = torch.randn(x0.shape, generator=g).to(x0)
+    noise = cpu_randn_like(x0, g)
     x_t = add_noise(x0, noise, sigma)
     v = forced_velocity(model, x0, x_t, sigma, model.encode_text(prompts), cfg)
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())

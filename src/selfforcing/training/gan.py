@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise
 
 
@@ -74,10 +75,10 @@ def finite_difference_penalty(
 
     ``disc(x) -> [B]``; ``d_x = disc(x)``. In expectation this is the squared gradient norm of D at x.
     """
-    e = torch.randn(x.shape, generator=g).to(x)
+    e = cpu_randn_like(x, g)
     return (((disc(x + step * e) - d_x) / step) ** 2).mean()
 
 
 def noised(x: torch.Tensor, sigma: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """x at noise level sigma [B], with noise from g."""
-    return add_noise(x, torch.randn(x.shape, generator=g).to(x), sigma)
+    return add_noise(x, cpu_randn_like(x, g), sigma)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_velocity
 from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
@@ -103,7 +104,7 @@ class SelfForcingTrainer(TeacherTrainer):
             if d.loss == "gan":
                 return self.gan_generator_loss(video, real, prompts, g)
             sigma = self.loss_sigma(video.shape[0], g)
-            noise = torch.randn(video.shape, generator=g).to(video)
+            noise = cpu_randn_like(video, g)
             guidance = guidance_per_video(sigma, d.guidance_scale, d.guidance_min_sigma)
             scores = Scores(self.teacher, self.critic, cond, uncond, guidance, d.guidance_rescale)
             if d.loss == "sid":
@@ -152,7 +153,7 @@ class SelfForcingTrainer(TeacherTrainer):
     def critic_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
         """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
         sigma = self.loss_sigma(video.shape[0], g)
-        noise = torch.randn(video.shape, generator=g).to(video)
+        noise = cpu_randn_like(video, g)
         v = self.critic(add_noise(video, noise, sigma), sigma, self.critic.encode_text(prompts))
         return F.mse_loss(v.float(), velocity_target(video, noise).float())
 
@@ -165,7 +166,7 @@ class SelfForcingTrainer(TeacherTrainer):
         sigmas = c.sigmas().to(x0.device)
         pick = torch.randint(len(sigmas), (b, f // c.frames_per_block), generator=g).to(x0.device)
         sigma = sigmas[pick.repeat_interleave(c.frames_per_block, dim=1)]
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), sigma)
+        x_t = add_noise(x0, cpu_randn_like(x0, g), sigma)
         with torch.set_grad_enabled(grad):
             v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg)
             return x0_from_velocity(x_t, v, sigma)

@@ -23,7 +23,7 @@ from ..data.shapes import ShapesWorld
 from ..data.text import prompt_vocabulary
 from ..data.video_folder import VideoFolder
 from ..data.video_io import video_grid, write_video
-from ..device import autocast, resolve_device
+from ..device import autocast, cpu_randn_like, resolve_device
 from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
 from ..eval.analyser import analyse_batch
 from ..eval.plots import plot_training_curves
@@ -85,7 +85,7 @@ def flow_matching_loss(
     drop = torch.rand(b, generator=g) < d.prompt_dropout
     prompts = ["" if dropped else p for p, dropped in zip(prompts, drop.tolist(), strict=True)]
     sigma = sample_training_sigmas(b, g, d.timestep_distribution, d.train_shift, d.logit_mean, d.logit_std)
-    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    noise = cpu_randn_like(x0, g)
     sigma = sigma.to(x0.device)
     v = model(add_noise(x0, noise, sigma), sigma, model.encode_text(prompts))
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())
