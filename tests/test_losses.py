@@ -91,11 +91,13 @@ def test_guidance_rescale_pulls_the_guided_std_back_to_the_conditional_one():
     assert torch.allclose(half, 0.5 * full + 0.5 * guided, atol=1e-6)
 
 
-def test_limited_interval_guidance_guides_only_high_noise_videos():
+def test_limited_interval_guidance_guides_only_videos_inside_the_interval():
     from selfforcing.training.dmd import guidance_per_video, score_x0
 
     sigma = torch.tensor([0.2, 0.5, 0.9])
-    assert guidance_per_video(sigma, 3.0, 0.0) == 3.0
+    assert guidance_per_video(sigma, 3.0, 0.0, 1.0) == 3.0
+    assert guidance_per_video(sigma, 3.0, 0.0, 0.6).tolist() == [3.0, 3.0, 1.0]
+    assert guidance_per_video(sigma, 3.0, 0.3, 0.6).tolist() == [1.0, 3.0, 1.0]
     w = guidance_per_video(sigma, 3.0, 0.5)
     assert w.tolist() == [1.0, 3.0, 3.0]
     x_t = torch.randn(3, 2, 1, 2, 2, generator=torch.Generator().manual_seed(1))

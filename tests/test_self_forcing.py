@@ -138,3 +138,30 @@ def test_critic_warmup_trains_the_critic_alone_first(teacher, tmp_path):
         updates.append(changed(gen, t.model))
         assert ("generator_loss" in stats) == updates[-1]
     assert updates == [False, False, False, True, False, True]  # ratio 2 from step 3 on
+
+
+def test_regression_anchor_adds_the_weighted_ode_loss_to_the_generator_loss(teacher, tmp_path):
+    from selfforcing.config import ConfigError
+    from selfforcing.training.ode_init import ode_regression_loss
+    from selfforcing.training.ode_pairs import generate_ode_pairs
+    from tests.test_ode import SETTINGS
+
+    pairs = generate_ode_pairs(teacher, tmp_path / "pairs", SETTINGS)
+    plain = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "name=plain"))
+    anchored = SelfForcingTrainer(
+        sf_cfg(teacher, tmp_path, "name=anchored", "distill.regression_weight=2.5", f"ode.pairs={pairs}")
+    )
+    base, base_stats = plain.generator_micro_loss(0)
+    total, stats = anchored.generator_micro_loss(0)
+    assert "regression" not in base_stats
+    # the same DMD part (same draws) + 2.5 x the ODE loss on the pairs drawn next from the same stream
+    assert torch.allclose(total, base + 2.5 * stats["regression"], atol=1e-5)
+    # ... and that term is the ODE loss of the generator on those pairs, recomputed by hand
+    g = anchored.micro_generator("generator", 0)
+    anchored.generator_loss(*anchored.generate(g, grad=False)[:2], g)
+    trajectory, prompts = anchored.pairs.sample(anchored.cfg.batch_size, g)
+    with torch.no_grad():
+        regression = ode_regression_loss(anchored.model, trajectory, anchored.levels, prompts, anchored.cfg, g)
+    assert regression > 0 and abs(float(regression) - stats["regression"]) < 1e-6
+    with pytest.raises(ConfigError, match="ode.pairs"):
+        sf_cfg(teacher, tmp_path, "distill.regression_weight=1")

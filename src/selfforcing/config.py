@@ -132,7 +132,8 @@ class DistillConfig:
     teacher: str = ""  # bidirectional teacher checkpoint: the frozen real score and the critic's start
     guidance_scale: float = 3.0  # CFG of the real score
     guidance_rescale: float = 0.0  # phi: pull the guided real score's std back to the conditional one's
-    guidance_min_sigma: float = 0.0  # CFG only at noise levels >= this (limited-interval guidance); 0 = all
+    guidance_min_sigma: float = 0.0  # CFG only at noise levels in [min, max] (limited-interval guidance)
+    guidance_max_sigma: float = 1.0
     critic_lr: float = 1e-4
     critic_steps_per_generator_step: int = 5  # the critic trains every step, the generator every 5th
     critic_warmup_steps: int = 0  # critic-only steps first, so the fake score fits the student before it is used
@@ -144,6 +145,9 @@ class DistillConfig:
     gan_relativistic: bool = False
     gan_penalty_weight: float = 0.1  # weight of the finite-difference R1 (real) + R2 (fake) penalties
     grad_frames: int = 0  # gradient only for the last N frames of the rollout (0 = all)
+    # + regression_weight x the ODE-regression loss on ode.pairs (DMD1's regression term): anchors the
+    # generator to the teacher's ODE outputs while it trains on DMD/SiD/GAN; 0 = off
+    regression_weight: float = 0.0
 
 
 PARADIGMS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
@@ -223,6 +227,11 @@ class TrainConfig:
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.stage == "teacher" or self.causal is not None, f"stage {self.stage} needs a causal: section"),
             (self.stage != "ode_init" or bool(self.ode.pairs), "stage ode_init needs ode.pairs=FOLDER"),
+            (self.distill.regression_weight >= 0, "distill.regression_weight must be >= 0"),
+            (
+                self.stage != "causal" or self.distill.regression_weight == 0 or bool(self.ode.pairs),
+                "distill.regression_weight > 0 needs ode.pairs=FOLDER (made by `selfforcing ode-pairs`)",
+            ),
             (
                 self.stage != "causal" or self.distill.loss == "diffusion" or bool(self.distill.teacher),
                 "stage causal with a distillation loss needs distill.teacher=CHECKPOINT",
@@ -244,8 +253,9 @@ class TrainConfig:
                 f"distill.guidance_rescale must be in [0, 1], got {self.distill.guidance_rescale}",
             ),
             (
-                0.0 <= self.distill.guidance_min_sigma < 1.0,
-                f"distill.guidance_min_sigma must be in [0, 1), got {self.distill.guidance_min_sigma}",
+                0.0 <= self.distill.guidance_min_sigma < self.distill.guidance_max_sigma <= 1.0,
+                "need 0 <= distill.guidance_min_sigma < distill.guidance_max_sigma <= 1, got "
+                f"{self.distill.guidance_min_sigma}, {self.distill.guidance_max_sigma}",
             ),
             (0 <= self.distill.min_t < self.distill.max_t <= 1000, "need 0 <= distill.min_t < distill.max_t <= 1000"),
         ]

@@ -56,12 +56,15 @@ def score_x0(
     return rescale * guided * ratio + (1 - rescale) * guided
 
 
-def guidance_per_video(sigma: torch.Tensor, guidance: float, min_sigma: float) -> torch.Tensor | float:
-    """CFG in a limited interval (Kynkaanniemi et al. 2024): ``guidance`` where ``sigma >= min_sigma``
-    (layout and presence are decided at high noise), 1 (no guidance) below it (colours, edges)."""
-    if min_sigma <= 0.0:
+def guidance_per_video(
+    sigma: torch.Tensor, guidance: float, min_sigma: float = 0.0, max_sigma: float = 1.0
+) -> torch.Tensor | float:
+    """CFG in a limited interval (Kynkaanniemi et al. 2024): ``guidance`` where
+    ``min_sigma <= sigma <= max_sigma``, 1 (no guidance) outside it. ``sigma: [B]`` -> ``[B]``."""
+    if min_sigma <= 0.0 and max_sigma >= 1.0:
         return guidance
-    return torch.where(sigma >= min_sigma, guidance, 1.0)
+    inside = (sigma >= min_sigma) & (sigma <= max_sigma)
+    return torch.where(inside, guidance, 1.0)
 
 
 @dataclass

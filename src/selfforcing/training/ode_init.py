@@ -48,28 +48,31 @@ def ode_regression_loss(
     return F.mse_loss(x0_from_velocity(x_t, v, sigma).float(), x0.float())
 
 
+def load_student_pairs(cfg: TrainConfig, codec) -> tuple[ODEPairs, torch.Tensor]:
+    """The ODE pairs in ``cfg.ode.pairs``, checked against the student's noise levels and the data's
+    latent shape, and the levels of their trajectory entries ``[S + 1]`` (the last 0, clean)."""
+    pairs = ODEPairs(cfg.ode.pairs)
+    want = cfg.causal.sigmas()
+    if len(want) != len(pairs.sigmas) or not torch.allclose(want, pairs.sigmas, atol=1e-6):
+        raise ValueError(
+            f"the ODE pairs in {cfg.ode.pairs} sit at noise levels {pairs.sigmas.tolist()} but the student "
+            f"uses {want.tolist()} (causal.denoising_steps warped by causal.shift): make pairs with the "
+            "student's --student-steps/--student-shift"
+        )
+    if list(codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)) != pairs.index["latent_shape"]:
+        raise ValueError(
+            f"the ODE pairs hold latents {pairs.index['latent_shape']} but data is "
+            f"{cfg.data.frames}x{cfg.data.height}x{cfg.data.width}: set data.* to the teacher's size"
+        )
+    return pairs, torch.cat([pairs.sigmas, torch.zeros(1)])
+
+
 class ODEInitTrainer(TeacherTrainer):
     """Regresses a causal student (initialised with ``init_from``, usually the teacher) on ODE pairs."""
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.pairs = ODEPairs(cfg.ode.pairs)
-        want = cfg.causal.sigmas()
-        if len(want) != len(self.pairs.sigmas) or not torch.allclose(want, self.pairs.sigmas, atol=1e-6):
-            raise ValueError(
-                f"the ODE pairs in {cfg.ode.pairs} sit at noise levels {self.pairs.sigmas.tolist()} but the student "
-                f"uses {want.tolist()} (causal.denoising_steps warped by causal.shift): make pairs with the "
-                "student's --student-steps/--student-shift"
-            )
-        if (
-            list(self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width))
-            != self.pairs.index["latent_shape"]
-        ):
-            raise ValueError(
-                f"the ODE pairs hold latents {self.pairs.index['latent_shape']} but data is "
-                f"{cfg.data.frames}x{cfg.data.height}x{cfg.data.width}: set data.* to the teacher's size"
-            )
-        self.levels = torch.cat([self.pairs.sigmas, torch.zeros(1)])
+        self.pairs, self.levels = load_student_pairs(cfg, self.codec)
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         trajectory, prompts = self.pairs.sample(self.cfg.batch_size, g)

@@ -25,6 +25,7 @@ from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
+from .ode_init import load_student_pairs, ode_regression_loss
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
 from .teacher import STREAMS, TeacherTrainer, lr_at, step_seed
@@ -52,6 +53,9 @@ class SelfForcingTrainer(TeacherTrainer):
         )
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
+        self.pairs = None
+        if d.regression_weight > 0:
+            self.pairs, self.levels = load_student_pairs(cfg, self.codec)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         nets = {**super().networks(), "critic": self.critic}
@@ -105,7 +109,7 @@ class SelfForcingTrainer(TeacherTrainer):
                 return self.gan_generator_loss(video, real, prompts, g)
             sigma = self.loss_sigma(video.shape[0], g)
             noise = cpu_randn_like(video, g)
-            guidance = guidance_per_video(sigma, d.guidance_scale, d.guidance_min_sigma)
+            guidance = guidance_per_video(sigma, d.guidance_scale, d.guidance_min_sigma, d.guidance_max_sigma)
             scores = Scores(self.teacher, self.critic, cond, uncond, guidance, d.guidance_rescale)
             if d.loss == "sid":
                 return sid_generator_loss(video, sigma, noise, scores, alpha=d.sid_alpha)
@@ -183,7 +187,14 @@ class SelfForcingTrainer(TeacherTrainer):
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("generator", k)
         video, prompts, real = self.generate(g, grad=True)
-        return self.generator_loss(video, prompts, g, real)
+        loss, stats = self.generator_loss(video, prompts, g, real)
+        if self.pairs is not None:  # the regression anchor
+            trajectory, pair_prompts = self.pairs.sample(self.cfg.batch_size, g)
+            trajectory = trajectory.to(self.device)
+            regression = ode_regression_loss(self.model, trajectory, self.levels, pair_prompts, self.cfg, g)
+            loss = loss + self.cfg.distill.regression_weight * regression
+            stats["regression"] = float(regression.detach())
+        return loss, stats
 
     def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("critic", k)
