@@ -157,6 +157,53 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), steps=args.steps)
 
 
+def cmd_train_encoder(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .eval.encoder import train_encoder
+
+    data = load_config(args.config, []).data
+    if data.source != "shapes":
+        raise ValueError(f"{args.config} reads videos from a folder; the encoder learns the shapes world's prompts")
+    _, losses = train_encoder(data, args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    print(f"wrote {args.out} (attribute loss {sum(losses[:50]) / 50:.3f} -> {sum(losses[-50:]) / 50:.3f})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.evaluate import EvalSettings, evaluate, markdown_table, write_report
+
+    settings = EvalSettings(args.lengths, args.num, args.seeds, samples=args.samples)
+    if args.encoder:
+        settings.encoder = args.encoder
+    summary = write_report(evaluate(args.checkpoint, settings, args.out), args.out)
+    print(markdown_table(summary))
+    print(f"wrote {args.out}/results.json, results.md, drift_*.png and samples/")
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from .experiment import TEACHER, ExperimentSettings, run_experiment, stage_configs
+
+    settings = ExperimentSettings(
+        ode_steps=args.ode_steps,
+        updates=args.updates,
+        methods=args.methods or ExperimentSettings().methods,
+        granularities=args.granularities or ExperimentSettings().granularities,
+        num_pairs=args.num_pairs,
+        eval_num=args.eval_num,
+        eval_seeds=args.eval_seeds,
+        overrides=args.set,
+    )
+    if args.list:
+        settings.validate()
+        configs = stage_configs(Path(args.out), settings, Path(args.teacher or TEACHER))
+        print("pairs")
+        for name, cfg in configs.items():
+            print(f"{name}: {cfg.steps} steps from {cfg.init_from}")
+        print("eval")
+        return
+    done = run_experiment(args.out, settings, args.teacher or TEACHER, only=args.only, device=args.device)
+    print("[experiment] done: " + ", ".join(done))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_recipe)
 
+    x = sub.add_parser(
+        "experiment", help="the ablation: every paradigm x loss, chunk- and frame-wise, then eval (resumable)"
+    )
+    x.add_argument("--out", default="runs/experiment", help="folder of the stages' run folders (a rerun resumes)")
+    x.add_argument("--only", nargs="+", default=None, help="run only these stages (see --list)")
+    x.add_argument("--list", action="store_true", help="print the stages and their budgets, run nothing")
+    x.add_argument("--teacher", default=None, help="bidirectional teacher (default: the shipped toy teacher)")
+    x.add_argument("--methods", nargs="+", default=None, help="subset of tf_diffusion df_diffusion tf_dmd ...")
+    x.add_argument("--granularities", nargs="+", default=None, help="chunk and/or frame")
+    x.add_argument("--ode-steps", type=int, default=2000, help="ODE-init updates of each few-step student")
+    x.add_argument("--updates", type=int, default=200, help="generator updates after the ODE init")
+    x.add_argument("--num-pairs", type=int, default=1280)
+    x.add_argument("--eval-num", type=int, default=256)
+    x.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every training stage")
+    x.add_argument("--device", default="auto")
+    x.set_defaults(func=cmd_experiment)
+
     o = sub.add_parser("ode-pairs", help="sample the teacher and store its trajectories at the student's levels")
     o.add_argument("--teacher", required=True, help="teacher checkpoint or run folder")
     o.add_argument("--out", required=True, help="folder for index.json + shards (a rerun resumes)")
@@ -239,6 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("video")
     a.add_argument("--prompt", required=True)
     a.set_defaults(func=cmd_analyse)
+
+    v = sub.add_parser("eval", help="drift, motion, prompt adherence and FD of checkpoints at 1x/2x/4x length")
+    v.add_argument("--checkpoint", action="append", required=True, help="checkpoint or run folder (repeatable)")
+    v.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4], help="multiples of the training length")
+    v.add_argument("--num", type=int, default=256, help="held-out prompts (the FD needs a few hundred)")
+    v.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="generation seeds (mean and spread)")
+    v.add_argument("--encoder", default=None, help="video encoder folder for the FD (default: the shipped toy one)")
+    v.add_argument("--samples", type=int, default=8, help="videos per model and length in the sample gifs")
+    v.add_argument("--out", default="runs/eval", help="folder for results.json/.md, drift_*.png, samples/")
+    v.set_defaults(func=cmd_eval)
+
+    e = sub.add_parser(
+        "train-encoder", help="train the small video encoder behind the Frechet distance on a recipe's shapes world"
+    )
+    e.add_argument("--config", default="configs/teacher_toy.yaml", help="a recipe whose data: section is the world")
+    e.add_argument("--out", default="runs/video_encoder", help="folder for encoder.safetensors + encoder.json")
+    e.add_argument("--steps", type=int, default=4000)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_train_encoder)
 
     d = sub.add_parser("demo", help="the built-in pipeline end to end on the shapes world (~10 min on 2 cores)")
     d.add_argument("--out", default="outputs/demo")

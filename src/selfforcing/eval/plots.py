@@ -41,3 +41,24 @@ def plot_training_curves(metrics_file: str | Path, out: str | Path, smooth: int 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_drift_curves(summary: list[dict], out: str | Path, figure: str = "frame_ok") -> Path:
+    """Per-frame ``figure`` of every model (rows of ``evaluate.aggregate``), one panel per video length."""
+    lengths = sorted({r["length"] for r in summary})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.8), squeeze=False, sharey=True)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        for r in (r for r in summary if r["length"] == length):
+            curve = r["curves"][figure]
+            style = {"color": "black", "ls": "--"} if r["model"] == "real" else {}
+            ax.plot(range(1, len(curve) + 1), curve, label=r["model"], lw=1.5, **style)
+        ax.set(xlabel="frame", title=f"{length}x the training length", ylim=(0, 1.05))
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(figure.replace("_", " "))
+    axes[0, -1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

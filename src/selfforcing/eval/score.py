@@ -17,31 +17,11 @@ from .analyser import analyse_batch
 HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.teacher.step_seed)
 
 
-def score_checkpoint(
-    checkpoint: str | Path,
-    num: int = 16,
-    seed: int = 0,
-    out: Path | None = None,
-    tag: str = "samples",
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-    frames: int | None = None,
-    as_causal: CausalConfig | None = None,
-) -> dict[str, float]:
-    """Generate ``num`` videos for held-out prompts of the checkpoint's own world and score them.
-
-    A bidirectional teacher samples with its recipe's Euler steps and guidance; a causal student
-    streams with its few steps and KV cache (rolling beyond the training length). ``frames``: video
-    length (default: the training length). With ``out``, the first 8 are written as a captioned grid
-    ``{out}/{tag}.gif`` and ``.mp4``. ``as_causal``: stream a bidirectional checkpoint's weights as a
-    causal student with these settings (what the student starts from before ODE regression).
-    """
-    pipe = load_pipeline(checkpoint, device=device)
-    if as_causal is not None:
-        pipe.cfg.causal = as_causal
+def sample_videos(pipe, prompts: list[str], frames: int, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """Videos ``[N, frames, 3, H, W]`` (CPU) for ``prompts``: a bidirectional teacher samples with its
+    recipe's Euler steps and guidance; a causal student streams with its few steps and KV cache
+    (rolling beyond the training length). Batch ``i`` uses seed ``seed + i * batch_size``."""
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
-    frames = frames or d.frames
-    prompts = ShapesWorld(d).sample(num, seed=HELD_OUT_SEED + seed).prompts
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         if pipe.cfg.causal is not None:
@@ -61,7 +41,38 @@ def score_checkpoint(
             progress=True,
         )
 
-    videos = torch.cat([generate(prompts[i : i + batch_size], seed + i).cpu() for i in range(0, num, batch_size)])
+    return torch.cat(
+        [generate(prompts[i : i + batch_size], seed + i).cpu() for i in range(0, len(prompts), batch_size)]
+    )
+
+
+def held_out_prompts(cfg, num: int, seed: int = 0) -> list[str]:
+    """``num`` prompts of the checkpoint's world that no training batch drew (seed ``HELD_OUT_SEED + seed``)."""
+    return ShapesWorld(cfg.data).sample(num, seed=HELD_OUT_SEED + seed).prompts
+
+
+def score_checkpoint(
+    checkpoint: str | Path,
+    num: int = 16,
+    seed: int = 0,
+    out: Path | None = None,
+    tag: str = "samples",
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    frames: int | None = None,
+    as_causal: CausalConfig | None = None,
+) -> dict[str, float]:
+    """Generate ``num`` videos for held-out prompts of the checkpoint's own world and score them.
+
+    ``frames``: video length (default: the training length). With ``out``, the first 8 are written as a
+    captioned grid ``{out}/{tag}.gif`` and ``.mp4``. ``as_causal``: stream a bidirectional checkpoint's
+    weights as a causal student with these settings (what the student starts from before ODE regression).
+    """
+    pipe = load_pipeline(checkpoint, device=device)
+    if as_causal is not None:
+        pipe.cfg.causal = as_causal
+    prompts = held_out_prompts(pipe.cfg, num, seed)
+    videos = sample_videos(pipe, prompts, frames or pipe.cfg.data.frames, seed, batch_size)
     if out is not None:
         grid = video_grid(videos[:8], prompts[:8])
         write_video(Path(out) / f"{tag}.mp4", grid)

@@ -1,0 +1,153 @@
+"""``selfforcing eval``: the evidence on checkpoints of any paradigm, at 1x, 2x and 4x the training length.
+
+For each checkpoint, length and evaluation seed, videos for the same held-out prompts are generated
+(a causal student streams with the rolling KV cache beyond its training length) and measured:
+the analyser's figures, their drift curve over frame index (first vs last quarter), motion error and
+direction adherence, and the Frechet distance (FD) on the shipped video encoder's features to real
+videos of the same prompts. Real videos of those prompts (another draw) give the ceiling.
+Results: one row per (model, length, seed), then mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.shapes import ShapesWorld, ShapesWorldConfig
+from ..data.video_io import video_grid, write_video
+from ..inference.pipeline import load_pipeline
+from .analyser import analyse_batch
+from .encoder import TOY_ENCODER, encode_videos, frechet_distance, load_encoder
+from .metrics import FRAME_FIGURES, drift_curve, quarters, video_motion
+from .score import held_out_prompts, sample_videos
+
+REFERENCE_SEED = 777_000  # real videos the FD compares against; the real ceiling draws with other seeds
+CURVES = ("frame_ok", "found", "colour_fidelity")
+SUMMARY = (*FRAME_FIGURES, "frame_ok_first_quarter", "frame_ok_last_quarter", "frame_ok_change")
+SUMMARY += ("motion_error", "direction_ok", "fd")
+
+
+@dataclass
+class EvalSettings:
+    lengths: list[int] = field(default_factory=lambda: [1, 2, 4])  # multiples of the training length
+    num: int = 256  # held-out prompts (the same for every model); the FD needs a few hundred
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # generation seeds: mean and spread
+    batch_size: int = 16
+    encoder: str = str(TOY_ENCODER)
+    samples: int = 8  # videos per (model, length) written as a gif grid (seed 0); 0 = none
+
+
+def measure(videos: torch.Tensor, prompts: list[str], encoder, reference: torch.Tensor) -> dict:
+    """Every figure of ``videos: [N, F, 3, H, W]`` against their prompts; ``reference``: encoder features
+    of real videos of the same prompts. Returns scalars and ``curves`` (per-frame means, lists)."""
+    h, w = videos.shape[-2:]
+    summary, per_video = analyse_batch(videos, prompts)
+    motion = [video_motion(s, p, h, w) for s, p in zip(per_video, prompts, strict=True)]
+    row = dict(summary)
+    for key in ("motion_error", "direction_ok"):
+        vals = [m[key] for m in motion if not math.isnan(m[key])]
+        row[key] = sum(vals) / len(vals) if vals else math.nan
+    q = quarters(drift_curve(per_video, "frame_ok"))
+    row.update({f"frame_ok_{k}": v for k, v in q.items()})
+    row["fd"] = frechet_distance(reference, encode_videos(encoder, videos))
+    row["curves"] = {c: drift_curve(per_video, c).tolist() for c in CURVES}
+    return row
+
+
+def check_world(encoder_world: ShapesWorldConfig, data) -> None:
+    for name in ("height", "width", "colours", "shapes", "sizes", "directions"):
+        if getattr(encoder_world, name) != getattr(data, name):
+            raise ValueError(
+                f"the video encoder was trained on a world with {name}={getattr(encoder_world, name)} but the "
+                f"checkpoint's has {getattr(data, name)}: train one for it with `selfforcing train-encoder --config`"
+            )
+
+
+def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | None = None) -> list[dict]:
+    """Rows ``{model, length, seed, frames, <figures>, curves}`` for every checkpoint and for real videos
+    (``model: real``). All checkpoints must share one world; prompts are that world's held-out ones."""
+    encoder, encoder_world = load_encoder(settings.encoder)
+    pipes = {Path(c).name: load_pipeline(c) for c in checkpoints}
+    first = next(iter(pipes.values())).cfg
+    for name, pipe in pipes.items():
+        check_world(encoder_world, pipe.cfg.data)
+        if pipe.cfg.data.frames != first.data.frames or pipe.cfg.data.height != first.data.height:
+            raise ValueError(f"{name} was trained on another video size than {checkpoints[0]}: evaluate them apart")
+    world = ShapesWorld(first.data)
+    prompts = held_out_prompts(first, settings.num)
+    rows = []
+    for mult in settings.lengths:
+        frames = first.data.frames * mult
+        reference = encode_videos(encoder, world.sample_for_prompts(prompts, REFERENCE_SEED, frames).video)
+        for seed in settings.seeds:
+            real = world.sample_for_prompts(prompts, REFERENCE_SEED + 1 + seed, frames).video
+            rows.append({"model": "real", "length": mult, "seed": seed, "frames": frames})
+            rows[-1].update(measure(real, prompts, encoder, reference))
+            for name, pipe in pipes.items():
+                if pipe.cfg.causal is None and mult != 1:
+                    continue  # a bidirectional teacher has one length
+                videos = sample_videos(pipe, prompts, frames, seed=1000 * seed, batch_size=settings.batch_size)
+                rows.append({"model": name, "length": mult, "seed": seed, "frames": frames})
+                rows[-1].update(measure(videos, prompts, encoder, reference))
+                if out is not None and seed == settings.seeds[0] and settings.samples:
+                    grid = video_grid(videos[: settings.samples], prompts[: settings.samples])
+                    write_video(Path(out) / "samples" / f"{name}_{mult}x.gif", grid)
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (model, length): ``{key: mean, key_std: std}``; curves
+    averaged."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["length"]), []).append(r)
+    out = []
+    for (model, length), group in groups.items():
+        row = {"model": model, "length": length, "frames": group[0]["frames"], "seeds": len(group)}
+        for key in SUMMARY:
+            vals = torch.tensor([g[key] for g in group], dtype=torch.float64)
+            vals = vals[~vals.isnan()]
+            row[key] = float(vals.mean()) if len(vals) else math.nan
+            row[f"{key}_std"] = float(vals.std(unbiased=False)) if len(vals) else math.nan
+        row["curves"] = {c: torch.tensor([g["curves"][c] for g in group]).nanmean(0).tolist() for c in CURVES}
+        out.append(row)
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """One row per (model, length): mean ± spread over seeds."""
+    cols = [
+        ("frame ok", "frame_ok", 3),
+        ("drift (last-first quarter)", "frame_ok_change", 3),
+        ("found", "found", 3),
+        ("colour", "colour_fidelity", 3),
+        ("size", "size_ratio", 2),
+        ("shape", "shape_correct", 3),
+        ("motion err (px/f^2)", "motion_error", 2),
+        ("direction ok", "direction_ok", 3),
+        ("FD", "fd", 2),
+    ]
+    lines = ["| model | length | " + " | ".join(c[0] for c in cols) + " |", "|" + " --- |" * (len(cols) + 2)]
+    for r in summary:
+        cells = [f"{r[k]:.{d}f} ± {r[k + '_std']:.{d}f}" for _, k, d in cols]
+        lines.append(f"| {r['model']} | {r['length']}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], out: str | Path) -> list[dict]:
+    """``out/results.json`` (per-seed rows and the summary), ``results.md`` (the table) and
+    ``drift_{frame_ok,found,colour_fidelity}.png``; returns the summary."""
+    from .plots import plot_drift_curves
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = aggregate(rows)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    (out / "results.md").write_text(markdown_table(summary))
+    for figure in CURVES:
+        plot_drift_curves(summary, out / f"drift_{figure}.png", figure)
+    return summary

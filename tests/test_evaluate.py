@@ -1,0 +1,62 @@
+"""`selfforcing eval`: rows for every model, length and seed, the real ceiling, the table and the plots."""
+
+import json
+
+import pytest
+
+from selfforcing.cli import main
+from selfforcing.data.shapes import ShapesWorldConfig
+from selfforcing.eval.encoder import EncoderConfig, train_encoder
+from selfforcing.eval.evaluate import EvalSettings, aggregate, evaluate, markdown_table
+from selfforcing.training.self_forcing import SelfForcingTrainer
+from tests.test_self_forcing import sf_cfg
+
+
+@pytest.fixture(scope="module")
+def setup(teacher, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    student = SelfForcingTrainer(sf_cfg(teacher, tmp, "steps=2", "name=student")).train()
+    world = ShapesWorldConfig(height=16, width=16, frames=6, max_objects=1)
+    train_encoder(world, tmp / "enc", steps=3, batch_size=4, cfg=EncoderConfig([8], 4), progress=False)
+    return teacher, student, tmp / "enc", tmp
+
+
+def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup):
+    teacher, student, encoder, tmp = setup
+    settings = EvalSettings(lengths=[1, 2], num=4, seeds=[0, 1], encoder=str(encoder), batch_size=4, samples=2)
+    rows = evaluate([str(teacher), str(student)], settings, tmp / "out")
+    keys = [(r["model"], r["length"], r["seed"]) for r in rows]
+    # the bidirectional teacher has one length; the streamed student and real videos have both
+    assert sorted(keys) == sorted(
+        [("real", m, s) for m in (1, 2) for s in (0, 1)]
+        + [("student", m, s) for m in (1, 2) for s in (0, 1)]
+        + [("teacher", 1, s) for s in (0, 1)]
+    )
+    for r in rows:
+        assert len(r["curves"]["frame_ok"]) == r["frames"] == 6 * r["length"]
+    real = [r for r in rows if r["model"] == "real"]
+    assert all(r["found"] > 0.9 and r["colour_fidelity"] > 0.99 for r in real)
+    student_rows = [r for r in rows if r["model"] == "student"]
+    assert student_rows[0]["fd"] > 0 and student_rows[0]["fd"] != student_rows[1]["fd"]  # seeds differ
+    summary = aggregate(rows)
+    assert len(summary) == 5 and all(s["seeds"] == 2 for s in summary)
+    one = next(s for s in summary if s["model"] == "student" and s["length"] == 2)
+    pair = [r["fd"] for r in student_rows if r["length"] == 2]
+    assert one["fd"] == pytest.approx(sum(pair) / 2) and one["fd_std"] == pytest.approx(abs(pair[0] - pair[1]) / 2)
+    table = markdown_table(summary)
+    assert table.count("\n") == 2 + 5 and "| student | 2x |" in table
+    assert (tmp / "out" / "samples" / "student_2x.gif").is_file()
+
+
+def test_eval_cli_writes_json_table_and_drift_plots(setup, capsys):
+    teacher, student, encoder, tmp = setup
+    out = tmp / "cli"
+    args = ["eval", "--checkpoint", str(student), "--lengths", "1", "--num", "2", "--seeds", "0"]
+    main([*args, "--encoder", str(encoder), "--samples", "0", "--out", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert {r["model"] for r in saved["summary"]} == {"real", "student"}
+    assert (out / "drift_frame_ok.png").stat().st_size > 1000 and "| real | 1x |" in (out / "results.md").read_text()
+    train_encoder(ShapesWorldConfig(height=8, width=8, frames=2), tmp / "enc8", steps=1, batch_size=2)
+    with pytest.raises(SystemExit):  # an encoder of another world is refused with a clear message
+        main([*args, "--encoder", str(tmp / "enc8"), "--out", str(out)])
+    assert "train-encoder" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""The ablation experiment: its stages, budgets, a tiny end-to-end run, and a rerun that redoes nothing."""
+
+import json
+
+import pytest
+
+from selfforcing.config import ConfigError
+from selfforcing.data.shapes import ShapesWorldConfig
+from selfforcing.eval.encoder import EncoderConfig, train_encoder
+from selfforcing.experiment import ExperimentSettings, run_experiment, stage_configs
+from tests.conftest import TINY
+
+TINY_STAGES = [*TINY, "data.frames=6", "batch_size=2", "sample_every=1000", "ckpt_every=1000"]
+TINY_PAIRS = ["shard_size=2", "batch_size=2", "teacher_steps=4"]
+
+
+def test_every_method_gets_the_same_generator_updates_from_the_teacher(tmp_path):
+    s = ExperimentSettings(ode_steps=50, updates=7)
+    configs = stage_configs(tmp_path, s, tmp_path / "teacher")
+    assert len(configs) == 2 + 2 * 7
+    for name, cfg in configs.items():
+        gran = name.rsplit("_", 1)[1]
+        assert cfg.causal.frames_per_block == {"chunk": 3, "frame": 1}[gran]
+        if name.startswith("ode_init"):
+            assert cfg.steps == 50 and cfg.init_from == str(tmp_path / "teacher")
+        elif "diffusion" in name:  # many-step: ODE-init updates + the same updates, from the teacher
+            assert cfg.steps == 57 and cfg.init_from == str(tmp_path / "teacher")
+        else:  # few-step: 7 generator updates = 7 x ratio critic steps, from this granularity's ODE student
+            assert cfg.steps == 7 * cfg.distill.critic_steps_per_generator_step
+            assert cfg.init_from == str(tmp_path / f"ode_init_{gran}")
+    with pytest.raises(ConfigError, match="unknown method"):
+        ExperimentSettings(methods=["sf_ppo"]).validate()
+
+
+def test_tiny_experiment_runs_end_to_end_and_a_rerun_redoes_nothing(teacher, tmp_path):
+    world = ShapesWorldConfig(height=16, width=16, frames=6, max_objects=1)
+    train_encoder(world, tmp_path / "enc", steps=2, batch_size=2, cfg=EncoderConfig([8], 4), progress=False)
+    settings = ExperimentSettings(
+        ode_steps=2,
+        updates=1,
+        methods=["tf_diffusion", "sf_dmd"],
+        num_pairs=4,
+        eval_num=2,
+        eval_seeds=[0],
+        eval_lengths=[1, 2],
+        encoder=str(tmp_path / "enc"),
+        overrides=TINY_STAGES,
+        pair_overrides=TINY_PAIRS,
+    )
+    out = tmp_path / "exp"
+    with pytest.raises(ConfigError, match="unfinished"):
+        run_experiment(out, settings, teacher, only=["eval"])
+    with pytest.raises(ConfigError, match="unknown experiment stage"):
+        run_experiment(out, settings, teacher, only=["sf_ppo_chunk"])
+    done = run_experiment(out, settings, teacher)
+    assert set(done) == {"pairs", "eval"} | {
+        f"{m}_{g}" for m in ("ode_init", *settings.methods) for g in ("chunk", "frame")
+    }
+    summary = json.loads((out / "eval" / "results.json").read_text())["summary"]
+    models = {(r["model"], r["length"]) for r in summary}
+    assert ("sf_dmd_frame", 2) in models and ("teacher", 1) in models and ("real", 2) in models
+    assert (out / "eval" / "drift_frame_ok.png").is_file()
+
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "eval" not in p.parts}
+    run_experiment(out, settings, teacher, only=[f"{m}_{g}" for m in settings.methods for g in ("chunk", "frame")])
+    assert files == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "eval" not in p.parts}
