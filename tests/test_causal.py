@@ -191,3 +191,23 @@ def test_teacher_forcing_pass_equals_denoising_against_a_clean_cache(fpb):
         _, kv = m(x0[:, s : s + fpb], torch.zeros(2, fpb), ctx, kv_cache=cache, frame_offset=s, return_kv=True)
         cache.commit(s, kv)
     assert torch.allclose(torch.cat(outs, 1), full, **TOL)
+
+
+def test_guided_streaming_combines_the_cond_and_uncond_branches():
+    """CFG while streaming: one step of one chunk is exactly uncond + w (cond - uncond) (x0 is linear in v);
+    over several chunks a scale of ~1 reproduces the unguided stream, so each branch reads its own cache."""
+    t2v, prompts = tiny_t2v(), ["a red circle", "a blue square"]
+
+    def video(prompts, frames, settings, w=1.0):
+        chunks = stream_video(t2v, IdentityCodec(), prompts, frames, 8, 8, settings, seed=5, guidance_scale=w)
+        return torch.cat([c.latents for c in chunks], dim=1)  # latents: decoded frames are clamped
+
+    one_step = CausalConfig(3, denoising_steps=[1000.0])
+    cond, uncond = video(prompts, 3, one_step), video(["", ""], 3, one_step)
+    assert torch.allclose(video(prompts, 3, one_step, 2.5), uncond + 2.5 * (cond - uncond), **TOL)
+    settings = CausalConfig(3, window=6)
+    plain = video(prompts, 12, settings)
+    assert torch.allclose(video(prompts, 12, settings, 1 + 1e-6), plain, atol=1e-4)
+    assert not torch.allclose(video(prompts, 12, settings, 3.0), plain, atol=1e-3)
+    with pytest.raises(ValueError, match="cache"):
+        next(stream_video(t2v, IdentityCodec(), prompts, 3, 8, 8, settings, context="recompute_step", guidance_scale=2))

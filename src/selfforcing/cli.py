@@ -72,7 +72,7 @@ def _stream(pipe, prompts: list[str], args: argparse.Namespace):
     import torch
 
     from .data.video_io import VideoWriter, video_grid
-    from .inference.pipeline import stream_settings
+    from .inference.pipeline import stream_guidance, stream_settings
     from .inference.stream import stream_video
 
     settings = stream_settings(pipe.cfg, window=args.window)
@@ -82,8 +82,17 @@ def _stream(pipe, prompts: list[str], args: argparse.Namespace):
     frames = args.frames or data.frames
     chunks, t0 = [], time.perf_counter()
     with VideoWriter(args.out, fps=args.fps) as writer:
+        guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
         for chunk in stream_video(
-            pipe.model, pipe.codec, prompts, frames, data.height, data.width, settings, args.seed
+            pipe.model,
+            pipe.codec,
+            prompts,
+            frames,
+            data.height,
+            data.width,
+            settings,
+            args.seed,
+            guidance_scale=guidance,
         ):
             elapsed = time.perf_counter() - t0
             first = sum(c.frames.shape[1] for c in chunks)

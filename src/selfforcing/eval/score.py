@@ -10,7 +10,7 @@ from ..config import CausalConfig
 from ..data.shapes import ShapesWorld
 from ..data.video_io import video_grid, write_video
 from ..inference.generate import generate_videos
-from ..inference.pipeline import load_pipeline, stream_settings
+from ..inference.pipeline import load_pipeline, stream_guidance, stream_settings
 from ..inference.stream import generate_stream
 from .analyser import analyse_batch
 
@@ -19,14 +19,15 @@ HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.teache
 
 def sample_videos(pipe, prompts: list[str], frames: int, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
     """Videos ``[N, frames, 3, H, W]`` (CPU) for ``prompts``: a bidirectional teacher samples with its
-    recipe's Euler steps and guidance; a causal student streams with its few steps and KV cache
-    (rolling beyond the training length). Batch ``i`` uses seed ``seed + i * batch_size``."""
+    recipe's Euler steps and guidance; a causal model streams with its steps and the KV cache (rolling
+    beyond the training length), a many-step one with its recipe's guidance (``stream_guidance``).
+    Batch ``i`` uses seed ``seed + i * batch_size``."""
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         if pipe.cfg.causal is not None:
-            settings = stream_settings(pipe.cfg)
-            return generate_stream(pipe.model, pipe.codec, prompts, frames, d.height, d.width, settings, seed)
+            settings, guidance = stream_settings(pipe.cfg), stream_guidance(pipe.cfg)
+            return generate_stream(pipe.model, pipe.codec, prompts, frames, d.height, d.width, settings, seed, guidance)
         return generate_videos(
             pipe.model,
             pipe.codec,

@@ -29,6 +29,14 @@ def stream_settings(cfg: TrainConfig, window: int | None = None) -> CausalConfig
     return replace(cfg.causal, window=window or cfg.causal.window or f_lat)
 
 
+def stream_guidance(cfg: TrainConfig) -> float:
+    """The classifier-free guidance a causal model streams with by default: its recipe's
+    ``diffusion.guidance_scale`` for a many-step causal diffusion model (Teacher/Diffusion Forcing),
+    1 for a few-step student (ODE-initialised or distilled: guidance is part of what it learned)."""
+    many_step = cfg.stage == "causal" and cfg.distill.loss == "diffusion"
+    return cfg.diffusion.guidance_scale if many_step else 1.0
+
+
 def build_codec(cfg: TrainConfig) -> Codec:
     return IdentityCodec()
 

@@ -59,15 +59,24 @@ def denoise_chunk(
     generator: torch.Generator,
     exit_step: int | None = None,
     grad: bool = False,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Few-step sampling of one chunk against a cache: noise [B, f, C, h, w] -> x0 [B, f, C, h, w].
 
     ``sample_few_step`` with the model reading the cache; ``exit_step``/``grad`` as there. Inference
-    and the Self Forcing rollout both use this function.
+    and the Self Forcing rollout both use this function. With ``guidance != 1`` (classifier-free
+    guidance), ``text_kv`` and ``cache`` hold 2B rows, the prompts then the empty prompt, and
+    v = v_uncond + guidance * (v_cond - v_uncond).
     """
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return model.dit(x, sigma * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
+        if guidance == 1.0:
+            return model.dit(x, sigma * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start)
+        both = model.dit(
+            torch.cat([x, x]), torch.cat([sigma, sigma]) * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start
+        )
+        v_cond, v_uncond = both.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
 
     return sample_few_step(velocity, noise, sigmas, generator=generator, exit_step=exit_step, grad=grad)
 
@@ -100,6 +109,7 @@ def causal_chunks(
     exit_step: int | None = None,
     grad: bool = False,
     grad_frames: int | None = None,
+    guidance: float = 1.0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The chunk loop against a KV cache: yields ``(start, x0 [B, fpb, C, H, W])`` for latents ``shape =
     (B, F, C, H, W)``, and commits each chunk when the consumer asks for the next one.
@@ -107,7 +117,9 @@ def causal_chunks(
     Each chunk's noise is drawn from ``generator`` (CPU) when it begins. ``exit_step``/``grad`` go to
     ``sample_few_step``; with ``grad``, only chunks overlapping the last ``grad_frames`` frames (default:
     all) carry gradient. ``window`` defaults to ``settings.window`` or the whole video. Streaming and
-    the Self Forcing rollout both run this loop.
+    the Self Forcing rollout both run this loop. ``guidance != 1``: classifier-free guidance, with
+    ``text_kv`` for 2B rows (prompts, then empty prompts) and a cache of 2B rows, each branch
+    committing its own keys/values of the same chunk.
     """
     b, f, c, h, w = shape
     fpb = settings.frames_per_block
@@ -115,17 +127,18 @@ def causal_chunks(
     p = next(model.parameters())
     _, gh, gw = model.dit.token_grid(fpb, h, w)
     window = window or settings.window or f
-    cache = KVCache.for_model(model.dit, b, gh * gw, fpb, window, settings.sink, dtype=p.dtype, device=p.device)
+    rows = b if guidance == 1.0 else 2 * b
+    cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink, dtype=p.dtype, device=p.device)
     sigmas = settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     first_trained = 0 if grad_frames is None else f - grad_frames
     for start in range(0, f, fpb):
         trained = grad and start + fpb > first_trained
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=generator), p.device)
-        x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained)
+        x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained, guidance)
         x_ctx = commit_input(x0.detach(), ctx_sigma, generator)
         yield start, x0
-        commit_chunk(model, x_ctx, ctx_sigma, text_kv, cache, start)
+        commit_chunk(model, x_ctx if rows == b else torch.cat([x_ctx, x_ctx]), ctx_sigma, text_kv, cache, start)
 
 
 def _masked_pass(
@@ -148,25 +161,32 @@ def stream_video(
     settings: CausalConfig | None = None,
     seed: int = 0,
     context: str = "cache",
+    guidance_scale: float = 1.0,
 ) -> Iterator[Chunk]:
     """Generate ``len(prompts)`` videos of ``frames`` pixel frames chunk by chunk, yielding each chunk.
 
     The noise comes from a CPU generator seeded with ``seed`` (the same video on any device and in
     every ``context`` mode). ``context``: ``cache`` (KV cache, rolling past the window),
     ``recompute_step`` or ``recompute_chunk`` (no persistent cache; see the module docstring).
+    ``guidance_scale``: classifier-free guidance (for many-step causal models; a DMD student has it
+    distilled in and samples with 1). Cache mode only.
     """
     settings = settings or CausalConfig()
     if context not in CONTEXT_MODES:
         raise ValueError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
+    if guidance_scale != 1.0 and context != "cache":
+        raise ValueError(
+            f"guidance_scale {guidance_scale} needs context='cache': the recompute modes only exist to time the cache"
+        )
     device = next(model.parameters()).device
     f_lat, c, h, w = codec.latent_shape(frames, height, width)
     settings.validate(f_lat)
     g = torch.Generator().manual_seed(seed)
     b = len(prompts)
-    text_kv = model.dit.text_kv(*model.encode_text(prompts))
+    text_kv = model.dit.text_kv(*model.encode_text(prompts if guidance_scale == 1.0 else prompts + [""] * b))
     shape = (b, f_lat, c, h, w)
     chunks = (
-        causal_chunks(model, text_kv, shape, settings, g)
+        causal_chunks(model, text_kv, shape, settings, g, guidance=guidance_scale)
         if context == "cache"
         else _recomputed_chunks(model, text_kv, shape, settings, g, context == "recompute_chunk")
     )
@@ -243,7 +263,8 @@ def generate_stream(
     width: int,
     settings: CausalConfig | None = None,
     seed: int = 0,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """The whole streamed video at once: ``[B, frames, 3, H, W]`` in [-1, 1]."""
-    chunks = stream_video(model, codec, prompts, frames, height, width, settings, seed)
+    chunks = stream_video(model, codec, prompts, frames, height, width, settings, seed, guidance_scale=guidance_scale)
     return torch.cat([chunk.frames for chunk in chunks], dim=1)
