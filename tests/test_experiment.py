@@ -60,6 +60,11 @@ def test_tiny_experiment_runs_end_to_end_and_a_rerun_redoes_nothing(teacher, tmp
     models = {(r["model"], r["length"]) for r in summary}
     assert ("sf_dmd_frame", 2) in models and ("teacher", 1) in models and ("real", 2) in models
     assert (out / "eval" / "drift_frame_ok.png").is_file()
+    ablation = (out / "eval" / "ablation.md").read_text()
+    assert "## 2x the training length" in ablation
+    for method in ("real", "teacher", "ode_init", "tf_diffusion", "sf_dmd"):
+        assert f"| {method} |" in ablation
+    assert "| sf_gan |" not in ablation  # not trained here
 
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "eval" not in p.parts}
     run_experiment(out, settings, teacher, only=[f"{m}_{g}" for m in settings.methods for g in ("chunk", "frame")])

@@ -9,7 +9,8 @@ Stages, each in ``out_dir/<stage>``, each resumable and skipped once finished (l
 - ``{method}_{chunk|frame}`` for the methods in ``METHODS``: the many-step Teacher/Diffusion Forcing
   models start from the teacher; TF/DF + DMD and Self Forcing + DMD/SiD/GAN from that granularity's ODE
   student;
-- ``eval``: the teacher (reference) and every model above, at 1x/2x/4x length, over several seeds.
+- ``eval``: the teacher (reference) and every model above, at 1x/2x/4x length, over several seeds;
+  ``eval/ablation.md`` lays the figures out like the paper's ablation (``ablation_table``).
 
 Budget: every method makes the same number of generator updates counted from the teacher. A few-step
 method makes ``ode_steps`` (its ODE init) + ``updates``; a many-step one makes ``ode_steps + updates``
@@ -134,6 +135,30 @@ def run_experiment(
         eval_settings = EvalSettings(settings.eval_lengths, settings.eval_num, settings.eval_seeds)
         if settings.encoder:
             eval_settings.encoder = settings.encoder
-        write_report(evaluate(checkpoints, eval_settings, out / "eval"), out / "eval")
+        summary = write_report(evaluate(checkpoints, eval_settings, out / "eval"), out / "eval")
+        tables = [f"## {n}x the training length\n\n{ablation_table(summary, n)}" for n in settings.eval_lengths]
+        (out / "eval" / "ablation.md").write_text("\n".join(tables))
         done["eval"] = out / "eval"
     return done
+
+
+ABLATION_COLUMNS = (("frame ok", "frame_ok", 3), ("drift", "frame_ok_change", 3), ("FD", "fd", 1))
+
+
+def ablation_table(summary: list[dict], length: int) -> str:
+    """The paper's ablation layout for one video length: rows = methods, columns = chunk-wise and
+    frame-wise x (frame ok, drift = last - first quarter of frame ok, FD), mean ± spread over seeds.
+    ``summary``: rows of ``eval.evaluate.aggregate`` whose models are named ``{method}_{granularity}``."""
+    by_name = {r["model"]: r for r in summary if r["length"] == length}
+    head = [f"{g}-wise {label}" for g in GRANULARITIES for label, _, _ in ABLATION_COLUMNS]
+    lines = ["| method | " + " | ".join(head) + " |", "|" + " --- |" * (len(head) + 1)]
+    references = [n for n in by_name if not any(n.endswith(f"_{g}") for g in GRANULARITIES)]
+    for method in [*references, "ode_init", *METHODS]:
+        cells = []
+        for gran in GRANULARITIES:
+            row = by_name.get(method) if method in references else by_name.get(f"{method}_{gran}")
+            for _, key, digits in ABLATION_COLUMNS:
+                cells.append("—" if row is None else f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
