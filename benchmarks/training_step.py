@@ -2,6 +2,8 @@
 
     python benchmarks/training_step.py                     # SF + DMD vs TF vs DF (toy recipes, CPU), batch 8
     python benchmarks/training_step.py --batch 16 --device cuda
+    python benchmarks/training_step.py --frames-per-block 1 --recipes sf_dmd_toy.yaml tf_dmd_toy.yaml \
+        --out benchmarks/results/training_step_framewise.json   # frame-wise
 
 Self Forcing alternates generator steps (rollout with gradient + DMD) with critic-only steps; its
 figure per step is the mean over whole cycles (1 generator + 4 critic steps by default), and both
@@ -37,6 +39,7 @@ def run_one(recipe: str, args: argparse.Namespace) -> dict:
             f"device={args.device}",
             f"batch_size={args.batch}",
             f"num_threads={args.threads}",
+            f"causal.frames_per_block={args.frames_per_block}",
         ]
         cfg = load_config(ROOT / "configs" / recipe, overrides)
         trainer = trainer_for(cfg)(cfg)
@@ -64,6 +67,7 @@ def run_one(recipe: str, args: argparse.Namespace) -> dict:
         "paradigm": cfg.distill.paradigm,
         "loss": cfg.distill.loss,
         "batch": args.batch,
+        "frames_per_block": args.frames_per_block,
         "sec_per_step": round(sum(times) / len(times), 4),
         "peak_memory_mb": round(peak, 1),
     }
@@ -81,6 +85,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--frames-per-block", type=int, default=3, help="3 = chunk-wise (the recipes), 1 = frame-wise")
     p.add_argument("--cycles", type=int, default=4, help="timed generator/critic cycles (or steps) per recipe")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "training_step.json"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
