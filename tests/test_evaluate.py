@@ -46,6 +46,9 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup):
     table = markdown_table(summary)
     assert table.count("\n") == 2 + 5 and "| student | 2x |" in table
     assert (tmp / "out" / "samples" / "student_2x.gif").is_file()
+    step = sorted((student / "checkpoints").glob("step_*"))[-1]  # named after its run, so it collides
+    with pytest.raises(ValueError, match="share a model name"):
+        evaluate([str(student), str(step)], settings)
 
 
 def test_eval_cli_writes_json_table_and_drift_plots(setup, capsys):

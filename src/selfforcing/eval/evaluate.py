@@ -58,6 +58,13 @@ def measure(videos: torch.Tensor, prompts: list[str], encoder, reference: torch.
     return row
 
 
+def model_name(checkpoint: str | Path) -> str:
+    """A checkpoint's name in the tables: its run folder's name (``runs/sf_dmd_toy/checkpoints/step_001000``
+    and ``runs/sf_dmd_toy`` are both ``sf_dmd_toy``), else its own folder's."""
+    path = Path(checkpoint)
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+
+
 def check_world(encoder_world: ShapesWorldConfig, data) -> None:
     for name in ("height", "width", "colours", "shapes", "sizes", "directions"):
         if getattr(encoder_world, name) != getattr(data, name):
@@ -71,7 +78,12 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
     """Rows ``{model, length, seed, frames, <figures>, curves}`` for every checkpoint and for real videos
     (``model: real``). All checkpoints must share one world; prompts are that world's held-out ones."""
     encoder, encoder_world = load_encoder(settings.encoder)
-    pipes = {Path(c).name: load_pipeline(c) for c in checkpoints}
+    names = [model_name(c) for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"two checkpoints share a model name in {names}: evaluate them from run folders with distinct names"
+        )
+    pipes = {name: load_pipeline(c) for name, c in zip(names, checkpoints, strict=True)}
     first = next(iter(pipes.values())).cfg
     for name, pipe in pipes.items():
         check_world(encoder_world, pipe.cfg.data)
