@@ -21,7 +21,7 @@ def setup(teacher, tmp_path_factory):
     return teacher, student, tmp / "enc", tmp
 
 
-def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup):
+def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup, monkeypatch):
     teacher, student, encoder, tmp = setup
     settings = EvalSettings(lengths=[1, 2], num=4, seeds=[0, 1], encoder=str(encoder), batch_size=4, samples=2)
     rows = evaluate([str(teacher), str(student)], settings, tmp / "out")
@@ -46,6 +46,19 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup):
     table = markdown_table(summary)
     assert table.count("\n") == 2 + 5 and "| student | 2x |" in table
     assert (tmp / "out" / "samples" / "student_2x.gif").is_file()
+    # an interrupted or repeated evaluation reuses the finished rows: nothing is generated again
+    import selfforcing.eval.evaluate as ev
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(ev, "sample_videos", no_sampling)
+    again = evaluate([str(teacher), str(student)], settings, tmp / "out")
+    assert json.dumps(again) == json.dumps(rows)  # (NaN-safe comparison)
+    with pytest.raises(AssertionError, match="generated again"):  # other prompts: the rows do not apply
+        evaluate([str(teacher), str(student)], EvalSettings(**{**settings.__dict__, "num": 3}), tmp / "out")
+    monkeypatch.undo()
+
     step = sorted((student / "checkpoints").glob("step_*"))[-1]  # named after its run, so it collides
     with pytest.raises(ValueError, match="share a model name"):
         evaluate([str(student), str(step)], settings)

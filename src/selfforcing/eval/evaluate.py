@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesWorld, ShapesWorldConfig
 from ..data.video_io import video_grid, write_video
 from ..inference.pipeline import load_pipeline
+from ..training.checkpoint import resolve_checkpoint
 from .analyser import analyse_batch
 from .encoder import TOY_ENCODER, encode_videos, frechet_distance, load_encoder
 from .metrics import FRAME_FIGURES, drift_curve, quarters, video_motion
@@ -76,7 +79,10 @@ def check_world(encoder_world: ShapesWorldConfig, data) -> None:
 
 def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | None = None) -> list[dict]:
     """Rows ``{model, length, seed, frames, <figures>, curves}`` for every checkpoint and for real videos
-    (``model: real``). All checkpoints must share one world; prompts are that world's held-out ones."""
+    (``model: real``). All checkpoints must share one world; prompts are that world's held-out ones.
+
+    With ``out``, each row is also written to ``out/rows/`` as it is finished, and a later call with the
+    same settings and checkpoints reuses it: an interrupted evaluation resumes where it stopped."""
     encoder, encoder_world = load_encoder(settings.encoder)
     names = [model_name(c) for c in checkpoints]
     if len(set(names)) != len(names):
@@ -84,6 +90,7 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
             f"two checkpoints share a model name in {names}: evaluate them from run folders with distinct names"
         )
     pipes = {name: load_pipeline(c) for name, c in zip(names, checkpoints, strict=True)}
+    sources = {name: str(resolve_checkpoint(c).resolve()) for name, c in zip(names, checkpoints, strict=True)}
     first = next(iter(pipes.values())).cfg
     for name, pipe in pipes.items():
         check_world(encoder_world, pipe.cfg.data)
@@ -91,23 +98,38 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
             raise ValueError(f"{name} was trained on another video size than {checkpoints[0]}: evaluate them apart")
     world = ShapesWorld(first.data)
     prompts = held_out_prompts(first, settings.num)
-    rows = []
-    for mult in settings.lengths:
+    jobs = [
+        (mult, seed, name)
+        for mult in settings.lengths
+        for seed in settings.seeds
+        for name in ["real", *pipes]
+        if name == "real" or pipes[name].cfg.causal is not None or mult == 1  # a teacher has one length
+    ]
+    rows, references = [], {}
+    for mult, seed, name in tqdm(jobs, desc="eval", dynamic_ncols=True):
         frames = first.data.frames * mult
-        reference = encode_videos(encoder, world.sample_for_prompts(prompts, REFERENCE_SEED, frames).video)
-        for seed in settings.seeds:
-            real = world.sample_for_prompts(prompts, REFERENCE_SEED + 1 + seed, frames).video
-            rows.append({"model": "real", "length": mult, "seed": seed, "frames": frames})
-            rows[-1].update(measure(real, prompts, encoder, reference))
-            for name, pipe in pipes.items():
-                if pipe.cfg.causal is None and mult != 1:
-                    continue  # a bidirectional teacher has one length
-                videos = sample_videos(pipe, prompts, frames, seed=1000 * seed, batch_size=settings.batch_size)
-                rows.append({"model": name, "length": mult, "seed": seed, "frames": frames})
-                rows[-1].update(measure(videos, prompts, encoder, reference))
-                if out is not None and seed == settings.seeds[0] and settings.samples:
-                    grid = video_grid(videos[: settings.samples], prompts[: settings.samples])
-                    write_video(Path(out) / "samples" / f"{name}_{mult}x.gif", grid)
+        key = {"num": settings.num, "encoder": str(Path(settings.encoder).resolve()), "source": sources.get(name)}
+        cached = Path(out) / "rows" / f"{name}_{mult}x_seed{seed}.json" if out is not None else None
+        if cached is not None and cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+            rows.append(json.loads(cached.read_text())["row"])
+            continue
+        if mult not in references:
+            real_ref = world.sample_for_prompts(prompts, REFERENCE_SEED, frames).video
+            references[mult] = encode_videos(encoder, real_ref)
+        if name == "real":
+            videos = world.sample_for_prompts(prompts, REFERENCE_SEED + 1 + seed, frames).video
+        else:
+            videos = sample_videos(pipes[name], prompts, frames, seed=1000 * seed, batch_size=settings.batch_size)
+        rows.append({"model": name, "length": mult, "seed": seed, "frames": frames})
+        rows[-1].update(measure(videos, prompts, encoder, references[mult]))
+        if out is not None and name != "real" and seed == settings.seeds[0] and settings.samples:
+            grid = video_grid(videos[: settings.samples], prompts[: settings.samples])
+            write_video(Path(out) / "samples" / f"{name}_{mult}x.gif", grid)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "row": rows[-1]}))
+            os.replace(tmp, cached)
     return rows
 
 
