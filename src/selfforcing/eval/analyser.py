@@ -111,8 +111,11 @@ class FrameScores:
 def assign_pixels(frames: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """frames [F, 3, H, W] in [-1, 1] -> palette index [F, H, W] (-1 = unassigned) and distance [F, H, W]."""
     rgb = (frames.float().clamp(-1, 1) + 1) / 2
-    dist = torch.linalg.vector_norm(rgb[:, None] - PALETTE.to(rgb.device)[None, :, :, None, None], dim=2)
+    f, _, h, w = rgb.shape
+    pixels = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
+    dist = torch.cdist(pixels, PALETTE.to(rgb.device), compute_mode="donot_use_mm_for_euclid_dist")  # [FHW, P]
     d, idx = dist.min(dim=1)
+    d, idx = d.view(f, h, w), idx.view(f, h, w)
     return torch.where(d < tol, idx, -1), d
 
 
