@@ -112,7 +112,7 @@ def causal_chunks(
     guidance: float = 1.0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The chunk loop against a KV cache: yields ``(start, x0 [B, fpb, C, H, W])`` for latents ``shape =
-    (B, F, C, H, W)``, and commits each chunk when the consumer asks for the next one.
+    (B, F, C, H, W)``, and commits each chunk but the last when the consumer asks for the next one.
 
     Each chunk's noise is drawn from ``generator`` (CPU) when it begins. ``exit_step``/``grad`` go to
     ``sample_few_step``; with ``grad``, only chunks overlapping the last ``grad_frames`` frames (default:
@@ -136,6 +136,9 @@ def causal_chunks(
         trained = grad and start + fpb > first_trained
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=generator), p.device)
         x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained, guidance)
+        if start + fpb == f:  # the last chunk: no later chunk reads its keys/values, so no commit
+            yield start, x0
+            return
         x_ctx = commit_input(x0.detach(), ctx_sigma, generator)
         yield start, x0
         commit_chunk(model, x_ctx if rows == b else torch.cat([x_ctx, x_ctx]), ctx_sigma, text_kv, cache, start)
