@@ -5,9 +5,9 @@
     python benchmarks/training_step.py --frames-per-block 1 --recipes sf_dmd_toy.yaml tf_dmd_toy.yaml \
         --out benchmarks/results/training_step_framewise.json   # frame-wise
 
-Self Forcing alternates generator steps (rollout with gradient + DMD) with critic-only steps; its
-figure per step is the mean over whole cycles (1 generator + 4 critic steps by default), and both
-kinds are reported too. Each recipe runs in its own process so its peak memory is its own. Prints a
+The distillation recipes (DMD, SiD, GAN) alternate generator steps (rollout with gradient + loss, then
+a critic or discriminator update) with critic-only steps; their figure per step is the mean over whole
+cycles (1 generator + 4 critic steps by default), and both kinds are reported too. Each recipe runs in its own process so its peak memory is its own. Prints a
 table and writes benchmarks/results/training_step.json.
 """
 
@@ -43,7 +43,7 @@ def run_one(recipe: str, args: argparse.Namespace) -> dict:
         ]
         cfg = load_config(ROOT / "configs" / recipe, overrides)
         trainer = trainer_for(cfg)(cfg)
-        cycle = cfg.distill.critic_steps_per_generator_step if cfg.distill.loss in ("dmd", "sid") else 1
+        cycle = cfg.distill.critic_steps_per_generator_step if cfg.distill.loss != "diffusion" else 1
         for _ in range(cycle):  # warm-up: one whole cycle
             trainer.train_step()
         sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
