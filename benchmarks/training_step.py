@@ -7,8 +7,9 @@
 
 The distillation recipes (DMD, SiD, GAN) alternate generator steps (rollout with gradient + loss, then
 a critic or discriminator update) with critic-only steps; their figure per step is the mean over whole
-cycles (1 generator + 4 critic steps by default), and both kinds are reported too. Each recipe runs in its own process so its peak memory is its own. Prints a
-table and writes benchmarks/results/training_step.json.
+cycles (1 generator + 4 critic steps by default), and both kinds are reported too. Each recipe runs
+in its own process so its peak memory is its own. Prints a table and writes
+benchmarks/results/training_step.json.
 """
 
 from __future__ import annotations

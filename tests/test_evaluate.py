@@ -6,8 +6,9 @@ import pytest
 
 from selfforcing.cli import main
 from selfforcing.data.shapes import ShapesWorldConfig
+from selfforcing.data.video_io import read_video
 from selfforcing.eval.encoder import EncoderConfig, train_encoder
-from selfforcing.eval.evaluate import EvalSettings, aggregate, evaluate, markdown_table
+from selfforcing.eval.evaluate import EvalSettings, aggregate, evaluate, markdown_table, write_comparison
 from selfforcing.training.self_forcing import SelfForcingTrainer
 from tests.test_self_forcing import sf_cfg
 
@@ -46,6 +47,12 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup, 
     table = markdown_table(summary)
     assert table.count("\n") == 2 + 5 and "| student | 2x |" in table
     assert (tmp / "out" / "samples" / "student_2x.gif").is_file()
+    # side by side: one row per prompt, one column per model, every clip as long as the length
+    gif = write_comparison(tmp / "out", ["real", "student"], 2, tmp / "cmp.gif", scale=2)
+    frames = read_video(gif)
+    assert frames.shape[0] == 12 and frames.shape[2] == 2 * (16 * 2 + 2)
+    with pytest.raises(FileNotFoundError, match="teacher"):  # the bidirectional teacher has no 2x videos
+        write_comparison(tmp / "out", ["real", "teacher"], 2, tmp / "cmp2.gif")
     # an interrupted or repeated evaluation reuses the finished rows: nothing is generated again
     import selfforcing.eval.evaluate as ev
 
@@ -57,6 +64,9 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup, 
     assert json.dumps(again) == json.dumps(rows)  # (NaN-safe comparison)
     with pytest.raises(AssertionError, match="generated again"):  # other prompts: the rows do not apply
         evaluate([str(teacher), str(student)], EvalSettings(**{**settings.__dict__, "num": 3}), tmp / "out")
+    (tmp / "out" / "samples" / "student_1x.safetensors").unlink()  # a lost sample is made again
+    with pytest.raises(AssertionError, match="generated again"):
+        evaluate([str(teacher), str(student)], settings, tmp / "out")
     monkeypatch.undo()
 
     step = sorted((student / "checkpoints").glob("step_*"))[-1]  # named after its run, so it collides

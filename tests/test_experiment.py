@@ -6,6 +6,7 @@ import pytest
 
 from selfforcing.config import ConfigError
 from selfforcing.data.shapes import ShapesWorldConfig
+from selfforcing.data.video_io import read_video
 from selfforcing.eval.encoder import EncoderConfig, train_encoder
 from selfforcing.experiment import ExperimentSettings, run_experiment, stage_configs
 from tests.conftest import TINY
@@ -60,6 +61,7 @@ def test_tiny_experiment_runs_end_to_end_and_a_rerun_redoes_nothing(teacher, tmp
     models = {(r["model"], r["length"]) for r in summary}
     assert ("sf_dmd_frame", 2) in models and ("teacher", 1) in models and ("real", 2) in models
     assert (out / "eval" / "drift_frame_ok.png").is_file()
+    assert read_video(out / "eval" / "compare_frame_2x.gif").shape[0] == 12  # real, ode_init + 2 methods
     ablation = (out / "eval" / "ablation.md").read_text()
     assert "## 2x the training length" in ablation
     for method in ("real", "teacher", "ode_init", "tf_diffusion", "sf_dmd"):

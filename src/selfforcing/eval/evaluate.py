@@ -16,11 +16,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesWorld, ShapesWorldConfig
-from ..data.video_io import video_grid, write_video
+from ..data.video_io import from_uint8, to_uint8, video_grid, write_video
 from ..inference.pipeline import load_pipeline
 from ..training.checkpoint import resolve_checkpoint
 from .analyser import analyse_batch
@@ -41,7 +43,7 @@ class EvalSettings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # generation seeds: mean and spread
     batch_size: int = 16
     encoder: str = str(TOY_ENCODER)
-    samples: int = 8  # videos per (model, length) written as a gif grid (seed 0); 0 = none
+    samples: int = 8  # videos per (model, length) kept in out/samples (seed 0; gif + tensors); 0 = none
 
 
 def measure(videos: torch.Tensor, prompts: list[str], encoder, reference: torch.Tensor) -> dict:
@@ -110,7 +112,9 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
         frames = first.data.frames * mult
         key = {"num": settings.num, "encoder": str(Path(settings.encoder).resolve()), "source": sources.get(name)}
         cached = Path(out) / "rows" / f"{name}_{mult}x_seed{seed}.json" if out is not None else None
-        if cached is not None and cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+        keep = out is not None and seed == settings.seeds[0] and settings.samples  # this job's videos are kept
+        has_samples = not keep or (Path(out) / "samples" / f"{name}_{mult}x.safetensors").is_file()
+        if cached is not None and cached.is_file() and json.loads(cached.read_text()).get("key") == key and has_samples:
             rows.append(json.loads(cached.read_text())["row"])
             continue
         if mult not in references:
@@ -122,15 +126,39 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
             videos = sample_videos(pipes[name], prompts, frames, seed=1000 * seed, batch_size=settings.batch_size)
         rows.append({"model": name, "length": mult, "seed": seed, "frames": frames})
         rows[-1].update(measure(videos, prompts, encoder, references[mult]))
-        if out is not None and name != "real" and seed == settings.seeds[0] and settings.samples:
-            grid = video_grid(videos[: settings.samples], prompts[: settings.samples])
-            write_video(Path(out) / "samples" / f"{name}_{mult}x.gif", grid)
+        if keep:
+            save_samples(Path(out) / "samples", name, mult, videos[: settings.samples], prompts[: settings.samples])
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".tmp")
             tmp.write_text(json.dumps({"key": key, "row": rows[-1]}))
             os.replace(tmp, cached)
     return rows
+
+
+def save_samples(folder: Path, name: str, mult: int, videos: torch.Tensor, prompts: list[str]) -> None:
+    """``{name}_{mult}x.gif`` (a captioned grid) and ``.safetensors`` (the videos ``[N, F, 3, H, W]`` as
+    uint8, for ``write_comparison``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_video(folder / f"{name}_{mult}x.gif", video_grid(videos, prompts))
+    frames = torch.from_numpy(np.stack([to_uint8(v) for v in videos]))  # [N, F, H, W, 3]
+    save_file({"video": frames.contiguous()}, folder / f"{name}_{mult}x.safetensors", {"prompts": json.dumps(prompts)})
+
+
+def write_comparison(
+    out: str | Path, models: list[str], mult: int, path: str | Path, num: int = 4, scale: int = 3
+) -> Path:
+    """Side-by-side gif from ``out/samples``: one row per prompt (the first ``num``), one column per model
+    (captioned with its name), every model's video of the same prompt and seed in one row."""
+    folder = Path(out) / "samples"
+    missing = [m for m in models if not (folder / f"{m}_{mult}x.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {mult}x samples of {missing} in {folder}: evaluate them with samples > 0")
+    clips = [load_file(folder / f"{m}_{mult}x.safetensors")["video"][:num].numpy() for m in models]
+    n = min(len(c) for c in clips)
+    tiles = torch.stack([from_uint8(clips[j][i]) for i in range(n) for j in range(len(models))])  # prompt, model
+    grid = video_grid(tiles, [m for _ in range(n) for m in models], scale=scale, columns=len(models))
+    return write_video(path, grid)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -173,8 +201,9 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def write_report(rows: list[dict], out: str | Path) -> list[dict]:
-    """``out/results.json`` (per-seed rows and the summary), ``results.md`` (the table) and
-    ``drift_{frame_ok,found,colour_fidelity}.png``; returns the summary."""
+    """``out/results.json`` (per-seed rows and the summary), ``results.md`` (the table),
+    ``drift_{frame_ok,found,colour_fidelity}.png`` and, where every model has samples, the side-by-side
+    ``compare_{length}x.gif``; returns the summary."""
     from .plots import plot_drift_curves
 
     out = Path(out)
@@ -184,4 +213,8 @@ def write_report(rows: list[dict], out: str | Path) -> list[dict]:
     (out / "results.md").write_text(markdown_table(summary))
     for figure in CURVES:
         plot_drift_curves(summary, out / f"drift_{figure}.png", figure)
+    for length in sorted({r["length"] for r in summary}):
+        models = [r["model"] for r in summary if r["length"] == length]
+        if all((out / "samples" / f"{m}_{length}x.safetensors").is_file() for m in models):
+            write_comparison(out, models, length, out / f"compare_{length}x.gif")
     return summary
