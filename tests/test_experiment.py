@@ -49,12 +49,17 @@ def test_tiny_experiment_runs_end_to_end_and_a_rerun_redoes_nothing(teacher, tmp
         pair_overrides=TINY_PAIRS,
     )
     out = tmp_path / "exp"
-    with pytest.raises(ConfigError, match="unfinished"):
+    with pytest.raises(ConfigError, match="trained first"):
         run_experiment(out, settings, teacher, only=["eval"])
     with pytest.raises(ConfigError, match="unknown experiment stage"):
         run_experiment(out, settings, teacher, only=["sf_ppo_chunk"])
+    chunk = ["pairs", "ode_init_chunk", "tf_diffusion_chunk", "sf_dmd_chunk", "eval_chunk"]
+    run_experiment(out, settings, teacher, only=chunk)  # one granularity's evaluation rows on their own
+    rows = {p.name: p.stat().st_mtime_ns for p in (out / "eval" / "rows").iterdir()}
+    assert "sf_dmd_chunk_2x_seed0.json" in rows and not any("frame" in r or "teacher" in r for r in rows)
     done = run_experiment(out, settings, teacher)
-    assert set(done) == {"pairs", "eval"} | {
+    assert all((out / "eval" / "rows" / r).stat().st_mtime_ns == t for r, t in rows.items())  # reused
+    assert set(done) == {"pairs", "eval", "eval_chunk", "eval_frame"} | {
         f"{m}_{g}" for m in ("ode_init", *settings.methods) for g in ("chunk", "frame")
     }
     summary = json.loads((out / "eval" / "results.json").read_text())["summary"]

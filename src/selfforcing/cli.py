@@ -189,25 +189,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from .experiment import TEACHER, ExperimentSettings, run_experiment, stage_configs
+    from .experiment import TEACHER, ExperimentSettings, run_experiment, stage_configs, stage_names
 
-    settings = ExperimentSettings(
-        ode_steps=args.ode_steps,
-        updates=args.updates,
-        methods=args.methods or ExperimentSettings().methods,
-        granularities=args.granularities or ExperimentSettings().granularities,
-        num_pairs=args.num_pairs,
-        eval_num=args.eval_num,
-        eval_seeds=args.eval_seeds,
-        overrides=args.set,
-    )
+    given = {
+        "ode_steps": args.ode_steps,
+        "updates": args.updates,
+        "methods": args.methods,
+        "granularities": args.granularities,
+        "num_pairs": args.num_pairs,
+        "eval_num": args.eval_num,
+        "eval_seeds": args.eval_seeds,
+    }
+    settings = ExperimentSettings(**{k: v for k, v in given.items() if v is not None}, overrides=args.set)
     if args.list:
         settings.validate()
         configs = stage_configs(Path(args.out), settings, Path(args.teacher or TEACHER))
-        print("pairs")
-        for name, cfg in configs.items():
-            print(f"{name}: {cfg.steps} steps from {cfg.init_from}")
-        print("eval")
+        for name in stage_names(configs, settings):
+            print(f"{name}: {configs[name].steps} steps from {configs[name].init_from}" if name in configs else name)
         return
     done = run_experiment(args.out, settings, args.teacher or TEACHER, only=args.only, device=args.device)
     print("[experiment] done: " + ", ".join(done))
@@ -274,11 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--teacher", default=None, help="bidirectional teacher (default: the shipped toy teacher)")
     x.add_argument("--methods", nargs="+", default=None, help="subset of tf_diffusion df_diffusion tf_dmd ...")
     x.add_argument("--granularities", nargs="+", default=None, help="chunk and/or frame")
-    x.add_argument("--ode-steps", type=int, default=2000, help="ODE-init updates of each few-step student")
-    x.add_argument("--updates", type=int, default=200, help="generator updates after the ODE init")
-    x.add_argument("--num-pairs", type=int, default=1280)
-    x.add_argument("--eval-num", type=int, default=256)
-    x.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
+    x.add_argument("--ode-steps", type=int, default=None, help="ODE-init updates of each few-step student (2000)")
+    x.add_argument("--updates", type=int, default=None, help="generator updates after the ODE init (200)")
+    x.add_argument("--num-pairs", type=int, default=None, help="teacher trajectories for ODE init (1280)")
+    x.add_argument("--eval-num", type=int, default=None, help="held-out prompts per evaluation seed (128)")
+    x.add_argument("--eval-seeds", type=int, nargs="+", default=None, help="evaluation seeds (0 1 2)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every training stage")
     x.add_argument("--device", default="auto")
     x.set_defaults(func=cmd_experiment)

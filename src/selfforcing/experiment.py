@@ -9,6 +9,8 @@ Stages, each in ``out_dir/<stage>``, each resumable and skipped once finished (l
 - ``{method}_{chunk|frame}`` for the methods in ``METHODS``: the many-step Teacher/Diffusion Forcing
   models start from the teacher; TF/DF + DMD and Self Forcing + DMD/SiD/GAN from that granularity's ODE
   student;
+- ``eval_chunk`` / ``eval_frame``: ``selfforcing eval`` rows of that granularity's models (each under an
+  hour on 2 cores; the rows are kept in ``eval/rows`` and reused);
 - ``eval``: the teacher (reference) and every model above, at 1x/2x/4x length, over several seeds;
   ``eval/ablation.md`` lays the figures out like the paper's ablation (``ablation_table``), and
   ``eval/compare_{chunk|frame}_{n}x.gif`` shows real videos, the ODE student and every method side by side.
@@ -48,7 +50,7 @@ class ExperimentSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     granularities: list[str] = field(default_factory=lambda: list(GRANULARITIES))
     num_pairs: int = 1280
-    eval_num: int = 256
+    eval_num: int = 128  # prompts per seed: real videos' FD floor is about 20 here, models' hundreds
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_lengths: list[int] = field(default_factory=lambda: [1, 2, 4])
     encoder: str = ""  # video encoder for the FD ("" = the shipped toy one)
@@ -113,7 +115,7 @@ def run_experiment(
     settings.validate()
     out, teacher = Path(out_dir), Path(teacher)
     configs = stage_configs(out, settings, teacher, device)
-    names = ["pairs", *configs, "eval"]
+    names = stage_names(configs, settings)
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ConfigError(f"unknown experiment stage(s) {unknown}: the stages are {names}")
@@ -128,14 +130,23 @@ def run_experiment(
     for name, cfg in configs.items():
         if name in wanted:
             done[name] = train_stage(cfg)
-    if "eval" in wanted:
-        missing = [n for n, c in configs.items() if not is_finished(c)]
+    eval_settings = EvalSettings(settings.eval_lengths, settings.eval_num, settings.eval_seeds)
+    if settings.encoder:
+        eval_settings.encoder = settings.encoder
+
+    def trained(stage: str, names: list[str]) -> list[str]:
+        missing = [n for n in names if not is_finished(configs[n])]
         if missing:
-            raise ConfigError(f"eval needs every model trained; unfinished: {missing} (run those stages first)")
-        checkpoints = [str(teacher), *(str(c.run_dir) for c in configs.values())]
-        eval_settings = EvalSettings(settings.eval_lengths, settings.eval_num, settings.eval_seeds)
-        if settings.encoder:
-            eval_settings.encoder = settings.encoder
+            raise ConfigError(f"{stage} needs these models trained first: {missing} (run those stages)")
+        return [str(configs[n].run_dir) for n in names]
+
+    for gran in settings.granularities:
+        if f"eval_{gran}" in wanted:  # rows only (kept in eval/rows); the report comes with `eval`
+            models = trained(f"eval_{gran}", [n for n in configs if n.endswith(f"_{gran}")])
+            evaluate(models, eval_settings, out / "eval")
+            done[f"eval_{gran}"] = out / "eval"
+    if "eval" in wanted:
+        checkpoints = [str(teacher), *trained("eval", list(configs))]
         summary = write_report(evaluate(checkpoints, eval_settings, out / "eval"), out / "eval")
         tables = [f"## {n}x the training length\n\n{ablation_table(summary, n)}" for n in settings.eval_lengths]
         (out / "eval" / "ablation.md").write_text("\n".join(tables))
@@ -145,6 +156,11 @@ def run_experiment(
                 write_comparison(out / "eval", models, mult, out / "eval" / f"compare_{gran}_{mult}x.gif")
         done["eval"] = out / "eval"
     return done
+
+
+def stage_names(configs: dict[str, TrainConfig], settings: ExperimentSettings) -> list[str]:
+    """Every stage in the order it runs: pairs, the trainings, the evaluations."""
+    return ["pairs", *configs, *(f"eval_{g}" for g in settings.granularities), "eval"]
 
 
 ABLATION_COLUMNS = (("frame ok", "frame_ok", 3), ("drift", "frame_ok_change", 3), ("FD", "fd", 1))
