@@ -65,7 +65,7 @@ def test_tiny_experiment_runs_end_to_end_and_a_rerun_redoes_nothing(teacher, tmp
     summary = json.loads((out / "eval" / "results.json").read_text())["summary"]
     models = {(r["model"], r["length"]) for r in summary}
     assert ("sf_dmd_frame", 2) in models and ("teacher", 1) in models and ("real", 2) in models
-    assert (out / "eval" / "drift_frame_ok.png").is_file()
+    assert (out / "eval" / "drift_frame_ok.png").is_file() and (out / "eval" / "drift_chunk.png").is_file()
     assert read_video(out / "eval" / "compare_frame_2x.gif").shape[0] == 12  # real, ode_init + 2 methods
     ablation = (out / "eval" / "ablation.md").read_text()
     assert "## 2x the training length" in ablation

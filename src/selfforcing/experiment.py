@@ -13,7 +13,8 @@ Stages, each in ``out_dir/<stage>``, each resumable and skipped once finished (l
   hour on 2 cores; the rows are kept in ``eval/rows`` and reused);
 - ``eval``: the teacher (reference) and every model above, at 1x/2x/4x length, over several seeds;
   ``eval/ablation.md`` lays the figures out like the paper's ablation (``ablation_table``), and
-  ``eval/compare_{chunk|frame}_{n}x.gif`` shows real videos, the ODE student and every method side by side.
+  ``eval/drift_{chunk|frame}.png`` and ``eval/compare_{chunk|frame}_{n}x.gif`` show real videos, the ODE
+  student and every method of one granularity: frame ok over frame index, and videos side by side.
 
 Budget: every method makes the same number of generator updates counted from the teacher. A few-step
 method makes ``ode_steps`` (its ODE init) + ``updates``; a many-step one makes ``ode_steps + updates``
@@ -110,6 +111,7 @@ def run_experiment(
     """Run (or finish) the stages, or only those named in ``only``; returns each finished stage's folder."""
     from .device import resolve_device
     from .eval.evaluate import EvalSettings, evaluate, write_comparison, write_report
+    from .eval.plots import plot_drift_curves
 
     settings = settings or ExperimentSettings()
     settings.validate()
@@ -150,9 +152,10 @@ def run_experiment(
         summary = write_report(evaluate(checkpoints, eval_settings, out / "eval"), out / "eval")
         tables = [f"## {n}x the training length\n\n{ablation_table(summary, n)}" for n in settings.eval_lengths]
         (out / "eval" / "ablation.md").write_text("\n".join(tables))
-        for gran in settings.granularities:  # side by side: real, ODE student, then every method
+        for gran in settings.granularities:  # real, ODE student, then every method: curves and side by side
+            models = ["real", *(f"{m}_{gran}" for m in ["ode_init", *settings.methods])]
+            plot_drift_curves([r for r in summary if r["model"] in models], out / "eval" / f"drift_{gran}.png")
             for mult in settings.eval_lengths:
-                models = ["real", *(f"{m}_{gran}" for m in ["ode_init", *settings.methods])]
                 write_comparison(out / "eval", models, mult, out / "eval" / f"compare_{gran}_{mult}x.gif")
         done["eval"] = out / "eval"
     return done
