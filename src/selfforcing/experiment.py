@@ -136,11 +136,11 @@ def run_experiment(
     if settings.encoder:
         eval_settings.encoder = settings.encoder
 
-    def trained(stage: str, names: list[str]) -> list[str]:
-        missing = [n for n in names if not is_finished(configs[n])]
+    def trained(stage: str, models: list[str]) -> list[str]:
+        missing = [n for n in models if not is_finished(configs[n])]
         if missing:
             raise ConfigError(f"{stage} needs these models trained first: {missing} (run those stages)")
-        return [str(configs[n].run_dir) for n in names]
+        return [str(configs[n].run_dir) for n in models]
 
     for gran in settings.granularities:
         if f"eval_{gran}" in wanted:  # rows only (kept in eval/rows); the report comes with `eval`
