@@ -86,3 +86,30 @@ def test_eval_cli_writes_json_table_and_drift_plots(setup, capsys):
     with pytest.raises(SystemExit):  # an encoder of another world is refused with a clear message
         main([*args, "--encoder", str(tmp / "enc8"), "--out", str(out)])
     assert "train-encoder" in capsys.readouterr().err
+
+
+def test_drift_plot_keeps_each_models_colour_across_panels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from selfforcing.eval import plots
+
+    def row(model, length):
+        return {"model": model, "length": length, "curves": {"frame_ok": [0.5] * (6 * length)}}
+
+    # panels list the models in different orders, and the teacher only has the 1x panel
+    summary = [row("teacher", 1), row("real", 1), row("a", 1), row("b", 1)]
+    summary += [row("b", 2), row("real", 2), row("a", 2), row("a", 4), row("b", 4), row("real", 4)]
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to look at it
+    assert plots.plot_drift_curves(summary, tmp_path / "drift.png").is_file()
+    (fig,) = figures
+    colours: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"teacher", "real", "a", "b"}
+    assert all(len(c) == 1 for c in colours.values()), colours  # one colour per model, in every panel
+    assert len({next(iter(c)) for c in colours.values()}) == 4  # and a different one for each
+    assert colours["real"] == {"black"}
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["real", "teacher", "a", "b"]  # real first
+    plt.close(fig)

@@ -43,20 +43,38 @@ def plot_training_curves(metrics_file: str | Path, out: str | Path, smooth: int 
     return out
 
 
+def curve_styles(models: list[str]) -> dict[str, dict]:
+    """One line style per model, the same in every panel: real videos first, black and dashed; the
+    others a colour each, in the order given."""
+    others = [m for m in dict.fromkeys(models) if m != "real"]
+    palette = plt.get_cmap("tab10" if len(others) <= 10 else "tab20").colors
+    styles = {m: {"color": palette[i % len(palette)], "ls": "-"} for i, m in enumerate(others)}
+    return {"real": {"color": "black", "ls": "--"}, **styles} if "real" in models else styles
+
+
 def plot_drift_curves(summary: list[dict], out: str | Path, figure: str = "frame_ok") -> Path:
-    """Per-frame ``figure`` of every model (rows of ``evaluate.aggregate``), one panel per video length."""
+    """Per-frame ``figure`` of every model (rows of ``evaluate.aggregate``), one panel per video length.
+    A model keeps its colour across panels; one legend (real first, then the summary's order) sits beside them."""
     lengths = sorted({r["length"] for r in summary})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.8), squeeze=False, sharey=True)
+    styles = curve_styles([r["model"] for r in summary])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 2, 3.8), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths, strict=True):
-        for r in (r for r in summary if r["length"] == length):
-            curve = r["curves"][figure]
-            style = {"color": "black", "ls": "--"} if r["model"] == "real" else {}
-            ax.plot(range(1, len(curve) + 1), curve, label=r["model"], lw=1.5, **style)
+        rows = {r["model"]: r for r in summary if r["length"] == length}
+        for model in (m for m in styles if m in rows):
+            curve = rows[model]["curves"][figure]
+            ax.plot(range(1, len(curve) + 1), curve, label=model, lw=1.5, **styles[model])
         ax.set(xlabel="frame", title=f"{length}x the training length", ylim=(0, 1.05))
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(figure.replace("_", " "))
-    axes[0, -1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    handles, labels = [], []
+    for ax in axes[0]:  # every model, even one measured at a single length (the teacher)
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    order = [labels.index(m) for m in styles if m in labels]
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(lengths) + 2), 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
