@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -66,14 +67,8 @@ def plot_drift_curves(summary: list[dict], out: str | Path, figure: str = "frame
         ax.set(xlabel="frame", title=f"{length}x the training length", ylim=(0, 1.05))
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(figure.replace("_", " "))
-    handles, labels = [], []
-    for ax in axes[0]:  # every model, even one measured at a single length (the teacher)
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(h)
-                labels.append(label)
-    order = [labels.index(m) for m in styles if m in labels]
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="center right")
+    handles = [Line2D([], [], lw=1.5, **style) for style in styles.values()]  # models of any panel
+    fig.legend(handles, list(styles), fontsize=8, loc="center right")
     fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(lengths) + 2), 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
