@@ -58,7 +58,8 @@ def plot_drift_curves(summary: list[dict], out: str | Path, figure: str = "frame
     A model keeps its colour across panels; one legend (real first, then the summary's order) sits beside them."""
     lengths = sorted({r["length"] for r in summary})
     styles = curve_styles([r["model"] for r in summary])
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 2, 3.8), squeeze=False, sharey=True)
+    width = 5 * len(lengths) + 2  # inches: 5 per panel, 2 for the legend
+    fig, axes = plt.subplots(1, len(lengths), figsize=(width, 3.8), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths, strict=True):
         rows = {r["model"]: r for r in summary if r["length"] == length}
         for model in (m for m in styles if m in rows):
@@ -69,7 +70,7 @@ def plot_drift_curves(summary: list[dict], out: str | Path, figure: str = "frame
     axes[0, 0].set_ylabel(figure.replace("_", " "))
     handles = [Line2D([], [], lw=1.5, **style) for style in styles.values()]  # models of any panel
     fig.legend(handles, list(styles), fontsize=8, loc="center right")
-    fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(lengths) + 2), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2 / width, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
