@@ -62,7 +62,16 @@ def test_planted_drift_shows_in_the_drift_curve(real):
     per = analyse_batch(drifting, real.prompts)[1]
     for figure in ("frame_ok", "colour_fidelity"):
         q = quarters(drift_curve(per, figure))
-        assert q["change"] < -0.2, (figure, q)
+        assert q["change"] < -0.2 and q["late_change"] < -0.1, (figure, q)
+
+
+def test_late_change_tells_settling_from_accumulating_drift():
+    settling = torch.tensor([0.9] * 4 + [0.6] * 12)  # loses quality in its first frames, then holds
+    accumulating = torch.linspace(0.9, 0.3, 16)  # keeps losing it
+    s, a = quarters(settling), quarters(accumulating)
+    assert s["change"] < -0.25 and abs(s["late_change"]) < 1e-6
+    assert a["change"] < -0.4 and a["late_change"] < -0.25
+    assert a["second_quarter"] == pytest.approx(float(accumulating[4:8].mean()))
 
 
 def test_vanishing_object_and_colour_shift_move_their_own_figures(real):

@@ -166,12 +166,18 @@ def stage_names(configs: dict[str, TrainConfig], settings: ExperimentSettings) -
     return ["pairs", *configs, *(f"eval_{g}" for g in settings.granularities), "eval"]
 
 
-ABLATION_COLUMNS = (("frame ok", "frame_ok", 3), ("drift", "frame_ok_change", 3), ("FD", "fd", 1))
+ABLATION_COLUMNS = (
+    ("frame ok", "frame_ok", 3),
+    ("drift", "frame_ok_change", 3),
+    ("late drift", "frame_ok_late_change", 3),
+    ("FD", "fd", 1),
+)
 
 
 def ablation_table(summary: list[dict], length: int) -> str:
     """The paper's ablation layout for one video length: rows = methods, columns = chunk-wise and
-    frame-wise x (frame ok, drift = last - first quarter of frame ok, FD), mean ± spread over seeds.
+    frame-wise x (frame ok, drift = last - first quarter of frame ok, late drift = last - second
+    quarter, FD), mean ± spread over seeds.
     ``summary``: rows of ``eval.evaluate.aggregate`` whose models are named ``{method}_{granularity}``."""
     by_name = {r["model"]: r for r in summary if r["length"] == length}
     head = [f"{g}-wise {label}" for g in GRANULARITIES for label, _, _ in ABLATION_COLUMNS]

@@ -32,7 +32,7 @@ from .score import held_out_prompts, sample_videos
 
 REFERENCE_SEED = 777_000  # real videos the FD compares against; the real ceiling draws with other seeds
 CURVES = ("frame_ok", "found", "colour_fidelity")
-SUMMARY = (*FRAME_FIGURES, "frame_ok_first_quarter", "frame_ok_last_quarter", "frame_ok_change")
+SUMMARY = (*FRAME_FIGURES, "frame_ok_first_quarter", "frame_ok_last_quarter", "frame_ok_change", "frame_ok_late_change")
 SUMMARY += ("motion_error", "direction_ok", "fd")
 
 
@@ -185,6 +185,7 @@ def markdown_table(summary: list[dict]) -> str:
     cols = [
         ("frame ok", "frame_ok", 3),
         ("drift (last-first quarter)", "frame_ok_change", 3),
+        ("late drift (last-second quarter)", "frame_ok_late_change", 3),
         ("found", "found", 3),
         ("colour", "colour_fidelity", 3),
         ("size", "size_ratio", 2),

@@ -2,7 +2,9 @@
 
 - ``drift_curve``: a per-frame figure (e.g. ``frame_ok``) averaged over videos at each frame index
   ``[F]``; ``quarters`` summarises it as first vs last quarter (a model that drifts loses quality
-  along the video).
+  along the video) and as second vs last quarter (the late change: a model that settles after its
+  first frames and then holds shows a negative change but a late change near 0; one whose errors keep
+  piling up shows both negative).
 - ``motion_error``: the shapes world moves at constant velocity between bounces, so a tracked
   centroid's acceleration ``|c[t+1] - 2 c[t] + c[t-1]|`` is 0 away from the walls. Its mean, in
   pixels per frame^2, over the steps not explained by a bounce (a reversal next to a wall), measures
@@ -30,10 +32,17 @@ def drift_curve(scores: list[FrameScores], figure: str = "frame_ok") -> torch.Te
 
 
 def quarters(curve: torch.Tensor) -> dict[str, float]:
-    """First-quarter and last-quarter means of a drift curve ``[F]``, and their difference (last - first)."""
+    """Quarter means of a drift curve ``[F]``: first, second and last; ``change = last - first`` and
+    ``late_change = last - second``."""
     q = max(1, len(curve) // 4)
-    first, last = float(curve[:q].nanmean()), float(curve[-q:].nanmean())
-    return {"first_quarter": first, "last_quarter": last, "change": last - first}
+    first, second, last = (float(curve[a : a + q].nanmean()) for a in (0, q, len(curve) - q))
+    return {
+        "first_quarter": first,
+        "second_quarter": second,
+        "last_quarter": last,
+        "change": last - first,
+        "late_change": last - second,
+    }
 
 
 def near_wall(centroid: torch.Tensor, radius: float, height: int, width: int, margin: float) -> torch.Tensor:
