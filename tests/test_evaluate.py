@@ -64,6 +64,12 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup, 
     assert json.dumps(again) == json.dumps(rows)  # (NaN-safe comparison)
     with pytest.raises(AssertionError, match="generated again"):  # other prompts: the rows do not apply
         evaluate([str(teacher), str(student)], EvalSettings(**{**settings.__dict__, "num": 3}), tmp / "out")
+    stale = tmp / "out" / "rows" / "student_2x_seed1.json"  # as written before a figure existed
+    entry = json.loads(stale.read_text())
+    del entry["row"]["frame_ok_late_change"]
+    stale.write_text(json.dumps(entry))
+    with pytest.raises(AssertionError, match="generated again"):  # a row without every figure is redone
+        evaluate([str(teacher), str(student)], settings, tmp / "out")
     (tmp / "out" / "samples" / "student_1x.safetensors").unlink()  # a lost sample is made again
     with pytest.raises(AssertionError, match="generated again"):
         evaluate([str(teacher), str(student)], settings, tmp / "out")

@@ -156,7 +156,7 @@ def run_experiment(
             models = ["real", *(f"{m}_{gran}" for m in ["ode_init", *settings.methods])]
             plot_drift_curves([r for r in summary if r["model"] in models], out / "eval" / f"drift_{gran}.png")
             for mult in settings.eval_lengths:
-                gif = out / "eval" / f"compare_{gran}_{mult}x.gif"  # 10 columns: 3 prompts at 2x keep it ~2 MB
+                gif = out / "eval" / f"compare_{gran}_{mult}x.gif"  # 3 prompts, scale 2: ~2 MB at 4x
                 write_comparison(out / "eval", models, mult, gif, num=3, scale=2)
         done["eval"] = out / "eval"
     return done

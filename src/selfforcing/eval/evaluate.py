@@ -84,7 +84,8 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
     (``model: real``). All checkpoints must share one world; prompts are that world's held-out ones.
 
     With ``out``, each row is also written to ``out/rows/`` as it is finished, and a later call with the
-    same settings and checkpoints reuses it: an interrupted evaluation resumes where it stopped."""
+    same settings and checkpoints reuses it: an interrupted evaluation resumes where it stopped. A row
+    that lacks one of today's figures (written by an older version) is measured again."""
     encoder, encoder_world = load_encoder(settings.encoder)
     names = [model_name(c) for c in checkpoints]
     if len(set(names)) != len(names):
@@ -114,8 +115,10 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
         cached = Path(out) / "rows" / f"{name}_{mult}x_seed{seed}.json" if out is not None else None
         keep = out is not None and seed == settings.seeds[0] and settings.samples  # this job's videos are kept
         has_samples = not keep or (Path(out) / "samples" / f"{name}_{mult}x.safetensors").is_file()
-        if cached is not None and cached.is_file() and json.loads(cached.read_text()).get("key") == key and has_samples:
-            rows.append(json.loads(cached.read_text())["row"])
+        entry = json.loads(cached.read_text()) if cached is not None and cached.is_file() else {}
+        # reuse a row of the same key that has every figure (one written before a figure existed is redone)
+        if entry.get("key") == key and has_samples and all(k in entry["row"] for k in SUMMARY):
+            rows.append(entry["row"])
             continue
         if mult not in references:
             real_ref = world.sample_for_prompts(prompts, REFERENCE_SEED, frames).video
