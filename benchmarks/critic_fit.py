@@ -18,12 +18,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from selfforcing.config import load_config
-from selfforcing.diffusion.flow_matching import add_noise, velocity_target
+from selfforcing.device import cpu_randn_like
 from selfforcing.training.checkpoint import latest_checkpoint
 from selfforcing.training.self_forcing import SelfForcingTrainer
+from selfforcing.training.teacher import velocity_loss
 
 SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -31,10 +31,8 @@ SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 @torch.no_grad()
 def denoising_loss(model, x0: torch.Tensor, sigma: float, text, seed: int) -> float:
     """Flow-matching loss of ``model`` on ``x0: [B, F, C, H, W]`` noised to ``sigma`` (fixed noise per seed)."""
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
-    s = torch.full((x0.shape[0],), sigma, device=x0.device)
-    v = model(add_noise(x0, noise, s), s, text)
-    return float(F.mse_loss(v.float(), velocity_target(x0, noise).float()))
+    noise = cpu_randn_like(x0, torch.Generator().manual_seed(seed))
+    return float(velocity_loss(model, x0, noise, torch.full((x0.shape[0],), sigma, device=x0.device), text))
 
 
 def critic_fit(run: Path, num: int, seed: int) -> dict:
@@ -55,6 +53,7 @@ def critic_fit(run: Path, num: int, seed: int) -> dict:
         fake.append(trainer.rollout(batch_prompts, g, grad=False, exit_step=s))
         real.append(trainer.codec.encode(videos.to(trainer.device)))
         prompts.append(batch_prompts)
+    videos_measured = sum(len(p) for p in prompts)
     rows = []
     for sigma in SIGMAS:
         row = {"sigma": sigma}
@@ -67,7 +66,7 @@ def critic_fit(run: Path, num: int, seed: int) -> dict:
                 row[f"{name}_on_{side}"] = sum(losses) / len(losses)
             row[f"ratio_on_{side}"] = row[f"critic_on_{side}"] / row[f"teacher_on_{side}"]
         rows.append(row)
-    return {"run": str(run), "checkpoint": ckpt.name, "videos": sum(len(p) for p in prompts), "rows": rows}
+    return {"run": str(run), "checkpoint": ckpt.name, "videos": videos_measured, "rows": rows}
 
 
 def main() -> None:

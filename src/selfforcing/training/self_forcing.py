@@ -16,11 +16,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..device import cpu_randn_like
-from ..diffusion.flow_matching import add_noise, velocity_target, x0_from_velocity
+from ..diffusion.flow_matching import add_noise, x0_from_velocity
 from ..inference.pipeline import load_pipeline
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
@@ -28,7 +27,7 @@ from .gan import Discriminator, finite_difference_penalty, gan_discriminator_los
 from .ode_init import load_student_pairs, ode_regression_loss
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
-from .teacher import STREAMS, TeacherTrainer, lr_at, step_seed
+from .teacher import STREAMS, TeacherTrainer, lr_at, step_seed, velocity_loss
 
 
 class SelfForcingTrainer(TeacherTrainer):
@@ -158,8 +157,7 @@ class SelfForcingTrainer(TeacherTrainer):
         """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
         sigma = self.loss_sigma(video.shape[0], g)
         noise = cpu_randn_like(video, g)
-        v = self.critic(add_noise(video, noise, sigma), sigma, self.critic.encode_text(prompts))
-        return F.mse_loss(v.float(), velocity_target(video, noise).float())
+        return velocity_loss(self.critic, video, noise, sigma, self.critic.encode_text(prompts))
 
     def forced_output(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
         """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random

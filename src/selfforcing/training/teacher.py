@@ -76,6 +76,12 @@ class Batches:
         return prompt_vocabulary([p for _, p in self.folder.items])
 
 
+def velocity_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, text) -> torch.Tensor:
+    """``mse(v(x_t, sigma), noise - x0)`` for ``x0: [B, F, C, H, W]`` noised to ``sigma: [B]`` (or [B, F])."""
+    v = model(add_noise(x0, noise, sigma), sigma, text)
+    return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+
+
 def flow_matching_loss(
     model, x0: torch.Tensor, prompts: list[str], cfg: TrainConfig, g: torch.Generator
 ) -> torch.Tensor:
@@ -86,9 +92,7 @@ def flow_matching_loss(
     prompts = ["" if dropped else p for p, dropped in zip(prompts, drop.tolist(), strict=True)]
     sigma = sample_training_sigmas(b, g, d.timestep_distribution, d.train_shift, d.logit_mean, d.logit_std)
     noise = cpu_randn_like(x0, g)
-    sigma = sigma.to(x0.device)
-    v = model(add_noise(x0, noise, sigma), sigma, model.encode_text(prompts))
-    return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+    return velocity_loss(model, x0, noise, sigma.to(x0.device), model.encode_text(prompts))
 
 
 class TeacherTrainer:
