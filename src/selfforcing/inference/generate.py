@@ -30,7 +30,7 @@ def generate_videos(
 
     The starting noise is drawn on the CPU from ``seed``, so a seed gives the same video on any device.
     """
-    device = next(model.parameters()).device
+    device = next(model.dit.parameters()).device
     f, c, h, w = codec.latent_shape(frames, height, width)
     noise = torch.randn(len(prompts), f, c, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
     cond = model.encode_text(prompts)

@@ -63,7 +63,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.model.dit.parameters()).device
 
 
 def load_pipeline(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Pipeline:

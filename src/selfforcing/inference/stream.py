@@ -124,7 +124,7 @@ def causal_chunks(
     b, f, c, h, w = shape
     fpb = settings.frames_per_block
     settings.validate(f)
-    p = next(model.parameters())
+    p = next(model.dit.parameters())
     _, gh, gw = model.dit.token_grid(fpb, h, w)
     window = window or settings.window or f
     rows = b if guidance == 1.0 else 2 * b
@@ -181,7 +181,7 @@ def stream_video(
         raise ValueError(
             f"guidance_scale {guidance_scale} needs context='cache': the recompute modes only exist to time the cache"
         )
-    device = next(model.parameters()).device
+    device = next(model.dit.parameters()).device
     f_lat, c, h, w = codec.latent_shape(frames, height, width)
     settings.validate(f_lat)
     g = torch.Generator().manual_seed(seed)
@@ -214,7 +214,7 @@ def _recomputed_chunks(
     re-run at every denoising step, or (``rebuild_cache``) once per chunk to rebuild a cache."""
     b, f, c, h, w = shape
     fpb = settings.frames_per_block
-    p = next(model.parameters())
+    p = next(model.dit.parameters())
     _, gh, gw = model.dit.token_grid(fpb, h, w)
     n = gh * gw
     window = settings.window or f
