@@ -89,3 +89,45 @@ def diffusers_velocity(model, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tenso
     with torch.no_grad():
         out = model(x.permute(0, 2, 1, 3, 4), t.repeat_interleave(tokens, dim=1), ctx, return_dict=False)[0]
     return out.permute(0, 2, 1, 3, 4)
+
+
+VAE_KW = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+def diffusers_vae(seed: int = 0, **kw):
+    from diffusers import AutoencoderKLWan
+
+    return randomize(AutoencoderKLWan(**{**VAE_KW, **kw}), std=0.1, seed=seed)
+
+
+def original_vae_state_dict(vae) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKLWan's weights under the original ``WanVAE_`` names (the reverse renaming,
+    written independently of the loader's: quant_conv -> conv1, up_blocks.s.resnets.p -> upsamples.N, ...)."""
+    import re
+
+    nrb = vae.config.num_res_blocks
+    residual = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
+    residual["conv_shortcut"] = "shortcut"
+
+    def block(tail: str) -> str:
+        name, _, rest = tail.partition(".")
+        return f"{residual[name]}.{rest}" if name in residual else tail  # resample.* / time_conv.* keep names
+
+    out = {}
+    for key, v in vae.state_dict().items():
+        k = re.sub(r"^quant_conv\.", "conv1.", key)
+        k = re.sub(r"^post_quant_conv\.", "conv2.", k)
+        k = re.sub(r"^(encoder|decoder)\.conv_in\.", r"\1.conv1.", k)
+        k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.head.0.", k)
+        k = re.sub(r"^(encoder|decoder)\.conv_out\.", r"\1.head.2.", k)
+        k = re.sub(r"mid_block\.attentions\.0\.", "middle.1.", k)
+        if m := re.match(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)$", k):
+            k = f"{m[1]}.middle.{2 * int(m[2])}.{block(m[3])}"
+        if m := re.match(r"^encoder\.down_blocks\.(\d+)\.(.+)$", k):
+            k = f"encoder.downsamples.{m[1]}.{block(m[2])}"
+        if m := re.match(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", k):
+            k = f"decoder.upsamples.{int(m[1]) * (nrb + 2) + int(m[2])}.{block(m[3])}"
+        if m := re.match(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", k):
+            k = f"decoder.upsamples.{int(m[1]) * (nrb + 2) + nrb + 1}.{m[2]}"
+        out[k] = v.clone()
+    return out

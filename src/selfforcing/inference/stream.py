@@ -193,9 +193,10 @@ def stream_video(
         if context == "cache"
         else _recomputed_chunks(model, text_kv, shape, settings, g, context == "recompute_chunk")
     )
+    decode = codec.stream_decoder()  # a causal VAE keeps its cache from chunk to chunk
     t0 = time.perf_counter()
     for index, (start, x0) in enumerate(chunks):  # asking for a chunk also commits the previous one
-        pixels = codec.decode(x0)
+        pixels = decode(x0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         yield Chunk(index, start, x0, pixels, time.perf_counter() - t0)

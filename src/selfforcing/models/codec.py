@@ -7,6 +7,8 @@ training code only ever see ``Codec``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -23,6 +25,13 @@ class Codec:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def stream_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A decoder for one stream: called on its latent chunks in order, it returns each chunk's frames,
+        and all of them together equal ``decode`` of the whole latents. A codec whose frames decode
+        independently needs no state, so by default this is ``decode``; a causal video VAE carries its
+        convolutions' cache from chunk to chunk."""
+        return self.decode
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(f, C, h, w) of the latents of a ``frames x height x width`` video; raises if impossible."""
