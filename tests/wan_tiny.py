@@ -131,3 +131,75 @@ def original_vae_state_dict(vae) -> dict[str, torch.Tensor]:
             k = f"decoder.upsamples.{int(m[1]) * (nrb + 2) + nrb + 1}.{m[2]}"
         out[k] = v.clone()
     return out
+
+
+WORDS = [
+    "a",
+    "large",
+    "red",
+    "circle",
+    "moving",
+    "right",
+    "small",
+    "blue",
+    "triangle",
+    "up",
+    "the",
+    "cat",
+    "walks",
+    "on",
+    "grass",
+    "at",
+    "night",
+]
+
+
+def tiny_tokenizer():
+    """A umT5-style tokenizer (Unigram, metaspace, ``</s>`` appended) built offline with ``tokenizers``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,.'"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+    return cls(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+
+
+def tiny_umt5(vocab_size: int, d_model: int = 24, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=12,
+        d_ff=40,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    )
+    return randomize(UMT5EncoderModel(cfg), std=0.3, seed=seed)
+
+
+def write_diffusers_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny text-to-video Wan pipeline saved by diffusers' own ``WanPipeline.save_pretrained``:
+    model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    tokenizer = tiny_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_umt5(len(tokenizer), seed=seed),
+        transformer=diffusers_dit(seed=seed, in_channels=16, out_channels=16),
+        vae=diffusers_vae(seed=seed),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    )
+    pipe.save_pretrained(folder)
+    return folder

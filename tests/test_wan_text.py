@@ -1,0 +1,56 @@
+"""umT5 text embeddings: equal to diffusers' WanPipeline (UMT5EncoderModel, padding zeroed to 512)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from diffusers import WanPipeline  # noqa: E402
+
+from selfforcing.wan.text_encoder import clean_prompt, load_text_encoder  # noqa: E402
+
+from .wan_tiny import write_diffusers_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return write_diffusers_pipeline(tmp_path_factory.mktemp("wan") / "pipe")
+
+
+def test_embeddings_equal_wan_pipeline_with_padding_zeroed(pipe_dir):
+    ref = WanPipeline.from_pretrained(pipe_dir)
+    prompts = ["a large red circle moving right", "  the cat   walks on grass at night &amp; zz ", ""]
+    with torch.no_grad():
+        want = ref._get_t5_prompt_embeds(prompts, max_sequence_length=512, device=torch.device("cpu"))
+    enc = load_text_encoder(pipe_dir)
+    got, mask = enc(prompts)
+    assert mask is None  # Wan attends to every one of the 512 tokens
+    assert got.shape == (3, 512, 24) and want.shape == got.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    lengths = (got.abs().sum(-1) > 0).sum(1).tolist()
+    assert lengths[0] == 7 and lengths[2] == 1  # 6 words + </s>; the empty prompt is </s> alone
+    assert torch.count_nonzero(got[0, 7:]) == 0
+
+
+def test_each_prompt_is_encoded_once(pipe_dir):
+    enc = load_text_encoder(pipe_dir)
+    calls = []
+    enc.encoder.register_forward_hook(lambda m, args, out: calls.append(1))
+    a, _ = enc(["a cat", "a red circle"])
+    b, _ = enc(["a  red circle", "a cat", "a cat"])  # same after cleaning
+    assert len(calls) == 1 and len(enc.cache) == 2
+    torch.testing.assert_close(b[1], a[0])
+    torch.testing.assert_close(b[0], a[1])
+
+
+def test_offloaded_encoder_lives_on_the_cpu(pipe_dir):
+    enc = load_text_encoder(pipe_dir, offload=True)
+    emb, _ = enc(["a cat"])
+    assert next(enc.encoder.parameters()).device.type == "cpu" and emb.device.type == "cpu"
+
+
+def test_cleaning_and_errors(tmp_path):
+    assert clean_prompt("  a &amp;amp; b\n\tc ") == "a & b c"
+    with pytest.raises(FileNotFoundError, match="has no text_encoder/ folder"):
+        load_text_encoder(tmp_path)
