@@ -29,33 +29,48 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.model:
+        return _generate_wan(args)
+    if not args.checkpoint:
+        raise ValueError("pass --checkpoint (a run or checkpoint folder) or --model (a Wan2.1 folder)")
     from .data.video_io import video_grid, write_video
     from .device import resolve_device
     from .inference.generate import generate_videos
     from .inference.pipeline import load_pipeline
 
-    pipe = load_pipeline(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    pipe = load_pipeline(args.checkpoint, weights=args.weights or "ema", device=resolve_device(args.device))
     if args.compile:
         pipe.model.dit.compile_blocks()
     prompts = args.prompt * args.num
+    scale, fps = args.scale or 4, args.fps or 8.0
+    data = pipe.cfg.data
+    frames, height, width = args.frames or data.frames, args.height or data.height, args.width or data.width
     if args.stream or pipe.cfg.causal is not None:
-        videos = _stream(pipe, prompts, args)
+        from .inference.pipeline import stream_guidance, stream_settings
+        from .inference.stream import stream_video
+
+        settings = _causal_overrides(stream_settings(pipe.cfg, window=args.window), args)
+        guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
+        chunks = stream_video(
+            pipe.model, pipe.codec, prompts, frames, height, width, settings, args.seed, guidance_scale=guidance
+        )
+        videos = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
     else:
-        d, data = pipe.cfg.diffusion, pipe.cfg.data
+        d = pipe.cfg.diffusion
         videos = generate_videos(
             pipe.model,
             pipe.codec,
             prompts,
-            args.frames or data.frames,
-            data.height,
-            data.width,
+            frames,
+            height,
+            width,
             seed=args.seed,
             steps=args.steps or d.sample_steps,
             shift=args.shift or d.sample_shift,
             guidance_scale=d.guidance_scale if args.guidance is None else args.guidance,
             progress=True,
         ).cpu()
-        out = write_video(args.out, video_grid(videos, prompts, scale=args.scale), fps=args.fps)
+        out = write_video(args.out, video_grid(videos, prompts, scale=scale), fps=fps)
         print(f"wrote {out}")
     if args.analyse:
         from .eval.analyser import analyse_batch
@@ -64,50 +79,108 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
 
 
-def _stream(pipe, prompts: list[str], args: argparse.Namespace):
-    """Stream a causal student chunk by chunk, appending each chunk to the video file as it arrives."""
-    import time
+def _causal_overrides(settings, args: argparse.Namespace):
+    """The causal settings with the command line's --frames-per-block, --denoising-steps, ... applied."""
     from dataclasses import replace
+
+    flags = {
+        "frames_per_block": args.frames_per_block,
+        "denoising_steps": args.denoising_steps,
+        "shift": args.step_shift,
+        "context_timestep": args.context_timestep,
+        "window": args.window,
+        "sink": args.sink,
+    }
+    settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
+    settings.validate()
+    return settings
+
+
+def _generate_wan(args: argparse.Namespace) -> None:
+    """``generate --model WAN_FOLDER [--checkpoint self_forcing_dmd.pt]``: stream the causal student, or
+    sample the folder's bidirectional model (the teacher)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .data.video_io import to_uint8, video_grid, write_video
+    from .wan.pipeline import TEACHER_GUIDANCE, TEACHER_SHIFT, TEACHER_STEPS, load_wan
+
+    if args.analyse:
+        raise ValueError("--analyse scores shapes-world videos; it does not apply to a Wan model")
+    pipe = load_wan(
+        args.model, args.checkpoint, weights=args.weights, device=args.device, offload_text_encoder=args.offload_text
+    )
+    if args.compile:
+        pipe.model.dit.compile_blocks()
+    prompts = args.prompt * args.num
+    frames, height, width = args.frames or 81, args.height or 480, args.width or 832
+    fps, scale = args.fps or 16.0, args.scale or 1
+
+    def render(video: torch.Tensor):  # [B, F, 3, H, W] -> [F, H', W', 3] uint8
+        if len(prompts) == 1 and scale == 1:
+            return to_uint8(video[0])
+        return video_grid(video, None, scale=scale)
+
+    if pipe.causal is not None:
+        settings = _causal_overrides(pipe.causal, args)
+        pipe.check_size(frames, height, width)
+        chunks = []
+
+        def keep(stream):
+            for chunk in stream:
+                chunks.append(chunk.latents.cpu())
+                yield chunk
+
+        stream = keep(pipe.stream(prompts, frames, height, width, args.seed, settings))
+        _write_stream(stream, args.out, fps, render, settings)
+        latents = torch.cat(chunks, dim=1)
+    else:
+        if args.stream:
+            raise ValueError("--stream needs a causal student: pass --checkpoint (e.g. self_forcing_dmd.pt)")
+        video, latents = pipe.generate(
+            prompts,
+            frames,
+            height,
+            width,
+            args.seed,
+            steps=args.steps or TEACHER_STEPS,
+            shift=args.shift or TEACHER_SHIFT,
+            guidance_scale=TEACHER_GUIDANCE if args.guidance is None else args.guidance,
+            return_latents=True,
+        )
+        print(f"wrote {write_video(args.out, render(video.float().cpu()), fps=fps)}")
+    if args.save_latents:
+        path = Path(args.out).with_suffix(".latents.safetensors")
+        save_file({"latents": latents.float().contiguous()}, path, metadata={"prompts": json.dumps(prompts)})
+        print(f"wrote {path} (latents [B, F, C, h, w], normalised)")
+
+
+def _write_stream(chunks, out: str, fps: float, render, settings):
+    """Append each streamed chunk to the video file as it arrives, printing its latency; returns the
+    frames ``[B, F, 3, H, W]`` (on the CPU)."""
+    import time
 
     import torch
 
-    from .data.video_io import VideoWriter, video_grid
-    from .inference.pipeline import stream_guidance, stream_settings
-    from .inference.stream import stream_video
+    from .data.video_io import VideoWriter
 
-    settings = stream_settings(pipe.cfg, window=args.window)
-    if args.sink is not None:
-        settings = replace(settings, sink=args.sink)
-    data = pipe.cfg.data
-    frames = args.frames or data.frames
-    chunks, t0 = [], time.perf_counter()
-    with VideoWriter(args.out, fps=args.fps) as writer:
-        guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
-        for chunk in stream_video(
-            pipe.model,
-            pipe.codec,
-            prompts,
-            frames,
-            data.height,
-            data.width,
-            settings,
-            args.seed,
-            guidance_scale=guidance,
-        ):
+    done, n, t0 = [], 0, time.perf_counter()
+    with VideoWriter(out, fps=fps) as writer:
+        for chunk in chunks:
             elapsed = time.perf_counter() - t0
-            first = sum(c.frames.shape[1] for c in chunks)
-            last = first + chunk.frames.shape[1] - 1
-            ms = chunk.seconds * 1000
-            print(f"chunk {chunk.index:3d}  frames {first:4d}-{last:<4d} {ms:8.1f} ms  (t = {elapsed:.2f} s)")
-            writer.append(video_grid(chunk.frames.cpu(), prompts, scale=args.scale))
-            chunks.append(chunk)
+            frames = chunk.frames.float().cpu()
+            ms, last = chunk.seconds * 1000, n + frames.shape[1] - 1
+            print(f"chunk {chunk.index:3d}  frames {n:4d}-{last:<4d} {ms:8.1f} ms  (t = {elapsed:.2f} s)")
+            writer.append(render(frames))
+            done.append((chunk.seconds, frames))
+            n += frames.shape[1]
     total = time.perf_counter() - t0
-    n = sum(c.frames.shape[1] for c in chunks)
+    b = done[0][1].shape[0]
     print(
-        f"wrote {writer.path}: {n} frames x {len(prompts)} videos in {total:.2f} s = {n / total:.1f} frames/s; "
-        f"first chunk after {chunks[0].seconds * 1000:.1f} ms (window {settings.window}, sink {settings.sink})"
+        f"wrote {writer.path}: {n} frames x {b} videos in {total:.2f} s = {n / total:.1f} frames/s; "
+        f"first chunk after {done[0][0] * 1000:.1f} ms (window {settings.window}, sink {settings.sink})"
     )
-    return torch.cat([c.frames.cpu() for c in chunks], dim=1)
+    return torch.cat([f for _, f in done], dim=1)
 
 
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
@@ -220,28 +293,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optim.lr=1e-3")
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="generate videos from prompts with a trained checkpoint")
-    g.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest checkpoint)")
+    g = sub.add_parser("generate", help="generate videos from prompts: a trained checkpoint or a Wan2.1 folder")
+    g.add_argument(
+        "--checkpoint", default=None, help="a run/checkpoint folder; with --model, a causal .pt (Self Forcing)"
+    )
+    g.add_argument("--model", default=None, help="a Wan2.1-T2V folder (diffusers or original layout): VAE, umT5, DiT")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     g.add_argument("--out", default="video.mp4", help="output .mp4 or .gif (a grid when several)")
     g.add_argument("--num", type=int, default=1, help="videos per prompt")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=None, help="Euler steps (default: the recipe's)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    g.add_argument("--shift", type=float, default=None, help="timestep shift of the sampling schedule")
-    g.add_argument("--frames", type=int, default=None, help="frames (default: the training length; any with --stream)")
-    g.add_argument("--weights", default="ema", choices=["ema", "model"])
+    g.add_argument("--steps", type=int, default=None, help="Euler steps (default: the recipe's; Wan: 50)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (Wan teacher: 5)")
+    g.add_argument("--shift", type=float, default=None, help="timestep shift of the sampling schedule (Wan: 5)")
+    g.add_argument("--frames", type=int, default=None, help="frames (default: the training length; Wan: 81)")
+    g.add_argument("--height", type=int, default=None, help="default: the training size; Wan: 480")
+    g.add_argument("--width", type=int, default=None, help="default: the training size; Wan: 832")
+    g.add_argument(
+        "--weights", default=None, help="ema|model (run folders, default ema); generator_ema|generator|critic (.pt)"
+    )
     g.add_argument("--device", default="auto")
-    g.add_argument("--scale", type=int, default=4, help="upscaling of each tile in the output")
-    g.add_argument("--fps", type=float, default=8.0)
+    g.add_argument("--scale", type=int, default=None, help="upscaling of each tile in the output (default 4; Wan 1)")
+    g.add_argument("--fps", type=float, default=None, help="default 8; Wan 16")
     g.add_argument("--analyse", action="store_true", help="print the shapes-world analyser's scores")
     g.add_argument(
         "--stream", action="store_true", help="causal student: write chunk by chunk, print latency and frames/s"
     )
     g.add_argument(
-        "--window", type=int, default=None, help="KV-cache window in latent frames (default: training length)"
+        "--window", type=int, default=None, help="KV-cache window in latent frames (default: training length; Wan 21)"
     )
     g.add_argument("--sink", type=int, default=None, help="latent frames kept from the start when the cache rolls")
+    g.add_argument("--frames-per-block", type=int, default=None, help="latent frames per streamed chunk (Wan: 3)")
+    g.add_argument("--denoising-steps", type=float, nargs="+", default=None, help="few-step list (1000 750 500 250)")
+    g.add_argument("--step-shift", type=float, default=None, help="warp of the few-step list (5)")
+    g.add_argument("--context-timestep", type=float, default=None, help="t of the cache-commit pass (0: clean)")
+    g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")
+    g.add_argument("--offload-text", action="store_true", help="Wan: keep umT5 on the CPU between prompts")
     g.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
     )

@@ -25,8 +25,10 @@ def generate_videos(
     guidance_scale: float = 3.0,
     negative_prompt: str = "",
     progress: bool = False,
-) -> torch.Tensor:
-    """Sample one video per prompt: ``[B, frames, 3, height, width]`` in [-1, 1].
+    return_latents: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample one video per prompt: ``[B, frames, 3, height, width]`` in [-1, 1] (and, with
+    ``return_latents``, the sampled latents ``[B, f, C, h, w]``).
 
     The starting noise is drawn on the CPU from ``seed``, so a seed gives the same video on any device.
     """
@@ -42,4 +44,5 @@ def generate_videos(
 
     latents = sample_euler(velocity, noise, sampling_sigmas(steps, shift).to(device), callback=lambda *_: bar.update())
     bar.close()
-    return codec.decode(latents)
+    video = codec.decode(latents)
+    return (video, latents) if return_latents else video

@@ -9,7 +9,7 @@ from ..diffusion.flow_matching import NUM_TRAIN_TIMESTEPS
 from .dit import VideoDiT
 from .text_encoder import TextEncoder
 
-Text = tuple[torch.Tensor, torch.Tensor]  # (embeddings [B, L, D], mask [B, L])
+Text = tuple[torch.Tensor, torch.Tensor | None]  # (embeddings [B, L, D], mask [B, L] or None: attend to all)
 
 
 class TextToVideo(nn.Module):
@@ -40,7 +40,9 @@ class TextToVideo(nn.Module):
         """``(v_c, v_u)``, the velocities with the prompt and with the empty prompt, in one batched call."""
         length = max(cond[0].shape[1], uncond[0].shape[1])
         emb = torch.cat([_pad(cond[0], length), _pad(uncond[0], length)])
-        mask = torch.cat([_pad(cond[1], length), _pad(uncond[1], length)])
+        if (cond[1] is None) != (uncond[1] is None):
+            raise ValueError("the prompt and the empty prompt must both have a text mask or both have none")
+        mask = None if cond[1] is None else torch.cat([_pad(cond[1], length), _pad(uncond[1], length)])
         v_c, v_u = self(torch.cat([x, x]), torch.cat([sigma, sigma]), (emb, mask)).chunk(2)
         return v_c, v_u
 

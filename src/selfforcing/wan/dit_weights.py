@@ -309,6 +309,18 @@ class DiTCheckpoint:
     weights: str = ""  # for a training checkpoint: which network (generator_ema, generator, critic)
 
 
+def folder_config(path: str | Path) -> DiTConfig:
+    """The DiT config of a Wan or diffusers folder, read from its config.json alone (no weights)."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "wan":
+        return config_from_wan_json(_read_json(path / "config.json"), path / "config.json")
+    if layout == "diffusers":
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        return config_from_diffusers_json(_read_json(folder / "config.json"), folder / "config.json")
+    raise CheckpointError(f"{path} is a {layout} file, not a model folder with a config.json")
+
+
 def read_dit(path: str | Path, weights: str | None = None, num_heads: int | None = None) -> DiTCheckpoint:
     """Read the DiT weights and config from any of ``LAYOUTS`` (see the module docstring)."""
     path = Path(path)

@@ -1,0 +1,177 @@
+"""A Wan2.1 model folder (+ optionally a Self Forcing checkpoint) as one streaming text-to-video pipeline.
+
+    pipe = load_wan("wan_models/Wan2.1-T2V-1.3B-Diffusers", checkpoint="checkpoints/self_forcing_dmd.pt")
+    for chunk in pipe.stream(["a corgi surfing a wave"], frames=81):
+        ...  # chunk.frames: [1, 9 or 12, 3, 480, 832] in [-1, 1]
+
+The folder supplies the VAE and the umT5 text encoder, and the DiT unless a causal checkpoint
+replaces its weights. With a checkpoint the DiT is a causal student and streams chunk by chunk
+(``RELEASED_CAUSAL``: the released Self Forcing settings); without one it is Wan's bidirectional
+model, sampled with many Euler steps and classifier-free guidance (the teacher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..config import CausalConfig
+from ..device import resolve_device
+from ..inference.generate import generate_videos
+from ..inference.stream import Chunk, stream_video
+from ..models.t2v import TextToVideo
+from .dit_weights import CheckpointError, folder_config, load_dit
+from .text_encoder import UMT5TextEncoder, load_text_encoder
+from .vae import WanVAE, load_vae
+
+# The released Self Forcing checkpoints: chunks of 3 latent frames, the 4-step list warped with shift 5,
+# the cache committed from the clean chunk (t = 0), and a 21-latent-frame (81-frame) window that rolls
+# once a video is longer.
+RELEASED_CAUSAL = CausalConfig(
+    frames_per_block=3, denoising_steps=[1000.0, 750.0, 500.0, 250.0], shift=5.0, context_timestep=0.0, window=21
+)
+# Wan2.1's own T2V sampling (wan/configs): 50 steps, shift 5, guidance 5, and its negative prompt.
+TEACHER_STEPS, TEACHER_SHIFT, TEACHER_GUIDANCE = 50, 5.0, 5.0
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class WanPipeline:
+    """The umT5 text encoder and the DiT (``model``), the VAE (``codec``), and how to sample them."""
+
+    model: TextToVideo
+    codec: WanVAE
+    causal: CausalConfig | None  # None: the bidirectional teacher
+    folder: Path
+    checkpoint: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.dit.parameters()).device
+
+    @property
+    def text_encoder(self) -> UMT5TextEncoder:
+        return self.model.text_encoder
+
+    def check_size(self, frames: int, height: int, width: int) -> None:
+        """Raise unless the VAE and the DiT's patches divide the video exactly."""
+        ph, pw = self.model.dit.cfg.patch_size[1:]
+        s = self.codec.spatial_compression
+        if height % (s * ph) or width % (s * pw):
+            raise ValueError(
+                f"height and width must be multiples of {s * ph} (VAE {s}x, patch {ph}), got {height}x{width}: "
+                f"e.g. {height // (s * ph) * s * ph}x{width // (s * pw) * s * pw}"
+            )
+        self.codec.latent_shape(frames, height, width)  # frames = 1 + 4k
+
+    def stream(
+        self,
+        prompts: list[str],
+        frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        seed: int = 0,
+        settings: CausalConfig | None = None,
+    ) -> Iterator[Chunk]:
+        """Stream a causal student chunk by chunk (see ``inference.stream.stream_video``); each chunk is
+        decoded by the VAE's streaming decoder as soon as it is denoised."""
+        if self.causal is None:
+            raise ValueError(
+                f"{self.folder} holds Wan's bidirectional model: streaming needs a causal checkpoint "
+                "(checkpoint=self_forcing_dmd.pt); sample the teacher with generate()"
+            )
+        self.check_size(frames, height, width)
+        yield from stream_video(self.model, self.codec, prompts, frames, height, width, settings or self.causal, seed)
+
+    def generate(
+        self,
+        prompts: list[str],
+        frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        seed: int = 0,
+        steps: int = TEACHER_STEPS,
+        shift: float = TEACHER_SHIFT,
+        guidance_scale: float = TEACHER_GUIDANCE,
+        negative_prompt: str = WAN_NEGATIVE_PROMPT,
+        progress: bool = True,
+        return_latents: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The whole video at once, ``[B, frames, 3, H, W]`` in [-1, 1] (and with ``return_latents`` its
+        latents): a causal student streams and the chunks are joined; the teacher samples with Euler +
+        classifier-free guidance."""
+        self.check_size(frames, height, width)
+        if self.causal is not None:
+            chunks = list(self.stream(prompts, frames, height, width, seed))
+            video = torch.cat([c.frames for c in chunks], dim=1)
+            return (video, torch.cat([c.latents for c in chunks], dim=1)) if return_latents else video
+        return generate_videos(
+            self.model,
+            self.codec,
+            prompts,
+            frames,
+            height,
+            width,
+            seed=seed,
+            steps=steps,
+            shift=shift,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            progress=progress,
+            return_latents=return_latents,
+        )
+
+
+def load_wan(
+    folder: str | Path,
+    checkpoint: str | Path | None = None,
+    weights: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    offload_text_encoder: bool = False,
+    causal: CausalConfig | None = None,
+) -> WanPipeline:
+    """Load a Wan2.1 folder (diffusers ``WanPipeline`` layout, or the original layout with its
+    ``google/umt5-xxl`` tokenizer and ``models_t5_umt5-xxl-enc-bf16.pth``) and, optionally, a causal
+    checkpoint (Self Forcing / CausVid ``.pt``, or any DiT layout) whose weights replace the folder's DiT.
+
+    ``weights``: which network of a training checkpoint (default ``generator_ema``); ``dtype``: bf16
+    on CUDA, fp32 on the CPU by default; ``offload_text_encoder``: keep umT5 on the CPU between prompts;
+    ``causal``: the student's sampling settings (default ``RELEASED_CAUSAL``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder (expected a downloaded Wan2.1-T2V folder)")
+    device = resolve_device(str(device)) if isinstance(device, str) else device
+    dtype = dtype or default_dtype(device)
+    cfg = folder_config(folder)
+    if checkpoint is None:
+        dit = load_dit(folder, dtype=dtype, device=device)
+    else:
+        dit = load_dit(checkpoint, weights=weights, num_heads=cfg.num_heads, dtype=dtype, device=device)
+        if replace(dit.cfg, eps=cfg.eps) != cfg:
+            raise CheckpointError(
+                f"{checkpoint} is a DiT of {dit.cfg}, but {folder} holds {cfg}: use the checkpoint with the Wan "
+                "folder it was trained from (e.g. Wan2.1-T2V-1.3B for the released Self Forcing checkpoints)"
+            )
+    text_encoder = load_text_encoder(folder, dtype=dtype, device=device, offload=offload_text_encoder)
+    if text_encoder.dim != dit.cfg.text_dim:
+        raise CheckpointError(f"the text encoder is {text_encoder.dim} wide, the DiT expects {dit.cfg.text_dim}")
+    codec = load_vae(folder, dtype=dtype, device=device)
+    if codec.latent_channels != dit.cfg.in_channels:
+        raise CheckpointError(f"the VAE has {codec.latent_channels} latent channels, the DiT {dit.cfg.in_channels}")
+    model = TextToVideo(text_encoder, dit)
+    causal = (causal or RELEASED_CAUSAL) if checkpoint is not None else None
+    return WanPipeline(model, codec, causal, folder, Path(checkpoint) if checkpoint else None)

@@ -1,0 +1,91 @@
+"""A Wan folder + a Self Forcing checkpoint stream end to end (tiny random models in the real layouts)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from selfforcing.cli import main  # noqa: E402
+from selfforcing.data.video_io import read_video  # noqa: E402
+from selfforcing.wan.dit_weights import CheckpointError  # noqa: E402
+from selfforcing.wan.pipeline import RELEASED_CAUSAL, load_wan  # noqa: E402
+
+from .wan_tiny import diffusers_dit, wan_state_dict, write_diffusers_pipeline  # noqa: E402
+
+SIZE = dict(height=32, width=48)  # latents 4 x 6, tokens 2 x 3
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    folder = write_diffusers_pipeline(root / "Wan2.1-T2V-tiny-Diffusers")
+    student = wan_state_dict(diffusers_dit(seed=7, in_channels=16, out_channels=16))
+    ckpt = root / "self_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in student.items()}}, ckpt)
+    return folder, ckpt, student
+
+
+def test_the_checkpoint_replaces_the_folders_dit_and_streams(wan):
+    folder, ckpt, student = wan
+    pipe = load_wan(folder, ckpt)
+    assert pipe.causal == RELEASED_CAUSAL and pipe.causal.window == 21
+    for k, v in pipe.model.dit.state_dict().items():
+        assert torch.equal(v, student[k]), k
+    chunks = list(pipe.stream(["a red circle moving right"], frames=21, **SIZE))
+    assert [c.frames.shape[1] for c in chunks] == [9, 12]  # 3 latent frames a chunk, frame 0 decoded alone
+    assert chunks[0].frames.shape == (1, 9, 3, 32, 48) and chunks[0].latents.shape == (1, 3, 16, 4, 6)
+    video = torch.cat([c.frames for c in chunks], dim=1)
+    # the streaming decode of chunk after chunk equals one decode of the whole latents
+    whole = pipe.codec.decode(torch.cat([c.latents for c in chunks], dim=1))
+    torch.testing.assert_close(video, whole, atol=1e-5, rtol=1e-5)
+    assert video.std() > 0.01
+
+
+def test_without_a_checkpoint_the_folder_samples_as_the_teacher(wan):
+    folder, _, _ = wan
+    pipe = load_wan(folder)
+    assert pipe.causal is None
+    video, latents = pipe.generate(["a cat"], frames=5, steps=2, progress=False, return_latents=True, **SIZE)
+    assert video.shape == (1, 5, 3, 32, 48) and latents.shape == (1, 2, 16, 4, 6)
+    with pytest.raises(ValueError, match="streaming needs a causal checkpoint"):
+        next(pipe.stream(["a cat"], frames=9, **SIZE))
+
+
+def test_generate_command_streams_an_mp4_and_saves_latents(wan, tmp_path, capsys):
+    folder, ckpt, _ = wan
+    out = tmp_path / "video.mp4"
+    main(
+        ["generate", "--model", str(folder), "--checkpoint", str(ckpt), "--prompt", "a small blue triangle"]
+        + ["--frames", "21", "--height", "32", "--width", "48", "--stream", "--out", str(out), "--save-latents"]
+    )
+    printed = capsys.readouterr().out
+    assert "chunk   0  frames    0-8" in printed and "chunk   1  frames    9-20" in printed
+    frames = read_video(out)
+    assert frames.shape == (21, 32, 48, 3)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "video.latents.safetensors", "pt") as f:
+        assert f.get_tensor("latents").shape == (1, 6, 16, 4, 6)
+        assert json.loads(f.metadata()["prompts"]) == ["a small blue triangle"]
+
+
+def test_bad_requests_are_refused_with_the_fix(wan, tmp_path, capsys):
+    folder, ckpt, _ = wan
+    pipe = load_wan(folder, ckpt)
+    with pytest.raises(ValueError, match=r"frame count must be 1 \+ 4 \* k"):
+        next(pipe.stream(["a"], frames=20, **SIZE))
+    with pytest.raises(ValueError, match="multiples of 16 .VAE 8x, patch 2., got 40x48: e.g. 32x48"):
+        next(pipe.stream(["a"], frames=9, height=40, width=48))
+    with pytest.raises(ValueError, match="whole number of chunks of 3"):
+        next(pipe.stream(["a"], frames=17, **SIZE))
+    other = wan_state_dict(diffusers_dit(in_channels=16, out_channels=16, ffn_dim=64))
+    torch.save({"generator": {f"model.{k}": v for k, v in other.items()}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="use the checkpoint with the Wan folder it was trained from"):
+        load_wan(folder, tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_wan(tmp_path / "nope")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(folder), "--prompt", "a", "--stream", "--out", str(tmp_path / "x.mp4")])
+    assert e.value.code == 2 and "--stream needs a causal student" in capsys.readouterr().err
