@@ -119,7 +119,11 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="weights-only torch checkpoint"):
         read_dit(tmp_path / "bad.pt")
     torch.save({"optimizer": {"x": torch.zeros(1)}, "step": torch.tensor(3)}, tmp_path / "opt.pt")
-    with pytest.raises(CheckpointError, match="no generator_ema or generator or critic state dict"):
+    torch.save({"critic": wan_state_dict(ref)}, tmp_path / "critic_only.pt")
+    with pytest.raises(CheckpointError, match=r"pass weights= one of \['critic'\]"):  # never the critic by default
+        read_dit(tmp_path / "critic_only.pt", num_heads=2)
+    assert read_dit(tmp_path / "critic_only.pt", weights="critic", num_heads=2).weights == "critic"
+    with pytest.raises(CheckpointError, match="no generator_ema or generator or model state dict"):
         read_dit(tmp_path / "opt.pt")
     # a config that disagrees with the weights: every mis-shaped key is listed with the layout
     write_wan_dit(diffusers_dit(), tmp_path / "wan2")

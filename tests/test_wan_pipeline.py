@@ -43,6 +43,26 @@ def test_the_checkpoint_replaces_the_folders_dit_and_streams(wan):
     assert video.std() > 0.01
 
 
+def test_the_original_wan_layout_streams_the_same_video(wan, tmp_path):
+    """config.json + diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth and
+    google/umt5-xxl/: the same weights as the diffusers folder, so the same video."""
+    from .wan_tiny import write_original_wan_folder
+
+    folder, ckpt, _ = wan
+    original = write_original_wan_folder(folder, tmp_path / "Wan2.1-T2V-tiny")
+    prompts = ["a red circle moving right", "the cat walks on grass"]
+    for dit_from in [None, ckpt]:  # the folder's own DiT (the teacher) and the student's
+        a = load_wan(original, dit_from)
+        b = load_wan(folder, dit_from)
+        assert a.model.dit.cfg == b.model.dit.cfg
+        if dit_from is None:
+            va = a.generate(prompts, frames=5, steps=2, progress=False, **SIZE)
+            vb = b.generate(prompts, frames=5, steps=2, progress=False, **SIZE)
+        else:
+            va, vb = (p.generate(prompts, frames=9, **SIZE) for p in (a, b))
+        torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
+
+
 def test_without_a_checkpoint_the_folder_samples_as_the_teacher(wan):
     folder, _, _ = wan
     pipe = load_wan(folder)

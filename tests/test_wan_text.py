@@ -8,6 +8,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import WanPipeline  # noqa: E402
 
+from selfforcing.wan.dit_weights import CheckpointError  # noqa: E402
 from selfforcing.wan.text_encoder import clean_prompt, load_text_encoder  # noqa: E402
 
 from .wan_tiny import write_diffusers_pipeline  # noqa: E402
@@ -52,5 +53,32 @@ def test_offloaded_encoder_lives_on_the_cpu(pipe_dir):
 
 def test_cleaning_and_errors(tmp_path):
     assert clean_prompt("  a &amp;amp; b\n\tc ") == "a & b c"
-    with pytest.raises(FileNotFoundError, match="has no text_encoder/ folder"):
+    with pytest.raises(FileNotFoundError, match="has no text_encoder/ folder .diffusers layout. and no models_t5"):
+        load_text_encoder(tmp_path)
+
+
+def test_original_wan_t5_layout_equals_transformers(pipe_dir, tmp_path):
+    """Wan's own T5 names (models_t5_umt5-xxl-enc-bf16.pth, bf16) + google/umt5-xxl/ give the same embeddings."""
+    from transformers import UMT5EncoderModel
+
+    from .wan_tiny import original_t5_state_dict, tiny_tokenizer
+
+    ref = UMT5EncoderModel.from_pretrained(pipe_dir / "text_encoder")
+    with torch.no_grad():
+        for p in ref.parameters():  # the released file is bf16: compare on bf16-representable weights
+            p.copy_(p.to(torch.bfloat16).float())
+    state = {k: v.to(torch.bfloat16) for k, v in original_t5_state_dict(ref).items()}
+    torch.save(state, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    tiny_tokenizer().save_pretrained(tmp_path / "google" / "umt5-xxl")
+    enc = load_text_encoder(tmp_path)
+    assert enc.encoder.encoder.embed_tokens.weight is enc.encoder.shared.weight
+    ids = torch.tensor([[3, 4, 5, 1, 0, 0]])
+    mask = (ids > 0) | (torch.arange(6) == 3)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        got = enc.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    del state["blocks.1.ffn.fc2.weight"]
+    torch.save(state, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    with pytest.raises(CheckpointError, match=r"missing \['encoder.block.1.layer.1.DenseReluDense.wo.weight'\]"):
         load_text_encoder(tmp_path)

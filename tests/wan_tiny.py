@@ -203,3 +203,49 @@ def write_diffusers_pipeline(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def original_t5_state_dict(encoder) -> dict[str, torch.Tensor]:
+    """A UMT5EncoderModel's weights under Wan's own T5 names (wan/modules/t5.py), the reverse renaming."""
+    import re
+
+    block = {
+        "layer.0.layer_norm": "norm1",
+        "layer.0.SelfAttention.q": "attn.q",
+        "layer.0.SelfAttention.k": "attn.k",
+        "layer.0.SelfAttention.v": "attn.v",
+        "layer.0.SelfAttention.o": "attn.o",
+        "layer.0.SelfAttention.relative_attention_bias": "pos_embedding.embedding",
+        "layer.1.layer_norm": "norm2",
+        "layer.1.DenseReluDense.wi_0": "ffn.gate.0",
+        "layer.1.DenseReluDense.wi_1": "ffn.fc1",
+        "layer.1.DenseReluDense.wo": "ffn.fc2",
+    }
+    out = {}
+    for k, v in encoder.state_dict().items():
+        if k == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight
+        if k == "shared.weight":
+            out["token_embedding.weight"] = v.clone()
+        elif k == "encoder.final_layer_norm.weight":
+            out["norm.weight"] = v.clone()
+        else:
+            m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)\.weight", k)
+            out[f"blocks.{m[1]}.{block[m[2]]}.weight"] = v.clone()
+    return out
+
+
+def write_original_wan_folder(diffusers_folder: Path, folder: Path) -> Path:
+    """The original Wan2.1-T2V layout holding the same weights as a diffusers pipeline folder:
+    config.json + diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth
+    and the tokenizer in google/umt5-xxl/."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    write_wan_dit(WanTransformer3DModel.from_pretrained(diffusers_folder / "transformer"), folder)
+    vae = AutoencoderKLWan.from_pretrained(diffusers_folder / "vae")
+    torch.save(original_vae_state_dict(vae), folder / "Wan2.1_VAE.pth")
+    t5 = UMT5EncoderModel.from_pretrained(diffusers_folder / "text_encoder")
+    torch.save(original_t5_state_dict(t5), folder / "models_t5_umt5-xxl-enc-bf16.pth")  # fp32 here; bf16 released
+    AutoTokenizer.from_pretrained(diffusers_folder / "tokenizer").save_pretrained(folder / "google" / "umt5-xxl")
+    return folder

@@ -30,7 +30,8 @@ from ..models.dit import DIT_PRESETS, DiTConfig, VideoDiT
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 LAYOUTS = ("wan", "diffusers", "training", "safetensors")
-TRAINING_WEIGHTS = ("generator_ema", "generator", "critic")  # the order a training checkpoint is searched in
+TRAINING_WEIGHTS = ("generator_ema", "generator", "critic", "model")  # the networks a training checkpoint holds
+DEFAULT_WEIGHTS = ("generator_ema", "generator", "model")  # searched in this order when none is named
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 WAN_HEAD_DIM = 128  # every released Wan2.1 DiT (1536 / 12, 5120 / 40)
 
@@ -170,8 +171,9 @@ def read_weight_folder(folder: Path) -> dict[str, torch.Tensor]:
 def read_training_checkpoint(path: Path, weights: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """One network's state dict from a Self Forcing / CausVid ``.pt``, in Wan names, and which one it was.
 
-    ``weights``: ``generator_ema``, ``generator`` or ``critic``; default: ``generator_ema`` when present,
-    else ``generator``. A ``.pt`` that is itself a plain state dict loads too (``weights`` must be None).
+    ``weights``: ``generator_ema``, ``generator``, ``critic`` or ``model``; default: the first of
+    ``generator_ema``, ``generator``, ``model`` present (never the critic). A ``.pt`` that is itself a
+    plain state dict loads too (``weights`` must be None).
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -186,10 +188,10 @@ def read_training_checkpoint(path: Path, weights: str | None = None) -> tuple[di
     if weights is None and not nets and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state, which = ckpt, "state_dict"
     else:
-        which = weights or (nets[0] if nets else None)
+        which = weights or next((k for k in DEFAULT_WEIGHTS if k in nets), None)
         if which not in nets:
             raise CheckpointError(
-                f"{path} has no {which or ' or '.join(TRAINING_WEIGHTS)} state dict; its top-level keys are "
+                f"{path} has no {which or ' or '.join(DEFAULT_WEIGHTS)} state dict; its top-level keys are "
                 f"{sorted(ckpt)[:10]}: pass weights= one of {nets or TRAINING_WEIGHTS}"
             )
         state = ckpt[which]

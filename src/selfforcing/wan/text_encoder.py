@@ -88,28 +88,110 @@ class UMT5TextEncoder(TextEncoder):
         return out.to(self.device), None
 
 
+ORIGINAL_T5_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
+ORIGINAL_TOKENIZER_DIR = "google/umt5-xxl"
+
+# Wan's own T5 encoder (wan/modules/t5.py) -> transformers' UMT5EncoderModel, per block.
+_T5_BLOCK = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",  # one per layer
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # GELU(tanh)-gated
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+
+
+def original_t5_key(key: str) -> str:
+    """``blocks.3.ffn.fc1.weight`` -> ``encoder.block.3.layer.1.DenseReluDense.wi_1.weight``."""
+    if key == "token_embedding.weight":
+        return "shared.weight"
+    if key == "norm.weight":
+        return "encoder.final_layer_norm.weight"
+    if key.startswith("blocks."):
+        _, index, rest = key.split(".", 2)
+        if rest in _T5_BLOCK:
+            return f"encoder.block.{index}.{_T5_BLOCK[rest]}"
+    raise CheckpointError(f"unexpected key {key!r} in Wan's umT5 checkpoint")
+
+
+def load_original_t5(path: Path, dtype: torch.dtype = torch.float32):
+    """A ``UMT5EncoderModel`` with the weights of Wan's ``models_t5_umt5-xxl-enc-bf16.pth``; its size is
+    read off the shapes (umT5-XXL: 24 layers, d_model 4096, 64 heads, d_ff 10240, 32 buckets)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle, zip and runtime errors alike for a damaged file
+        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {e} (corrupt?)") from e
+    state = {original_t5_key(k): v for k, v in state.items()}
+    try:
+        vocab, d_model = state["shared.weight"].shape
+        buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        cfg = UMT5Config(
+            vocab_size=vocab,
+            d_model=d_model,
+            d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+            d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_1.weight"].shape[0],
+            num_layers=len({k.split(".")[2] for k in state if k.startswith("encoder.block.")}),
+            num_heads=heads,
+            relative_attention_num_buckets=buckets,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            layer_norm_epsilon=1e-6,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks {e}: not Wan's umT5 encoder") from e
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(cfg)
+    expected = {k: v.shape for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    got = {k: v.shape for k, v in state.items()}
+    if got != expected:
+        raise CheckpointError(
+            f"{path} does not match a umT5 encoder of its own size: missing {sorted(set(expected) - set(got))[:4]}, "
+            f"mis-shaped {[k for k in got if k in expected and got[k] != expected[k]][:4]}"
+        )
+    encoder.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    encoder.encoder.embed_tokens = encoder.shared  # tied, as in UMT5EncoderModel
+    return encoder
+
+
 def load_text_encoder(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     offload: bool = False,
 ) -> UMT5TextEncoder:
-    """umT5 from a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or from those two
-    folders' parent in any other layout."""
+    """umT5 and its tokenizer from a Wan folder: the diffusers layout (``text_encoder/`` + ``tokenizer/``)
+    or the original one (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``)."""
     from transformers import AutoTokenizer, UMT5EncoderModel  # the [wan] extra
 
     folder = Path(folder)
-    enc_dir, tok_dir = folder / "text_encoder", folder / "tokenizer"
-    for d in (enc_dir, tok_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(
-                f"{folder} has no {d.name}/ folder: the umT5 text encoder loads from a diffusers Wan pipeline "
-                "folder (text_encoder/ + tokenizer/, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
-            )
+    if (folder / "text_encoder").is_dir():
+        enc_dir, tok_dir = folder / "text_encoder", folder / "tokenizer"
+    elif (folder / ORIGINAL_T5_NAME).is_file():
+        enc_dir, tok_dir = folder / ORIGINAL_T5_NAME, folder / ORIGINAL_TOKENIZER_DIR
+    else:
+        raise FileNotFoundError(
+            f"{folder} has no text_encoder/ folder (diffusers layout) and no {ORIGINAL_T5_NAME} (original Wan2.1 "
+            "layout): point at a downloaded Wan2.1-T2V folder"
+        )
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"{folder} has no tokenizer folder {tok_dir.relative_to(folder)}/")
     try:
-        encoder = UMT5EncoderModel.from_pretrained(enc_dir, torch_dtype=dtype)
+        if enc_dir.is_file():
+            encoder = load_original_t5(enc_dir, dtype)
+        else:
+            encoder = UMT5EncoderModel.from_pretrained(enc_dir, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"cannot load the umT5 text encoder from {folder}: {e}") from e
     encoder = encoder.eval().requires_grad_(False).to("cpu" if offload else device)
     return UMT5TextEncoder(encoder, tokenizer, offload=offload, device=device)
