@@ -144,3 +144,18 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     )
     with pytest.raises(CheckpointError, match="not part of a text-to-video WanTransformer3DModel"):
         read_dit(tmp_path / "i2v")
+
+
+def test_convert_command(tmp_path, capsys):
+    from selfforcing.cli import main
+
+    ref = diffusers_dit(seed=4)
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in wan_state_dict(ref).items()}}, tmp_path / "sf.pt")
+    main(["convert", str(tmp_path / "sf.pt"), "--to", "diffusers", str(tmp_path / "tr"), "--num-heads", "2"])
+    assert "(generator_ema), training layout" in capsys.readouterr().out
+    back = WanTransformer3DModel.from_pretrained(tmp_path / "tr")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())
+    main(["convert", str(tmp_path / "tr"), "--to", "wan", str(tmp_path / "wan")])
+    assert json.loads((tmp_path / "wan" / "config.json").read_text())["num_heads"] == 2
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "tr"), "--to", "onnx", str(tmp_path / "x")])

@@ -183,6 +183,19 @@ def _write_stream(chunks, out: str, fps: float, render, settings):
     return torch.cat([f for _, f in done], dim=1)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .wan.dit_weights import export_dit, read_dit
+
+    ckpt = read_dit(args.src, weights=args.weights, num_heads=args.num_heads)
+    out = export_dit(ckpt, args.to, args.out)
+    which = f" ({ckpt.weights})" if ckpt.weights else ""
+    c = ckpt.config
+    print(
+        f"read {ckpt.source}{which}, {ckpt.layout} layout: {len(ckpt.state)} tensors, dim {c.dim}, "
+        f"{c.num_layers} layers, {c.num_heads} heads; wrote {out} ({args.to} layout)"
+    )
+
+
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .training.ode_pairs import ODEPairSettings, generate_ode_pairs
@@ -332,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
     )
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="write a Wan DiT checkpoint (any layout) as diffusers, wan or safetensors")
+    c.add_argument("src", help="a Wan folder, diffusers folder, Self Forcing / CausVid .pt or .safetensors file")
+    c.add_argument("--to", required=True, choices=["diffusers", "wan", "safetensors"], help="the layout to write")
+    c.add_argument("out", help="output folder (diffusers, wan) or .safetensors file")
+    c.add_argument("--weights", default=None, help="network of a .pt: generator_ema (default), generator, critic")
+    c.add_argument("--num-heads", type=int, default=None, help="heads, when no config.json says (default: dim/128)")
+    c.set_defaults(func=cmd_convert)
 
     r = sub.add_parser(
         "recipe", help="the whole recipe: teacher -> ODE pairs -> ODE init -> Self Forcing (skips finished stages)"
