@@ -109,3 +109,18 @@ def test_bad_requests_are_refused_with_the_fix(wan, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(folder), "--prompt", "a", "--stream", "--out", str(tmp_path / "x.mp4")])
     assert e.value.code == 2 and "--stream needs a causal student" in capsys.readouterr().err
+
+
+def test_the_pipeline_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "wan_streaming.py"
+    spec = importlib.util.spec_from_file_location("wan_streaming", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--lengths", "1", "2", "--fpb", "3", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [r["video_frames"] for r in rows] == [21, 45] and all(0 < r["decode_share"] < 1 for r in rows)
