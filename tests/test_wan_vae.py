@@ -35,6 +35,8 @@ def vae_files(tmp_path_factory):
     ref.save_pretrained(root / "pipe" / "vae")
     (root / "wan").mkdir()
     torch.save(original_vae_state_dict(ref), root / "wan" / "Wan2.1_VAE.pth")
+    (root / "legacy").mkdir()  # the pre-zip torch format, which cannot be memory-mapped
+    torch.save(original_vae_state_dict(ref), root / "legacy" / "Wan2.1_VAE.pth", _use_new_zipfile_serialization=False)
     return ref, root
 
 
@@ -50,7 +52,7 @@ def test_encode_and_decode_equal_diffusers_in_both_layouts(vae_files):
     with torch.no_grad():
         frames = ref.decode((z * std + mean).permute(0, 2, 1, 3, 4)).sample.permute(0, 2, 1, 3, 4)
     assert frames.shape == (2, 9, 3, 16, 24) and frames.std() > 0.05
-    for layout in ["pipe", "pipe/vae", "wan", "wan/Wan2.1_VAE.pth"]:
+    for layout in ["pipe", "pipe/vae", "wan", "wan/Wan2.1_VAE.pth", "legacy"]:
         codec = load_vae(root / layout)
         latents = codec.encode(video)
         assert latents.shape == (2, 3, 16, 2, 3)

@@ -168,6 +168,25 @@ def read_weight_folder(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
+def load_torch_file(path: Path, expected: str):
+    """``torch.load`` with ``weights_only=True`` (no pickled code runs), memory-mapped when the file is in
+    the zip format; a damaged file is a CheckpointError naming ``expected`` (what the file should be)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected {expected})")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors alike for a damaged file
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only torch checkpoint ({expected}): {e}. (A corrupt file, or one "
+            "holding pickled code, which is never run here.)"
+        ) from e
+
+
 def read_training_checkpoint(path: Path, weights: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """One network's state dict from a Self Forcing / CausVid ``.pt``, in Wan names, and which one it was.
 
@@ -175,13 +194,7 @@ def read_training_checkpoint(path: Path, weights: str | None = None) -> tuple[di
     ``generator_ema``, ``generator``, ``model`` present (never the critic). A ``.pt`` that is itself a
     plain state dict loads too (``weights`` must be None).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises pickle, zip and runtime errors alike for a damaged file
-        raise CheckpointError(
-            f"cannot read {path} as a weights-only torch checkpoint: {e}. (A corrupt file, or one holding "
-            "pickled code, which is never run here.)"
-        ) from e
+    ckpt = load_torch_file(path, "a Self Forcing / CausVid training checkpoint")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a dict of state dicts")
     nets = [k for k in TRAINING_WEIGHTS if isinstance(ckpt.get(k), dict)]

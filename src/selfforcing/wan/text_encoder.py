@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..models.text_encoder import TextEncoder
-from .dit_weights import CheckpointError
+from .dit_weights import CheckpointError, load_torch_file
 
 TEXT_LEN = 512
 
@@ -124,10 +124,7 @@ def load_original_t5(path: Path, dtype: torch.dtype = torch.float32):
     read off the shapes (umT5-XXL: 24 layers, d_model 4096, 64 heads, d_ff 10240, 32 buckets)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle, zip and runtime errors alike for a damaged file
-        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {e} (corrupt?)") from e
+    state = load_torch_file(path, f"Wan's umT5 encoder, {ORIGINAL_T5_NAME}")
     state = {original_t5_key(k): v for k, v in state.items()}
     try:
         vocab, d_model = state["shared.weight"].shape

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..models.codec import Codec
-from .dit_weights import CheckpointError
+from .dit_weights import CheckpointError, load_torch_file
 
 ORIGINAL_VAE_NAME = "Wan2.1_VAE.pth"
 
@@ -91,12 +91,7 @@ def original_vae_config(state: dict[str, torch.Tensor], source: str) -> dict:
 
 def read_original_vae(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """An original ``Wan2.1_VAE.pth`` as (diffusers-named state dict, ``AutoencoderKLWan`` arguments)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (the Wan2.1 folder's VAE is {ORIGINAL_VAE_NAME})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle, zip and runtime errors alike for a damaged file
-        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {e} (corrupt?)") from e
+    state = load_torch_file(path, f"the Wan2.1 VAE, {ORIGINAL_VAE_NAME}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors (expected the original {ORIGINAL_VAE_NAME})")
     state = {k.removeprefix("model."): v for k, v in state.items()}
