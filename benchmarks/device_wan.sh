@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every GPU check of the Wan pipeline in one run, for a lent GPU machine (see docs/streaming.md):
+# the parity tests on CUDA-capable code paths, then benchmarks/wan_streaming.py at 832x480 in bf16,
+# eager and compiled. Results go to $OUT (or benchmarks/results). About 6 minutes on an H200.
+#
+# The machine has torch, transformers, accelerate, tokenizers and sentencepiece but not diffusers,
+# omegaconf, ftfy or imageio-ffmpeg: carry them as wheels in .whl/ (pip download --no-deps ... -d .whl).
+set -euo pipefail
+OUT=${OUT:-benchmarks/results}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:src
+else
+    export PYTHONPATH=src
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_wan_dit.py tests/test_wan_vae.py tests/test_wan_pipeline.py 2>&1 | tail -3
+python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 \
+    --out "$OUT/wan_streaming_1.3b_cuda.json"
+python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile \
+    --out "$OUT/wan_streaming_1.3b_cuda_compile.json"
