@@ -100,7 +100,7 @@ def test_vae_errors_name_the_problem(vae_files, tmp_path):
     state = original_vae_state_dict(diffusers_vae())
     del state["decoder.head.2.bias"]
     torch.save(state, tmp_path / "missing.pth")
-    with pytest.raises(CheckpointError, match=r"missing \['decoder.conv_out.bias'\]"):
+    with pytest.raises(CheckpointError, match=r"missing \(1\): decoder.conv_out.bias"):
         load_vae(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_vae(tmp_path / "nope.pth")

@@ -88,25 +88,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+def state_mismatches(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
+    """Lines naming the keys of ``got`` missing from, unexpected in or shaped unlike ``expected`` ([] if none)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and got[k].shape != v.shape
+    ]
+    lines = []
+    for title, items in [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)]:
+        if items:
+            lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    return lines
+
+
 def load_weights(module: nn.Module, file: Path) -> None:
     """Load a safetensors file into ``module``; every missing, unexpected or mis-shaped key is reported."""
     try:
         tensors = load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read checkpoint weights {file}: {e} (the file is corrupt or truncated)") from e
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {file} does not match the model:"]
-        for title, items in [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)]:
-            if items:
-                lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    problems = state_mismatches(module.state_dict(), tensors)
+    if problems:
+        lines = [f"checkpoint {file} does not match the model:", *problems]
         lines.append("  Build the model from the checkpoint's own config.yaml (load_pipeline does this).")
         raise ValueError("\n".join(lines))
     module.load_state_dict(tensors)

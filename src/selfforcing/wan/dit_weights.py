@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models.dit import DIT_PRESETS, DiTConfig, VideoDiT
+from ..training.checkpoint import state_mismatches
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -368,20 +369,11 @@ def read_dit(path: str | Path, weights: str | None = None, num_heads: int | None
 
 def check_state(model: VideoDiT, state: dict[str, torch.Tensor], layout: str, source: Path) -> None:
     """Raise one error listing every missing, unexpected and mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} ({layout} layout) does not match a Wan DiT of {model.cfg}:"]
-        for title, items in [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)]:
-            if items:
-                lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
-        raise CheckpointError("\n".join(lines))
+    problems = state_mismatches(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(
+            "\n".join([f"{source} ({layout} layout) does not match a Wan DiT of {model.cfg}:", *problems])
+        )
 
 
 def load_dit(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..models.text_encoder import TextEncoder
+from ..training.checkpoint import state_mismatches
 from .dit_weights import CheckpointError, load_torch_file
 
 TEXT_LEN = 512
@@ -146,13 +147,10 @@ def load_original_t5(path: Path, dtype: torch.dtype = torch.float32):
         raise CheckpointError(f"{path} lacks {e}: not Wan's umT5 encoder") from e
     with torch.device("meta"):
         encoder = UMT5EncoderModel(cfg)
-    expected = {k: v.shape for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    got = {k: v.shape for k, v in state.items()}
-    if got != expected:
-        raise CheckpointError(
-            f"{path} does not match a umT5 encoder of its own size: missing {sorted(set(expected) - set(got))[:4]}, "
-            f"mis-shaped {[k for k in got if k in expected and got[k] != expected[k]][:4]}"
-        )
+    expected = {k: v for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied
+    problems = state_mismatches(expected, state)
+    if problems:
+        raise CheckpointError("\n".join([f"{path} does not match a umT5 encoder of its own size:", *problems]))
     encoder.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     encoder.encoder.embed_tokens = encoder.shared  # tied, as in UMT5EncoderModel
     return encoder

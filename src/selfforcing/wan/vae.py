@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..models.codec import Codec
+from ..training.checkpoint import state_mismatches
 from .dit_weights import CheckpointError, load_torch_file
 
 ORIGINAL_VAE_NAME = "Wan2.1_VAE.pth"
@@ -117,14 +118,9 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
             raise CheckpointError(f"{path}: z_dim {cfg['z_dim']}; the Wan2.1 latent statistics are for 16 channels")
         with torch.device("meta"):
             vae = AutoencoderKLWan(**cfg)
-        expected = vae.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise CheckpointError(
-                f"{path} does not match a Wan2.1 VAE of {cfg}: missing {missing[:4]}, unexpected "
-                f"{unexpected[:4]}, shape mismatch {shapes[:4]}"
-            )
+        problems = state_mismatches(vae.state_dict(), state)
+        if problems:
+            raise CheckpointError("\n".join([f"{path} does not match a Wan2.1 VAE of {cfg}:", *problems]))
         vae.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     else:
         raise CheckpointError(
