@@ -63,6 +63,24 @@ def test_the_original_wan_layout_streams_the_same_video(wan, tmp_path):
         torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-5)
 
 
+def test_the_preview_decoder_replaces_the_vae(wan, tmp_path, capsys):
+    from selfforcing.wan.tae import TAEDecoder
+
+    folder, ckpt, _ = wan
+    sd = {f"decoder.{k}": v * 0.5 for k, v in TAEDecoder().layers.state_dict().items()}
+    torch.save(sd, tmp_path / "taew2_1.pth")
+    pipe = load_wan(folder, ckpt, preview_decoder=tmp_path / "taew2_1.pth")
+    assert type(pipe.codec).__name__ == "TAEW21"
+    chunks = list(pipe.stream(["a cat"], frames=21, **SIZE))
+    assert [c.frames.shape[1] for c in chunks] == [9, 12] and chunks[0].frames.shape[-2:] == (32, 48)
+    out = tmp_path / "preview.mp4"
+    main(
+        ["generate", "--model", str(folder), "--checkpoint", str(ckpt), "--prompt", "a cat", "--frames", "9"]
+        + ["--height", "32", "--width", "48", "--preview-decoder", str(tmp_path / "taew2_1.pth"), "--out", str(out)]
+    )
+    assert read_video(out).shape == (9, 32, 48, 3)
+
+
 def test_without_a_checkpoint_the_folder_samples_as_the_teacher(wan):
     folder, _, _ = wan
     pipe = load_wan(folder)

@@ -108,7 +108,12 @@ def _generate_wan(args: argparse.Namespace) -> None:
     if args.analyse:
         raise ValueError("--analyse scores shapes-world videos; it does not apply to a Wan model")
     pipe = load_wan(
-        args.model, args.checkpoint, weights=args.weights, device=args.device, offload_text_encoder=args.offload_text
+        args.model,
+        args.checkpoint,
+        weights=args.weights,
+        device=args.device,
+        offload_text_encoder=args.offload_text,
+        preview_decoder=args.preview_decoder,
     )
     if args.compile:
         pipe.model.dit.compile_blocks()
@@ -341,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-timestep", type=float, default=None, help="t of the cache-commit pass (0: clean)")
     g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")
     g.add_argument("--offload-text", action="store_true", help="Wan: keep umT5 on the CPU between prompts")
+    g.add_argument("--preview-decoder", default=None, help="Wan: decode with TAEW2.1 (taew2_1.pth), not the VAE")
     g.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
     )

@@ -4,11 +4,13 @@ with the ``[wan]`` extra and are imported only when a model is loaded."""
 
 from .dit_weights import CheckpointError, export_dit, load_dit, read_dit
 from .pipeline import RELEASED_CAUSAL, WanPipeline, load_wan
+from .tae import TAEW21, load_tae
 from .text_encoder import UMT5TextEncoder, load_text_encoder
 from .vae import WanStreamDecoder, WanVAE, load_vae
 
 __all__ = [
     "RELEASED_CAUSAL",
+    "TAEW21",
     "CheckpointError",
     "UMT5TextEncoder",
     "WanPipeline",
@@ -16,6 +18,7 @@ __all__ = [
     "WanVAE",
     "export_dit",
     "load_dit",
+    "load_tae",
     "load_text_encoder",
     "load_vae",
     "load_wan",

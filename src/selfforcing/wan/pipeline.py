@@ -24,6 +24,7 @@ from ..inference.generate import generate_videos
 from ..inference.stream import Chunk, stream_video
 from ..models.t2v import TextToVideo
 from .dit_weights import CheckpointError, folder_config, load_dit
+from .tae import TAEW21, load_tae
 from .text_encoder import UMT5TextEncoder, load_text_encoder
 from .vae import WanVAE, load_vae
 
@@ -52,7 +53,7 @@ class WanPipeline:
     """The umT5 text encoder and the DiT (``model``), the VAE (``codec``), and how to sample them."""
 
     model: TextToVideo
-    codec: WanVAE
+    codec: WanVAE | TAEW21  # the VAE, or the TAEW2.1 preview decoder
     causal: CausalConfig | None  # None: the bidirectional teacher
     folder: Path
     checkpoint: Path | None = None
@@ -142,6 +143,7 @@ def load_wan(
     dtype: torch.dtype | None = None,
     offload_text_encoder: bool = False,
     causal: CausalConfig | None = None,
+    preview_decoder: str | Path | None = None,
 ) -> WanPipeline:
     """Load a Wan2.1 folder (diffusers ``WanPipeline`` layout, or the original layout with its
     ``google/umt5-xxl`` tokenizer and ``models_t5_umt5-xxl-enc-bf16.pth``) and, optionally, a causal
@@ -149,7 +151,8 @@ def load_wan(
 
     ``weights``: which network of a training checkpoint (default ``generator_ema``); ``dtype``: bf16
     on CUDA, fp32 on the CPU by default; ``offload_text_encoder``: keep umT5 on the CPU between prompts;
-    ``causal``: the student's sampling settings (default ``RELEASED_CAUSAL``).
+    ``causal``: the student's sampling settings (default ``RELEASED_CAUSAL``); ``preview_decoder``:
+    ``taew2_1.pth`` decodes instead of the Wan VAE (much faster, lower quality; the VAE is not loaded).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -169,7 +172,8 @@ def load_wan(
     text_encoder = load_text_encoder(folder, dtype=dtype, device=device, offload=offload_text_encoder)
     if text_encoder.dim != dit.cfg.text_dim:
         raise CheckpointError(f"the text encoder is {text_encoder.dim} wide, the DiT expects {dit.cfg.text_dim}")
-    codec = load_vae(folder, dtype=dtype, device=device)
+    codec = load_vae(folder, dtype=dtype, device=device) if preview_decoder is None else None
+    codec = codec or load_tae(preview_decoder, dtype=dtype, device=device)
     if codec.latent_channels != dit.cfg.in_channels:
         raise CheckpointError(f"the VAE has {codec.latent_channels} latent channels, the DiT {dit.cfg.in_channels}")
     model = TextToVideo(text_encoder, dit)
