@@ -15,8 +15,10 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_wan_dit.py tests/test_wan_vae.py tests/test_wan_pipeline.py 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/test_wan_*.py 2>&1 | tail -3
 python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 \
     --out "$OUT/wan_streaming_1.3b_cuda.json"
 python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile \
     --out "$OUT/wan_streaming_1.3b_cuda_compile.json"
+python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile --decoder tae \
+    --out "$OUT/wan_streaming_1.3b_tae_cuda_compile.json"

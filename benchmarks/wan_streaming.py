@@ -9,7 +9,8 @@ Random weights: the speed of a network does not depend on its values (the DiT's 
 non-zero so the latents are not trivially zero). benchmarks/streaming.py measures the DiT alone
 (cache vs recompute); this script measures what a viewer waits for: first-chunk latency with the
 VAE included, steady video frames/s, peak memory, and the split of each chunk's time between the DiT
-and the decoder. Prints a table and writes JSON (benchmarks/results/wan_streaming_<size>_<device>.json).
+and the decoder. Prints a table and writes JSON
+(benchmarks/results/wan_streaming_<size>_<decoder>_<device>.json).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ PAPER = [  # published figures for context: (system, GPU, video frames/s, first-
 ]
 
 
-def build(size: str, device: torch.device, dtype: torch.dtype):
-    """(TextToVideo with umT5, WanVAE) with random weights of the real sizes, or tiny ones."""
+def build(size: str, device: torch.device, dtype: torch.dtype, decoder: str = "vae"):
+    """(TextToVideo with umT5, a codec) with random weights of the real sizes, or tiny ones; the codec is
+    the Wan VAE or (``decoder="tae"``) the TAEW2.1 preview decoder, which has one size."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
     from wan_tiny import DIT_KW, VAE_KW, tiny_tokenizer, tiny_umt5
@@ -47,6 +49,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
     from selfforcing.models.dit import DIT_PRESETS, VideoDiT
     from selfforcing.models.t2v import TextToVideo
     from selfforcing.wan.dit_weights import config_from_diffusers_json
+    from selfforcing.wan.tae import TAEW21, TAEDecoder
     from selfforcing.wan.text_encoder import UMT5TextEncoder
     from selfforcing.wan.vae import WanVAE
 
@@ -66,6 +69,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
     dit = dit.to(dtype).eval().requires_grad_(False)
     t5 = t5.to(device, dtype).eval().requires_grad_(False)
     text = UMT5TextEncoder(t5, tokenizer, device=device)
+    if decoder == "tae":
+        return TextToVideo(text, dit), TAEW21(TAEDecoder().to(device, dtype).eval().requires_grad_(False))
     return TextToVideo(text, dit), WanVAE(vae.to(device, dtype).eval().requires_grad_(False))
 
 
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 4], help="multiples of the training length")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is kept")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (warm-up covers it)")
+    p.add_argument("--decoder", default="vae", choices=["vae", "tae"], help="the Wan VAE or the TAEW2.1 preview")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--train-frames", type=int, default=None, help="video frames of the training window")
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, k, v)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, codec = build(args.size, device, dtype)
+    model, codec = build(args.size, device, dtype, args.decoder)
     if args.compile:
         model.dit.compile_blocks()
 
@@ -189,12 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": args.dtype,
             "video": [args.train_frames, args.height, args.width],
             "compile": args.compile,
+            "decoder": args.decoder,
             "text_encoding_s": round(text_s, 4),
             "published": PAPER,
         },
         "rows": rows,
     }
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"wan_streaming_{args.size}_{device.type}.json")
+    name = f"wan_streaming_{args.size}_{args.decoder}_{device.type}.json"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -90,6 +90,15 @@ def test_streamed_preview_equals_the_whole_decode(taew2_1, chunks):
     torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-12, rtol=1e-12)
 
 
+def test_the_safetensors_copy_loads_the_same(taew2_1, tmp_path):
+    from safetensors.torch import save_file
+
+    path, sd = taew2_1
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "taew2_1.safetensors")
+    z = torch.randn(1, 2, 16, 2, 2)
+    torch.testing.assert_close(load_tae(tmp_path / "taew2_1.safetensors").decode(z), load_tae(path).decode(z))
+
+
 def test_tae_errors(taew2_1, tmp_path):
     torch.save({"encoder.0.weight": torch.zeros(1)}, tmp_path / "enc.pth")
     with pytest.raises(CheckpointError, match="no decoder.. weights"):
