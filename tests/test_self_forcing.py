@@ -165,3 +165,24 @@ def test_regression_anchor_adds_the_weighted_ode_loss_to_the_generator_loss(teac
     assert regression > 0 and abs(float(regression) - stats["regression"]) < 1e-6
     with pytest.raises(ConfigError, match="ode.pairs"):
         sf_cfg(teacher, tmp_path, "distill.regression_weight=1")
+
+
+def test_each_rollout_draws_its_own_exit_step(teacher, tmp_path):
+    """Gradient-accumulation micro-batches do not share one s*: each rollout draws its own, and the
+    trainer's rollouts run with exactly those."""
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "grad_accum_steps=4", "distill.critic_steps_per_generator_step=1"))
+    draws = [[t.exit_step("generator", k) for k in range(4)] for t.step in range(8)]
+    assert any(len(set(d)) > 1 for d in draws)  # micro-batches of one step differ
+    assert draws == [[t.exit_step("generator", k) for k in range(4)] for t.step in range(8)]  # deterministic
+    used = []
+    rollout = t.rollout
+    t.rollout = lambda prompts, g, grad, exit_step=None: (
+        used.append((grad, exit_step)) or rollout(prompts, g, grad, exit_step)
+    )
+    t.step = 0
+    t.train_step()
+    t.step = 0
+    want = [(True, t.exit_step("generator", k)) for k in range(4)] + [
+        (False, t.exit_step("critic", k)) for k in range(4)
+    ]
+    assert used == want

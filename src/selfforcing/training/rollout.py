@@ -2,15 +2,14 @@
 
 The generator produces the whole video exactly as at inference, chunk by chunk against its own KV
 cache, using the same ``denoise_chunk`` / ``commit_chunk`` as streaming. Stochastic gradient
-truncation: one exit step s* is drawn per rollout (shared by every chunk and every process); the
-steps before it and every cache commit run without gradient, so the autograd graph holds one
+truncation: one exit step s* is drawn per rollout (shared by its chunks); the steps before it and
+every cache commit run without gradient, so the autograd graph holds one
 generator forward per trained chunk and no gradient flows through the context.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..config import CausalConfig
 from ..inference.stream import causal_chunks
@@ -19,13 +18,9 @@ from ..models.t2v import TextToVideo
 
 
 def draw_exit_step(num_steps: int, generator: torch.Generator) -> int:
-    """s* ~ Uniform{1..S}, the same on every process: rank 0 draws it and broadcasts it."""
-    s = torch.randint(1, num_steps + 1, (1,), generator=generator)
-    if dist.is_available() and dist.is_initialized():
-        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        s = s.to(backend_device)
-        dist.broadcast(s, src=0)
-    return int(s)
+    """s* ~ Uniform{1..S} from ``generator``. The trainer seeds it per rollout (step, update kind, global
+    micro-batch), so a rollout gets the same s* on any number of processes."""
+    return int(torch.randint(1, num_steps + 1, (1,), generator=generator))
 
 
 def self_forcing_rollout(

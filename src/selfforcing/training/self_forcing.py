@@ -71,11 +71,15 @@ class SelfForcingTrainer(TeacherTrainer):
         return [self.critic.dit] + ([self.discriminator.head] if self.discriminator is not None else [])
 
     # -- one step ------------------------------------------------------------------------------
-    def exit_step(self, kind: str) -> int:
-        """This step's exit step s* for the ``generator`` or ``critic`` update: one draw per step, shared by
-        every micro-batch, and broadcast from rank 0 to every process."""
-        g = torch.Generator().manual_seed(step_seed(self.cfg.seed * 1_000_003 + 10_000 + STREAMS[kind], self.step))
-        return draw_exit_step(len(self.cfg.causal.denoising_steps), g)
+    def exit_step(self, kind: str, k: int) -> int:
+        """The exit step s* of this rank's micro-batch ``k`` of this step's ``generator``/``critic`` update:
+        one draw per rollout, a function of (seed, step, kind, global micro-batch ``rank * accum + k``),
+        so N processes draw exactly what one process with N times the accumulation draws."""
+        i = self.rank * self.cfg.grad_accum_steps + k
+        seed = self.cfg.seed * 1_000_003 + 10_000 + STREAMS[kind] * 1_000 + i
+        return draw_exit_step(
+            len(self.cfg.causal.denoising_steps), torch.Generator().manual_seed(step_seed(seed, self.step))
+        )
 
     def rollout(self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None) -> torch.Tensor:
         """The generator's video for ``prompts`` ([B, F, C, H, W]); the exit step is drawn from ``g`` if
@@ -173,18 +177,19 @@ class SelfForcingTrainer(TeacherTrainer):
             v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg)
             return x0_from_velocity(x_t, v, sigma)
 
-    def generate(self, g: torch.Generator, grad: bool) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """This micro-batch's generated videos (with gradient for the generator update, without for the
+    def generate(self, g: torch.Generator, grad: bool, k: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Micro-batch ``k``'s generated videos (with gradient for the generator update, without for the
         critic's), their prompts, and the real videos of the same prompts (used by TF/DF to make the
         outputs, and by the GAN as the real side)."""
         real, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
         if self.cfg.distill.paradigm == "self_forcing":
-            return self.rollout(prompts, g, grad, self.exit_step("generator" if grad else "critic")), prompts, real
+            exit_step = self.exit_step("generator" if grad else "critic", k)
+            return self.rollout(prompts, g, grad, exit_step), prompts, real
         return self.forced_output(real, prompts, g, grad), prompts, real
 
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("generator", k)
-        video, prompts, real = self.generate(g, grad=True)
+        video, prompts, real = self.generate(g, grad=True, k=k)
         loss, stats = self.generator_loss(video, prompts, g, real)
         if self.pairs is not None:  # the regression anchor
             trajectory, pair_prompts = self.pairs.sample(self.cfg.batch_size, g)
@@ -196,7 +201,7 @@ class SelfForcingTrainer(TeacherTrainer):
 
     def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("critic", k)
-        video, prompts, real = self.generate(g, grad=False)  # fresh outputs, no gradient
+        video, prompts, real = self.generate(g, grad=False, k=k)  # fresh outputs, no gradient
         if self.discriminator is not None:
             return self.gan_critic_loss(video.detach(), real, prompts, g)
         return self.critic_loss(video.detach(), prompts, g), {}
