@@ -105,3 +105,21 @@ def test_a_rollout_without_grad_builds_no_graph():
     video = self_forcing_rollout(t2v, text_kv, SHAPE, CausalConfig(3), 2, torch.Generator(), grad=False)
     handle.remove()
     assert calls and not any(calls) and not video.requires_grad
+
+
+@pytest.mark.parametrize("fpb,window,sink", [(3, 6, 0), (1, 3, 1), (3, 0, 0), (1, 2, 0)])
+def test_gradient_checkpointing_gives_the_same_gradients_with_a_rolling_cache(fpb, window, sink):
+    """Recomputing a block in backward must read the cache as it was in forward, although later commits
+    evict and overwrite those slots in place."""
+    t2v = tiny_t2v()
+    causal = CausalConfig(fpb, window=window, sink=sink)
+    shape = (2, 12, 3, 8, 8)
+    grads = []
+    for checkpointing in (False, True):
+        t2v.dit.gradient_checkpointing = checkpointing
+        text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+        video = self_forcing_rollout(t2v, text_kv, shape, causal, 2, torch.Generator().manual_seed(3))
+        weights = torch.randn(video.shape, generator=torch.Generator().manual_seed(4))
+        grads.append(torch.autograd.grad((video * weights).sum(), list(t2v.dit.parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

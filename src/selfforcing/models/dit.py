@@ -276,8 +276,13 @@ class VideoDiT(nn.Module):
         new_kv, features = [], []
         for i, block in enumerate(self.blocks):
             prefix = kv_cache.context(i) if kv_cache is not None else None
+            checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute in backward
+            if checkpointed and prefix is not None:
+                # the backward recomputation must see this cache, but later commits overwrite its slots in
+                # place: hand the block a copy (no more memory than the concatenation attention saves)
+                prefix = (prefix[0].clone(), prefix[1].clone())
             args = (tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
-            if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
+            if checkpointed:
                 tokens, kv = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 tokens, kv = block(*args)

@@ -110,7 +110,8 @@ class KVCache:
         return sorted(f for f in self.frame_of_slot if f >= 0)
 
     def context(self, layer: int) -> KV | None:
-        """Keys/values of the held frames for one layer, ``[B, heads, num_frames * N, head_dim]`` (views)."""
+        """Keys/values of the held frames for one layer, ``[B, heads, num_frames * N, head_dim]``: views of the
+        buffers, valid until the next ``commit`` (which may overwrite them in place)."""
         n = self.num_frames * self.tokens_per_frame
         if n == 0:
             return None
