@@ -117,3 +117,38 @@ def test_training_on_a_video_folder(tiny_cfg, tmp_path):
     assert (run / "samples" / "step_000002.gif").is_file()
     with pytest.raises(ValueError, match="outside the vocabulary"):
         pipe.model.encode_text(["a rainy day"])
+
+
+def test_a_non_finite_update_is_skipped_counted_and_never_saved(tiny_cfg):
+    """A NaN loss leaves the weights and optimizer as they were, the run goes on, and a run whose updates
+    keep failing halts with the fix; non-finite weights are never checkpointed."""
+    import math
+
+    from selfforcing.training.teacher import NonFiniteTraining, TeacherTrainer
+
+    t = TeacherTrainer(tiny_cfg("steps=4", "ckpt_every=1", "max_nonfinite_steps=2"))
+    loss = t.loss
+    poisoned = {1}  # steps whose loss is NaN
+    t.loss = lambda g: loss(g) * (math.nan if t.step in poisoned else 1.0)
+    t.train_step()
+    before = [p.detach().clone() for p in t.model.parameters()]
+    moments = [s["exp_avg"].clone() for s in t.optimizer.state.values()]
+    stats = t.train_step()
+    assert stats["skipped_updates"] == 1 and math.isnan(stats["grad_norm"])
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters(), strict=True))
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, t.optimizer.state.values(), strict=True))
+    stats = t.train_step()  # a good step resets the count in a row
+    assert stats["skipped_updates"] == 1 and t.nonfinite_in_a_row == 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters(), strict=True))
+    poisoned.update({3, 4})
+    t.train_step()
+    with pytest.raises(NonFiniteTraining, match="2 updates in a row had a non-finite loss"):
+        t.train_step()
+    # weights that went non-finite are not written: the last good checkpoint stays latest
+    good = t.save()
+    with torch.no_grad():
+        next(t.model.parameters()).fill_(math.nan)
+    assert t.save() is None
+    from selfforcing.training.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(t.run_dir) == good

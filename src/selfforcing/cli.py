@@ -455,10 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .training.teacher import NonFiniteTraining
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteTraining) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

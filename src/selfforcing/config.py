@@ -184,6 +184,7 @@ class TrainConfig:
     num_samples: int = 8
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5  # halt after this many updates in a row with a non-finite loss or gradient
     resume: bool = True  # continue from the run folder's latest checkpoint if there is one
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,6 +204,7 @@ class TrainConfig:
             (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
+            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1 (1 halts at the first bad update)"),
             (
                 self.precision in ("fp32", "bf16", "fp16"),
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",

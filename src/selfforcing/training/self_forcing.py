@@ -216,11 +216,12 @@ class SelfForcingTrainer(TeacherTrainer):
         generator_step = since >= 0 and since % d.critic_steps_per_generator_step == 0
         if generator_step:
             loss, extra = self.accumulate("generator", self.optimizer)
-            stats["generator_grad_norm"] = self.optimizer_step(self.optimizer)
+            stats["generator_grad_norm"] = self.optimizer_step(self.optimizer, loss)
             stats.update({"generator_loss": loss, **extra})
         critic_loss, critic_stats = self.accumulate("critic", self.critic_optimizer)
         stats.update(critic_stats)
-        stats["critic_grad_norm"] = self.optimizer_step(self.critic_optimizer)
+        stats["critic_grad_norm"] = self.optimizer_step(self.critic_optimizer, critic_loss)
+        stats["skipped_updates"] = self.skipped_updates
         if generator_step:
             self.ema.update(self.model, since // d.critic_steps_per_generator_step + 1)  # counts generator updates
         self.step += 1

@@ -34,6 +34,11 @@ from .checkpoint import checkpoint_path, latest_checkpoint, load_weights, resolv
 from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
 
+
+class NonFiniteTraining(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
 STREAMS = {"generator": 0, "critic": 1}  # independent random streams of a step's two kinds of update
 
 
@@ -124,6 +129,8 @@ class TeacherTrainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
+        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient (optimizer_step)
+        self.nonfinite_in_a_row = 0
         self._loss_modules: dict[str, torch.nn.Module] = {}
         self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
 
@@ -135,9 +142,15 @@ class TeacherTrainer:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer": self.optimizer}
 
-    def save(self) -> Path:
-        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it."""
+    def save(self) -> Path | None:
+        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it. Weights that are not
+        all finite are never written: the last good checkpoint stays ``latest`` (returns None)."""
+        bad = [name for name, net in self.networks().items() if not all(p.isfinite().all() for p in net.parameters())]
+        if bad:
+            print(f"step {self.step}: {', '.join(bad)} hold non-finite weights; no checkpoint written")
+            return None
         state = {"step": self.step, "scaler": self.scaler.state_dict()}
+        state["nonfinite"] = {"skipped_updates": self.skipped_updates, "in_a_row": self.nonfinite_in_a_row}
         state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
         path = checkpoint_path(self.run_dir, self.step)
         if self.is_main:
@@ -155,6 +168,8 @@ class TeacherTrainer:
             opt.load_state_dict(state[name])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        counts = state.get("nonfinite", {})  # absent in checkpoints from before the guard
+        self.skipped_updates, self.nonfinite_in_a_row = counts.get("skipped_updates", 0), counts.get("in_a_row", 0)
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the resumed step (written after the last checkpoint of a crashed run)."""
@@ -207,24 +222,42 @@ class TeacherTrainer:
             total += float(loss.detach()) / n
         return total, stats
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> float:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: float = 0.0) -> float:
         """Unscale, clip the optimizer's parameters to ``optim.grad_clip``, step; returns the gradient norm
-        before clipping."""
+        before clipping. An update whose ``loss`` or gradient is not finite is skipped and counted
+        (``skipped_updates``); ``max_nonfinite_steps`` of them in a row halt the run."""
         self.scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        self.scaler.step(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        if math.isfinite(norm) and math.isfinite(loss):
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            self.nonfinite_in_a_row = 0
+            return norm
+        optimizer.zero_grad(set_to_none=True)  # the weights and the optimizer state stay as they were
         self.scaler.update()
-        return float(norm)
+        self.skipped_updates += 1
+        self.nonfinite_in_a_row += 1
+        name = next(k for k, v in self.optimizers().items() if v is optimizer)
+        print(f"step {self.step}: non-finite {name} update (loss {loss}, gradient norm {norm}) skipped")
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (last at step "
+                f"{self.step}, {name}): the run is halted. Lower optim.lr or raise optim.grad_clip, check the "
+                f"data, or resume from the last good checkpoint ({self.run_dir / 'checkpoints'}; non-finite "
+                "weights are never saved). max_nonfinite_steps sets how many bad updates in a row are tolerated."
+            )
+        return norm
 
     def train_step(self) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         self.model.train()
         loss, stats = self.accumulate("generator", self.optimizer)
-        grad_norm = self.optimizer_step(self.optimizer)
+        grad_norm = self.optimizer_step(self.optimizer, loss)
         self.step += 1
         self.ema.update(self.model, self.step)
+        stats["skipped_updates"] = self.skipped_updates
         return {"loss": loss, **stats, "grad_norm": grad_norm, "lr": lr_at(self.step - 1, self.cfg)}
 
     def generate_samples(self) -> torch.Tensor:
