@@ -81,6 +81,32 @@ def test_few_step_sampler_returns_the_last_x0_prediction():
     assert torch.allclose(out, target, atol=1e-5)
 
 
+def test_few_step_sampler_renoises_to_the_next_level_with_fresh_noise():
+    """Each step: x0 = x - sigma_i v; then x = (1 - sigma_{i+1}) x0 + sigma_{i+1} eps_i with eps_i a fresh
+    draw. A model whose prediction depends on x makes a wrong level or reused noise visible."""
+    shape = (2, 3, 3, 4, 4)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    sigmas = warp_timesteps([1000, 750, 500, 250], 5.0) / 1000
+    seen = []
+
+    def model(x, sigma):
+        seen.append((x.clone(), sigma.clone()))
+        return 0.3 * x + sigma[:, :, None, None, None]  # depends on x and on the level
+
+    out = sample_few_step(model, noise, sigmas, generator=torch.Generator().manual_seed(0))
+    draws = torch.Generator().manual_seed(0)
+    x = noise
+    for i, (x_in, sigma_in) in enumerate(seen):
+        torch.testing.assert_close(x_in, x)
+        assert torch.equal(sigma_in, sigmas[i].expand(2, 3))
+        x0 = x - sigmas[i] * (0.3 * x + sigmas[i])
+        if i + 1 < len(sigmas):
+            eps = torch.randn(shape, generator=draws)
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+    assert len(seen) == 4
+    torch.testing.assert_close(out, x0)
+
+
 def test_training_sigmas_distributions():
     g = torch.Generator().manual_seed(0)
     u = sample_training_sigmas(20000, g, "uniform")

@@ -17,6 +17,8 @@ def test_dmd_gradient_is_the_normalised_score_difference():
         expected = (fake[i] - real[i]) / norm / x.numel()
         assert torch.allclose(x.grad[i], expected.detach(), atol=1e-7)
     # a step against the gradient moves x towards the teacher's prediction, away from the critic's
+    step = -x.grad
+    assert all(float((step[i] * (real[i] - fake[i])).sum()) > 0 for i in range(2))
     assert torch.equal(dmd_gradient(real.clone(), real, fake), torch.zeros_like(real))  # 0/0 -> 0
 
 
@@ -31,12 +33,14 @@ def test_sid_gradient_matches_the_analytic_one():
     """With x0_real = a x and x0_fake = b x, L = mean((a-b) x ((a-1) x - alpha (a-b) x)) / n with the
     detached n = |1 - a| mean|x|, so dL/dx = 2 (a - b) ((a - 1) - alpha (a - b)) x / (N n)."""
     a, b = 0.7, 0.4
+    scale = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64).view(3, 1, 1)  # per-sample normalisers differ
     for alpha in (0.0, 1.0, 1.5):
-        x = torch.randn(1, 3, 5, dtype=torch.float64, requires_grad=True)
+        x = (torch.randn(3, 3, 5, dtype=torch.float64) * scale).requires_grad_(True)
         sid_loss(x, a * x, b * x, alpha).backward()
-        n = abs(1 - a) * x.detach().abs().mean()
-        expected = 2 * (a - b) * ((a - 1) - alpha * (a - b)) * x.detach() / (x.numel() * n)
-        assert torch.allclose(x.grad, expected, atol=1e-6)
+        for i in range(3):  # each sample with its own normaliser
+            n = abs(1 - a) * x[i].detach().abs().mean()
+            expected = 2 * (a - b) * ((a - 1) - alpha * (a - b)) * x[i].detach() / (x.numel() * n)
+            assert torch.allclose(x.grad[i], expected, atol=1e-9)
 
 
 def test_finite_difference_penalty_estimates_the_squared_gradient_norm():

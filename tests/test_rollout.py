@@ -22,16 +22,18 @@ def grad_enabled_calls(model):
     return calls, handle
 
 
-@pytest.mark.parametrize("fpb", [1, 3])
-def test_rollout_at_the_last_step_is_the_streamed_video(fpb):
+@pytest.mark.parametrize("fpb,window,sink", [(1, 0, 0), (3, 0, 0), (3, 6, 0), (1, 3, 1)])
+def test_rollout_at_the_last_step_is_the_streamed_video(fpb, window, sink):
+    """The rollout against the one code path that shares none of its chunk loop: streaming with the
+    context re-run at every step in one masked full-sequence pass (no cache)."""
     t2v = tiny_t2v()
-    causal = CausalConfig(fpb)
+    causal = CausalConfig(fpb, window=window, sink=sink)
     with torch.no_grad():
         text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
-        video = self_forcing_rollout(t2v, text_kv, SHAPE, causal, 4, torch.Generator().manual_seed(5))
-        chunks = stream_video(t2v, IdentityCodec(), PROMPTS, 6, 8, 8, causal, seed=5)
-        streamed = torch.cat([c.latents for c in chunks], dim=1)
-    assert torch.equal(video, streamed)
+        video = self_forcing_rollout(t2v, text_kv, (2, 12, 3, 8, 8), causal, 4, torch.Generator().manual_seed(5))
+        chunks = stream_video(t2v, IdentityCodec(), PROMPTS, 12, 8, 8, causal, seed=5, context="recompute_step")
+        recomputed = torch.cat([c.latents for c in chunks], dim=1)
+    torch.testing.assert_close(video, recomputed, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("exit_step", [1, 3])
