@@ -166,29 +166,37 @@ def test_streaming_a_bf16_model_keeps_fp32_sampler_state():
     assert (low - ref).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("fpb", [1, 3])
-def test_teacher_forcing_pass_equals_denoising_against_a_clean_cache(fpb):
-    """One pass over [clean, noisy] with the TF mask == each noisy chunk denoised against a KV cache of
-    the clean chunks before it (committed at t = 0): Teacher Forcing trains exactly what inference runs
-    when the context is ground truth."""
-    from selfforcing.models.causal import teacher_forcing_mask
+@pytest.mark.parametrize(
+    "fpb,window,sink,t_ctx", [(1, 0, 0, 0), (3, 0, 0, 0), (3, 6, 0, 0), (1, 3, 1, 0), (3, 6, 0, 200)]
+)
+def test_teacher_forcing_pass_equals_denoising_against_a_cache_of_the_real_video(fpb, window, sink, t_ctx):
+    """Teacher Forcing's one pass over [context, noisy] == each noisy chunk denoised against a KV cache of
+    the real chunks before it, committed as streaming commits them (re-noised to t_ctx, rolling with the
+    window and sink): Teacher Forcing trains what inference runs when the context is ground truth."""
+    from types import SimpleNamespace
 
-    m = random_model()
-    x0, t, ctx = inputs(6)
-    x_t = torch.randn_like(x0)
-    positions = torch.cat([torch.arange(6), torch.arange(6)])
-    full = m(
-        torch.cat([x0, x_t], 1),
-        torch.cat([torch.zeros(2, 6), t], 1),
-        ctx,
-        attn_mask=teacher_forcing_mask(6, 4, fpb),
-        frame_positions=positions,
-    )[:, 6:]
-    cache = KVCache.for_model(m, 2, 4, fpb, 6)
+    from selfforcing.diffusion.flow_matching import add_noise
+    from selfforcing.training.causal_diffusion import forced_velocity
+
+    t2v = tiny_t2v()
+    causal = CausalConfig(fpb, window=window, sink=sink, context_timestep=float(t_ctx))
+    cfg = SimpleNamespace(causal=causal, distill=SimpleNamespace(paradigm="teacher_forcing"))
+    g = torch.Generator().manual_seed(0)
+    x0, x_t = torch.randn(2, 12, 3, 8, 8, generator=g), torch.randn(2, 12, 3, 8, 8, generator=g)
+    sigma = torch.rand(2, 12, generator=g)
+    text = t2v.encode_text(["a red circle", "a blue square"])
+    full = forced_velocity(t2v, x0, x_t, sigma, text, cfg, torch.Generator().manual_seed(1))
+
+    context = add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), t_ctx / 1000)
+    cache = KVCache.for_model(t2v.dit, 2, 4, fpb, window or 12, sink)
+    text_kv = t2v.dit.text_kv(*text)
     outs = []
-    for s in range(0, 6, fpb):
-        outs.append(m(x_t[:, s : s + fpb], t[:, s : s + fpb], ctx, kv_cache=cache, frame_offset=s))
-        _, kv = m(x0[:, s : s + fpb], torch.zeros(2, fpb), ctx, kv_cache=cache, frame_offset=s, return_kv=True)
+    for s in range(0, 12, fpb):
+        outs.append(
+            t2v.dit(x_t[:, s : s + fpb], sigma[:, s : s + fpb] * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=s)
+        )
+        t = torch.full((2, fpb), float(t_ctx))
+        _, kv = t2v.dit(context[:, s : s + fpb], t, text_kv=text_kv, kv_cache=cache, frame_offset=s, return_kv=True)
         cache.commit(s, kv)
     assert torch.allclose(torch.cat(outs, 1), full, **TOL)
 

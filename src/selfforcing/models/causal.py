@@ -49,16 +49,20 @@ def block_causal_mask(
     return vis.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, frames_per_block: int) -> torch.Tensor:
-    """Bool mask ``[2 F N, 2 F N]`` for Teacher Forcing in one pass over ``[clean video, noisy video]``.
+def teacher_forcing_mask(
+    num_frames: int, tokens_per_frame: int, frames_per_block: int, window: int = 0, sink: int = 0
+) -> torch.Tensor:
+    """Bool mask ``[2 F N, 2 F N]`` for Teacher Forcing in one pass over ``[context video, noisy video]``.
 
-    The clean copy (first F frames) is block-causal within itself; a noisy chunk attends to the clean
-    chunks before it and to itself, never to other noisy chunks; the clean copy never sees noisy frames.
-    Both copies take the same frame positions (RoPE), 0..F-1.
+    The context copy (first F frames) is block-causal within itself, with the same window and sink as
+    streaming; a noisy chunk attends to itself and to the context frames of *earlier* chunks that its
+    window (or the sink) lets it see, never to other noisy chunks; the context never sees noisy frames.
+    Both copies take the same frame positions (RoPE), 0..F-1. This is a KV cache of the context,
+    committed chunk by chunk, seen by each noisy chunk.
     """
-    vis = frame_visibility(num_frames, frames_per_block)
+    vis = frame_visibility(num_frames, frames_per_block, window, sink)
     chunk = torch.arange(num_frames) // frames_per_block
-    earlier = chunk[:, None] > chunk[None, :]  # (noisy i, clean j): j's chunk strictly before i's
+    earlier = (chunk[:, None] > chunk[None, :]) & vis  # (noisy i, context j): j's chunk strictly before i's
     same = chunk[:, None] == chunk[None, :]
     frames = torch.cat(
         [torch.cat([vis, torch.zeros_like(vis)], dim=1), torch.cat([earlier, same], dim=1)],

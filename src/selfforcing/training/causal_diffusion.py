@@ -3,9 +3,10 @@
 Both train the causal student with flow matching on real videos, every chunk at its own noise level:
 - Diffusion Forcing: one block-causal pass over the noisy video; a chunk's context is the earlier
   chunks *noised at their own levels*.
-- Teacher Forcing: one pass over ``[clean video, noisy video]`` with ``teacher_forcing_mask``; a noisy
-  chunk's context is the *clean* earlier chunks, both copies at RoPE positions 0..F-1. This equals
-  denoising each chunk against a KV cache of the ground truth (tests/test_causal.py).
+- Teacher Forcing: one pass over ``[context video, noisy video]`` with ``teacher_forcing_mask``; a
+  noisy chunk's context is the *real* earlier chunks (clean, or at ``causal.context_timestep``) within
+  the window and sink, both copies at RoPE positions 0..F-1. This equals denoising each chunk against a
+  KV cache of the ground truth committed as streaming commits (tests/test_causal.py).
 """
 
 from __future__ import annotations
@@ -35,13 +36,18 @@ def causal_diffusion_loss(
     sigma = levels.view(b, f // fpb).repeat_interleave(fpb, dim=1).to(x0.device)  # [B, F]
     noise = cpu_randn_like(x0, g)
     x_t = add_noise(x0, noise, sigma)
-    v = forced_velocity(model, x0, x_t, sigma, model.encode_text(prompts), cfg)
+    v = forced_velocity(model, x0, x_t, sigma, model.encode_text(prompts), cfg, g)
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())
 
 
-def forced_velocity(model, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, text, cfg: TrainConfig):
+def forced_velocity(
+    model, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, text, cfg: TrainConfig, g: torch.Generator
+):
     """The causal model's velocity for the noisy video ``x_t [B, F, C, H, W]`` (levels ``sigma [B, F]``),
-    its context being the clean ``x0`` (Teacher Forcing) or ``x_t`` itself (Diffusion Forcing)."""
+    its context being the real ``x0`` (Teacher Forcing) or ``x_t`` itself (Diffusion Forcing).
+
+    Teacher Forcing sees its context as streaming does: within ``causal.window`` (and the ``sink``), and
+    at ``causal.context_timestep`` (x0 re-noised to that level with noise from ``g``; clean at 0)."""
     c = cfg.causal
     f = x0.shape[1]
     _, gh, gw = model.dit.token_grid(f, *x0.shape[-2:])
@@ -50,10 +56,14 @@ def forced_velocity(model, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Ten
         return model(x_t, sigma, text, attn_mask=mask)
     if cfg.distill.paradigm != "teacher_forcing":
         raise ValueError(f"forced_velocity is for teacher/diffusion forcing, not {cfg.distill.paradigm}")
-    mask = teacher_forcing_mask(f, gh * gw, c.frames_per_block).to(x0.device)
+    mask = teacher_forcing_mask(f, gh * gw, c.frames_per_block, c.window, c.sink).to(x0.device)
     positions = torch.arange(f).repeat(2)
-    clean = torch.zeros_like(sigma)
-    v = model(torch.cat([x0, x_t], 1), torch.cat([clean, sigma], 1), text, attn_mask=mask, frame_positions=positions)
+    ctx_sigma = c.context_timestep / 1000.0
+    context = x0 if ctx_sigma == 0 else add_noise(x0, cpu_randn_like(x0, g), ctx_sigma)
+    levels = torch.full_like(sigma, ctx_sigma)
+    v = model(
+        torch.cat([context, x_t], 1), torch.cat([levels, sigma], 1), text, attn_mask=mask, frame_positions=positions
+    )
     return v[:, f:]
 
 

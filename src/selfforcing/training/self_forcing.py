@@ -174,7 +174,7 @@ class SelfForcingTrainer(TeacherTrainer):
         sigma = sigmas[pick.repeat_interleave(c.frames_per_block, dim=1)]
         x_t = add_noise(x0, cpu_randn_like(x0, g), sigma)
         with torch.set_grad_enabled(grad):
-            v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg)
+            v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg, g)
             return x0_from_velocity(x_t, v, sigma)
 
     def generate(self, g: torch.Generator, grad: bool, k: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
