@@ -186,3 +186,55 @@ def test_each_rollout_draws_its_own_exit_step(teacher, tmp_path):
         (False, t.exit_step("critic", k)) for k in range(4)
     ]
     assert used == want
+
+
+@pytest.mark.parametrize("loss", ["dmd", "gan"])
+def test_a_long_rollout_is_scored_on_its_last_frames_only(teacher, tmp_path, loss):
+    """rollout_frames=12, score_frames=6: the generator rolls out 4 chunks, gradient reaches only the last
+    2, and every loss (generator, critic, GAN real side) sees only the last 6 frames."""
+    t = SelfForcingTrainer(
+        sf_cfg(teacher, tmp_path, f"distill.loss={loss}", "distill.rollout_frames=12", "distill.score_frames=6")
+    )
+    seen = {}
+
+    def spy(name, fn):  # record the video a loss is given, then compute it
+        def wrapped(video, *args):
+            seen[name] = video
+            return fn(video, *args)
+
+        return wrapped
+
+    t.generator_loss = spy("generator", t.generator_loss)
+    if loss == "gan":
+        t.gan_critic_loss = spy("critic", t.gan_critic_loss)
+    else:
+        t.critic_loss = spy("critic", t.critic_loss)
+    calls = []
+    t.model.dit.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    t.step = 0
+    g = t.micro_generator("generator", 0)
+    t.generator_micro_loss(0)
+    exit_step = t.exit_step("generator", 0)
+    chunk = [False] * (exit_step - 1)
+    assert calls == (chunk + [False, False]) * 2 + (chunk + [True, False]) + (chunk + [True])  # grad: last 2 chunks
+    assert seen["generator"].shape[1] == 6
+    with torch.no_grad():  # the scored frames are the rollout's last 6
+        _, prompts = t.batches(int(torch.randint(2**62, (1,), generator=g)))
+        full = t.rollout(prompts, g, False, exit_step)
+    assert full.shape[1] == 12
+    torch.testing.assert_close(seen["generator"].detach(), full[:, -6:])
+    t.critic_micro_loss(0)
+    assert seen["critic"].shape[1] == 6
+
+
+def test_rollout_and_score_windows_are_checked(teacher, tmp_path):
+    from selfforcing.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a whole number of chunks of 3"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.rollout_frames=10"))
+    with pytest.raises(ConfigError, match=r"score_frames=15 must be in 1..12"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.rollout_frames=12", "distill.score_frames=15"))
+    with pytest.raises(ConfigError, match="rollout_frames is for self_forcing"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.paradigm=teacher_forcing", "distill.rollout_frames=12"))
+    with pytest.raises(ConfigError, match="longer than the real videos"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.loss=gan", "distill.rollout_frames=12"))

@@ -144,7 +144,12 @@ class DistillConfig:
     gan_taps: list[int] = field(default_factory=list)  # critic blocks the GAN head reads; [] = 1/3, 2/3, last
     gan_relativistic: bool = False
     gan_penalty_weight: float = 0.1  # weight of the finite-difference R1 (real) + R2 (fake) penalties
-    grad_frames: int = 0  # gradient only for the last N frames of the rollout (0 = all)
+    # Long rollouts (Self-Forcing++ / LongLive style): the generator rolls out rollout_frames latent frames
+    # (0 = the data's length) and DMD / SiD / the critic / the GAN score only its last score_frames (0 = all),
+    # as a video of their own (RoPE positions 0..score_frames-1, as the teacher was trained). Gradient reaches
+    # only the chunks that overlap the scored window.
+    rollout_frames: int = 0
+    score_frames: int = 0
     # + regression_weight x the ODE-regression loss on ode.pairs (DMD1's regression term): anchors the
     # generator to the teacher's ODE outputs while it trains on DMD/SiD/GAN; 0 = off
     regression_weight: float = 0.0

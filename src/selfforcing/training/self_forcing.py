@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, x0_from_velocity
 from ..inference.pipeline import load_pipeline
@@ -52,9 +52,32 @@ class SelfForcingTrainer(TeacherTrainer):
         )
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
+        self.rollout_frames, self.score_frames = self.rollout_window(f)
         self.pairs = None
         if d.regression_weight > 0:
             self.pairs, self.levels = load_student_pairs(cfg, self.codec)
+
+    def rollout_window(self, data_frames: int) -> tuple[int, int]:
+        """(latent frames rolled out, latent frames scored at the end of the rollout), checked."""
+        d, fpb = self.cfg.distill, self.cfg.causal.frames_per_block
+        rollout = d.rollout_frames or data_frames
+        score = d.score_frames or rollout
+        if d.rollout_frames and d.paradigm != "self_forcing":
+            raise ConfigError(f"distill.rollout_frames is for self_forcing; {d.paradigm} trains on the data's length")
+        if rollout % fpb:
+            raise ConfigError(f"distill.rollout_frames={rollout} is not a whole number of chunks of {fpb} frames")
+        if not 0 < score <= rollout:
+            raise ConfigError(f"distill.score_frames={score} must be in 1..{rollout} (the rollout's latent frames)")
+        if d.loss == "gan" and score > data_frames:
+            raise ConfigError(
+                f"distill.score_frames={score} is longer than the real videos ({data_frames} latent frames) the GAN "
+                "compares with: score at most data.frames"
+            )
+        return rollout, score
+
+    def scored(self, video: torch.Tensor) -> torch.Tensor:
+        """The part of a video ``[B, F, ...]`` the losses see: its last ``score_frames`` frames."""
+        return video[:, -self.score_frames :]
 
     def networks(self) -> dict[str, torch.nn.Module]:
         nets = {**super().networks(), "critic": self.critic}
@@ -89,14 +112,15 @@ class SelfForcingTrainer(TeacherTrainer):
             exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
         with torch.set_grad_enabled(grad):
             text_kv = self.model.dit.text_kv(*self.model.encode_text(prompts))
+            _, ch, h, w = self.latent_shape
             return self_forcing_rollout(
                 self.model,
                 text_kv,
-                (len(prompts), *self.latent_shape),
+                (len(prompts), self.rollout_frames, ch, h, w),
                 c.causal,
                 exit_step,
                 g,
-                grad_frames=c.distill.grad_frames or None,
+                grad_frames=self.score_frames,  # no loss reaches the chunks before the scored window
                 grad=grad,
             )
 
@@ -135,7 +159,9 @@ class SelfForcingTrainer(TeacherTrainer):
         sigma = self.loss_sigma(fake.shape[0], g)
         text = self.critic.encode_text(prompts)
         d_fake = self._disc(fake, sigma, text, g)
-        d_real = self._disc(self.codec.encode(real.to(self.device)), sigma, text, g) if d.gan_relativistic else None
+        d_real = None
+        if d.gan_relativistic:
+            d_real = self._disc(self.scored(self.codec.encode(real.to(self.device))), sigma, text, g)
         return gan_generator_loss(d_fake, d_real), {"gan/generator_d_fake": float(d_fake.detach().mean())}
 
     def gan_critic_loss(self, fake, real, prompts, g):
@@ -143,7 +169,7 @@ class SelfForcingTrainer(TeacherTrainer):
         d = self.cfg.distill
         sigma = self.loss_sigma(fake.shape[0], g)
         text = self.critic.encode_text(prompts)
-        x_real = noised(self.codec.encode(real.to(self.device)), sigma, g)
+        x_real = noised(self.scored(self.codec.encode(real.to(self.device))), sigma, g)
         x_fake = noised(fake, sigma, g)
 
         def disc(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +216,7 @@ class SelfForcingTrainer(TeacherTrainer):
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("generator", k)
         video, prompts, real = self.generate(g, grad=True, k=k)
-        loss, stats = self.generator_loss(video, prompts, g, real)
+        loss, stats = self.generator_loss(self.scored(video), prompts, g, real)
         if self.pairs is not None:  # the regression anchor
             trajectory, pair_prompts = self.pairs.sample(self.cfg.batch_size, g)
             trajectory = trajectory.to(self.device)
@@ -202,9 +228,10 @@ class SelfForcingTrainer(TeacherTrainer):
     def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.micro_generator("critic", k)
         video, prompts, real = self.generate(g, grad=False, k=k)  # fresh outputs, no gradient
+        video = self.scored(video.detach())
         if self.discriminator is not None:
-            return self.gan_critic_loss(video.detach(), real, prompts, g)
-        return self.critic_loss(video.detach(), prompts, g), {}
+            return self.gan_critic_loss(video, real, prompts, g)
+        return self.critic_loss(video, prompts, g), {}
 
     def train_step(self) -> dict[str, float]:
         cfg, d = self.cfg, self.cfg.distill
