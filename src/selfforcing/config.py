@@ -189,6 +189,7 @@ class TrainConfig:
     num_samples: int = 8
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer sharded) under torchrun
     max_nonfinite_steps: int = 5  # halt after this many updates in a row with a non-finite loss or gradient
     resume: bool = True  # continue from the run folder's latest checkpoint if there is one
     data: DataConfig = field(default_factory=DataConfig)
@@ -209,6 +210,12 @@ class TrainConfig:
             (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
+            (self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}"),
+            (
+                not (self.distributed == "fsdp" and self.distill.loss == "gan"),
+                "distributed=fsdp does not train distill.loss=gan correctly yet (its critic updates drift from "
+                "a single process's): use distributed=ddp for the GAN",
+            ),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1 (1 halts at the first bad update)"),
             (
                 self.precision in ("fp32", "bf16", "fp16"),

@@ -120,6 +120,11 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)  # Wan layout
 
+    def text_kv(self, context: torch.Tensor) -> KV:
+        """This block's cross-attention keys/values of the embedded text (a method of the block, so a
+        sharded block gathers its weights for it as for ``forward``)."""
+        return self.cross_attn.text_kv(context)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -214,7 +219,7 @@ class VideoDiT(nn.Module):
         if context.shape[-1] != self.cfg.text_dim:
             raise ValueError(f"text embeddings have width {context.shape[-1]}, the model expects {self.cfg.text_dim}")
         ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
-        return TextKV([block.cross_attn.text_kv(ctx) for block in self.blocks], context_mask)
+        return TextKV([block.text_kv(ctx) for block in self.blocks], context_mask)
 
     def forward(
         self,

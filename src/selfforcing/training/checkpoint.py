@@ -27,13 +27,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    weights: dict[str, nn.Module],
+    weights: dict[str, nn.Module | dict[str, torch.Tensor]],
     training_state: dict,
     config_yaml: str,
     keep: int = 2,
 ) -> Path:
     """Write ``run_dir/checkpoints/step_{step}`` atomically; keep the ``keep`` newest. ``weights`` maps
-    file stems (``model``, ``ema``) to modules."""
+    file stems (``model``, ``ema``) to modules or their state dicts."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
@@ -41,7 +41,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for stem, module in weights.items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        state = module.state_dict() if isinstance(module, nn.Module) else module
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, tmp / f"{stem}.safetensors", metadata={"step": str(step)})
     torch.save(training_state, tmp / "training_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
@@ -104,8 +105,9 @@ def state_mismatches(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
     return lines
 
 
-def load_weights(module: nn.Module, file: Path) -> None:
-    """Load a safetensors file into ``module``; every missing, unexpected or mis-shaped key is reported."""
+def read_weights(module: nn.Module, file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, checked against ``module``: every missing, unexpected or mis-shaped
+    key is reported."""
     try:
         tensors = load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
@@ -115,4 +117,9 @@ def load_weights(module: nn.Module, file: Path) -> None:
         lines = [f"checkpoint {file} does not match the model:", *problems]
         lines.append("  Build the model from the checkpoint's own config.yaml (load_pipeline does this).")
         raise ValueError("\n".join(lines))
-    module.load_state_dict(tensors)
+    return tensors
+
+
+def load_weights(module: nn.Module, file: Path) -> None:
+    """Load a safetensors file into ``module`` (``read_weights`` checks it first)."""
+    module.load_state_dict(read_weights(module, file))

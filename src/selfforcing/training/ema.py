@@ -30,6 +30,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        ema_p = list(self.model.parameters())
-        p = [q.detach() for q in model.parameters()]
+        from .fsdp import local, reshard  # sharded (FSDP) copies are averaged shard by shard
+
+        ema_p = [local(q) for q in reshard(self.model).parameters()]
+        p = [local(q.detach()) for q in reshard(model).parameters()]
         torch._foreach_lerp_(ema_p, p, 1 - self.decay_at(step))

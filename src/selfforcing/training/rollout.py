@@ -18,8 +18,8 @@ from ..models.t2v import TextToVideo
 
 
 def draw_exit_step(num_steps: int, generator: torch.Generator) -> int:
-    """s* ~ Uniform{1..S} from ``generator``. The trainer seeds it per rollout (step, update kind, global
-    micro-batch), so a rollout gets the same s* on any number of processes."""
+    """s* ~ Uniform{1..S} from ``generator``. The trainer seeds it per rollout (step, update kind,
+    micro-batch), the same for the k-th rollout of every process."""
     return int(torch.randint(1, num_steps + 1, (1,), generator=generator))
 
 

@@ -45,6 +45,13 @@ class SelfForcingTrainer(TeacherTrainer):
             n = self.critic.dit.cfg.num_layers
             taps = tuple(d.gan_taps) or tuple(sorted({n // 3, 2 * n // 3, n - 1}))
             self.discriminator = Discriminator(self.critic, taps).to(self.device)
+        if self.sharded:  # FSDP2: the frozen teacher, the critic and the head are sharded like the generator
+            from .fsdp import shard_module
+
+            self.shard(self.teacher)
+            self.shard(self.critic)
+            if self.discriminator is not None:
+                shard_module(self.discriminator.head, self.world_size, self.device)
         critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
         o = cfg.optim
         self.critic_optimizer = torch.optim.AdamW(
@@ -95,14 +102,13 @@ class SelfForcingTrainer(TeacherTrainer):
 
     # -- one step ------------------------------------------------------------------------------
     def exit_step(self, kind: str, k: int) -> int:
-        """The exit step s* of this rank's micro-batch ``k`` of this step's ``generator``/``critic`` update:
-        one draw per rollout, a function of (seed, step, kind, global micro-batch ``rank * accum + k``),
-        so N processes draw exactly what one process with N times the accumulation draws."""
-        i = self.rank * self.cfg.grad_accum_steps + k
-        seed = self.cfg.seed * 1_000_003 + 10_000 + STREAMS[kind] * 1_000 + i
-        return draw_exit_step(
-            len(self.cfg.causal.denoising_steps), torch.Generator().manual_seed(step_seed(seed, self.step))
-        )
+        """The exit step s* of micro-batch ``k`` of this step's ``generator``/``critic`` update: one draw per
+        rollout, a function of (seed, step, kind, k). Successive micro-batches of a step differ; the k-th
+        rollout of every rank shares its s*, so the ranks run the same number of generator passes (FSDP
+        gathers weights for each pass in lockstep; the reference shares s* across ranks too)."""
+        seed = self.cfg.seed * 1_000_003 + 10_000 + STREAMS[kind] * 1_000 + k
+        g = torch.Generator().manual_seed(step_seed(seed, self.step))
+        return draw_exit_step(len(self.cfg.causal.denoising_steps), g)
 
     def rollout(self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None) -> torch.Tensor:
         """The generator's video for ``prompts`` ([B, F, C, H, W]); the exit step is drawn from ``g`` if

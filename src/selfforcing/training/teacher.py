@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -30,9 +31,17 @@ from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model, stream_settings
 from ..inference.stream import generate_stream
-from .checkpoint import checkpoint_path, latest_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_weights,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
+from .fsdp import full_tensor, local, reshard
 
 
 class NonFiniteTraining(RuntimeError):
@@ -123,6 +132,10 @@ class TeacherTrainer:
             load_weights(self.model, init / "ema.safetensors")
         self.model.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
+        self.sharded = cfg.distributed == "fsdp" and self.world_size > 1
+        if self.sharded:  # before the optimizer, which then holds this process's shards
+            self.shard(self.model)
+            self.shard(self.ema.model)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
@@ -134,6 +147,12 @@ class TeacherTrainer:
         self._loss_modules: dict[str, torch.nn.Module] = {}
         self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
 
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2: shard a text-to-video model over every process (training/fsdp.py)."""
+        from .fsdp import shard_text_to_video
+
+        return shard_text_to_video(model, self.world_size, self.device, self.cfg.precision)
+
     # -- state ---------------------------------------------------------------------------------
     def networks(self) -> dict[str, torch.nn.Module]:
         """Every network a checkpoint holds, by file name (subclasses add theirs)."""
@@ -142,30 +161,58 @@ class TeacherTrainer:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"optimizer": self.optimizer}
 
+    def optimizer_modules(self, name: str) -> list[torch.nn.Module]:
+        """The networks whose parameters optimizer ``name`` updates."""
+        return self.trainable("generator" if name == "optimizer" else "critic")
+
+    def finite(self, module: torch.nn.Module) -> bool:
+        """Whether every weight is finite (on every process: under FSDP each checks its shards)."""
+        ok = torch.tensor(float(all(bool(local(p).isfinite().all()) for p in reshard(module).parameters())))
+        if self.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
+
     def save(self) -> Path | None:
-        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it. Weights that are not
-        all finite are never written: the last good checkpoint stays ``latest`` (returns None)."""
-        bad = [name for name, net in self.networks().items() if not all(p.isfinite().all() for p in net.parameters())]
+        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it (under FSDP every rank
+        first joins in gathering the full weights and optimizer state). Weights that are not all finite
+        are never written: the last good checkpoint stays ``latest`` (returns None)."""
+        bad = [name for name, net in self.networks().items() if not self.finite(net)]
         if bad:
             print(f"step {self.step}: {', '.join(bad)} hold non-finite weights; no checkpoint written")
             return None
         state = {"step": self.step, "scaler": self.scaler.state_dict()}
         state["nonfinite"] = {"skipped_updates": self.skipped_updates, "in_a_row": self.nonfinite_in_a_row}
-        state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
+        if self.sharded:
+            from .fsdp import full_state_dict, optimizer_state
+
+            weights = {name: full_state_dict(net) for name, net in self.networks().items()}
+            for name, opt in self.optimizers().items():
+                state[name] = optimizer_state(self.optimizer_modules(name), opt)
+        else:
+            weights = {name: net.state_dict() for name, net in self.networks().items()}
+            state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
         path = checkpoint_path(self.run_dir, self.step)
         if self.is_main:
             path = save_checkpoint(
-                self.run_dir, self.step, self.networks(), state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
+                self.run_dir, self.step, weights, state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
             )
         barrier()
         return path
 
     def load(self, ckpt: Path) -> None:
-        for name, module in self.networks().items():
-            load_weights(module, ckpt / f"{name}.safetensors")
         state = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=True)
-        for name, opt in self.optimizers().items():
-            opt.load_state_dict(state[name])
+        if self.sharded:  # every rank reads the full files and keeps its shards
+            from .fsdp import load_full_state_dict, load_optimizer_state
+
+            for name, module in self.networks().items():
+                load_full_state_dict(module, read_weights(module, ckpt / f"{name}.safetensors"))
+            for name, opt in self.optimizers().items():
+                load_optimizer_state(self.optimizer_modules(name), opt, state[name])
+        else:
+            for name, module in self.networks().items():
+                load_weights(module, ckpt / f"{name}.safetensors")
+            for name, opt in self.optimizers().items():
+                opt.load_state_dict(state[name])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         counts = state.get("nonfinite", {})  # absent in checkpoints from before the guard
@@ -204,7 +251,8 @@ class TeacherTrainer:
         """``kind``'s micro-batch loss as a module, DDP-wrapped under torchrun (built on first use)."""
         if kind not in self._loss_modules:
             fn = getattr(self, f"{kind}_micro_loss")
-            self._loss_modules[kind] = wrap_loss(fn, self.trainable(kind), self.world_size)
+            ddp_world = 1 if self.sharded else self.world_size  # FSDP reduces the gradients itself
+            self._loss_modules[kind] = wrap_loss(fn, self.trainable(kind), ddp_world)
         return self._loss_modules[kind]
 
     def accumulate(self, kind: str, optimizer: torch.optim.Optimizer) -> tuple[float, dict[str, float]]:
@@ -215,6 +263,10 @@ class TeacherTrainer:
         optimizer.zero_grad(set_to_none=True)
         total, stats = 0.0, {}
         for k in range(n):
+            if self.sharded:  # reduce-scatter the gradients at the last micro-batch only
+                from .fsdp import set_gradient_sync
+
+                set_gradient_sync(self.trainable(kind), k == n - 1)
             with no_sync(module, sync=k == n - 1):
                 with autocast(self.device, self.cfg.precision):
                     loss, stats = module(k)
@@ -228,7 +280,7 @@ class TeacherTrainer:
         (``skipped_updates``); ``max_nonfinite_steps`` of them in a row halt the run."""
         self.scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)))
         if math.isfinite(norm) and math.isfinite(loss):
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -288,6 +340,8 @@ class TeacherTrainer:
     def sample(self, tag: str) -> dict[str, float]:
         """Sample the fixed prompts, write a captioned grid, score it with the analyser."""
         videos = self.generate_samples().cpu()
+        if not self.is_main:
+            return {}
         write_video(self.run_dir / "samples" / f"{tag}.gif", video_grid(videos, self.sample_prompts))
         if self.cfg.data.source != "shapes":
             return {}
@@ -320,7 +374,8 @@ class TeacherTrainer:
                 stats = self.train_step()
                 stats["sec_per_step"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                if main and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                sample_now = self.step % cfg.sample_every == 0 or self.step == cfg.steps
+                if sample_now and (main or self.sharded):  # sharded weights: every rank joins the sampling
                     stats.update(self.sample(f"step_{self.step:06d}"))
                 if main:
                     log.write(json.dumps({"step": self.step, **stats}) + "\n")

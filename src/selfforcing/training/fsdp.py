@@ -1,0 +1,115 @@
+"""Fully sharded data parallel training (FSDP2, ``torch.distributed.fsdp.fully_shard``): ``distributed: fsdp``.
+
+Every network of a text-to-video model is sharded across the processes, one unit per DiT block, one for
+the rest of the DiT and one for the text encoder: each process holds 1/N of the weights, gradients and
+optimizer state, and gathers a unit's weights only while it runs. Gradients are reduce-scattered (and
+averaged) in backward, so N processes with ``grad_accum_steps = a`` still train exactly what one process
+trains with ``grad_accum_steps = N * a`` (tests/test_fsdp.py). With ``precision: bf16`` the units
+compute in bf16 while the sharded master weights, gradient reductions and optimizer stay fp32.
+
+Methods called outside ``forward`` (``VideoDiT.text_kv``, ``DiTBlock.text_kv``: the text keys/values,
+computed once per prompt) are registered with FSDP, so they gather their unit's weights too.
+
+Checkpoints: every process joins in gathering each network's full state dict, and rank 0 writes the
+same files a single-process run writes (``model.safetensors`` ...: one file per network, loadable
+without FSDP); the optimizer state is gathered keyed by parameter name. Resuming scatters them back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard_text_to_video(model: nn.Module, world_size: int, device: torch.device, precision: str) -> nn.Module:
+    """Shard a ``TextToVideo`` in place (blocks, DiT, text encoder) over all processes; returns it."""
+    mesh = init_device_mesh(device.type, (world_size,))
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for block in model.dit.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+        register_fsdp_forward_method(block, "text_kv")
+    fully_shard(model.dit, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model.dit, "text_kv")
+    if any(True for _ in model.text_encoder.parameters()):
+        fully_shard(model.text_encoder, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def shard_module(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """Shard a small module as one unit (e.g. the GAN's discriminator head)."""
+    fully_shard(module, mesh=init_device_mesh(device.type, (world_size,)))
+    return module
+
+
+def fsdp_roots(modules: list[nn.Module]) -> list[FSDPModule]:
+    """The outermost FSDP units inside ``modules`` (setting gradient sync on them covers the rest)."""
+    roots = []
+    for module in modules:
+        stack = [module]
+        while stack:
+            m = stack.pop()
+            if isinstance(m, FSDPModule):
+                roots.append(m)
+            else:
+                stack.extend(m.children())
+    return roots
+
+
+def set_gradient_sync(modules: list[nn.Module], sync: bool) -> None:
+    """Reduce-scatter gradients in this backward (``sync``) or keep accumulating them unreduced."""
+    for root in fsdp_roots(modules):
+        root.set_requires_gradient_sync(sync)
+
+
+def reshard(module: nn.Module) -> nn.Module:
+    """Put every FSDP unit of ``module`` back in its sharded state. A root unit stays gathered after a
+    forward without a backward (e.g. a rollout for the critic, or sampling), so its ``parameters()`` are
+    the full tensors until this is called."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return module
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (the tensor itself otherwise)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole state dict on the CPU (a collective: every process calls it)."""
+    return get_model_state_dict(module, options=FULL)
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Scatter a whole state dict into a sharded module (every process passes the same one)."""
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name (a collective)."""
+    return get_optimizer_state_dict(nn.ModuleList(modules), optimizer, options=FULL)
+
+
+def load_optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Scatter ``optimizer_state``'s output back. Not strict: a parameter that never had a gradient (the
+    critic's output head under the GAN loss) has no state, in the checkpoint as in the optimizer."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(nn.ModuleList(modules), optimizer, state, options=options)

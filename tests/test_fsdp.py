@@ -1,0 +1,95 @@
+"""FSDP2 (distributed: fsdp) on two CPU processes (gloo): the same training as one process with gradient
+accumulation, checkpoints in the single-process layout, and an exact resume."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from selfforcing.training.self_forcing import SelfForcingTrainer
+from selfforcing.training.teacher import TeacherTrainer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, cfgs, kind: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = "2"
+    torch.set_num_threads(1)
+    for cfg in cfgs:  # several runs in one process group (e.g. a run, then its resumption)
+        trainer = (SelfForcingTrainer if kind == "sf" else TeacherTrainer)(cfg)
+        assert trainer.sharded
+        trainer.train()
+    dist.destroy_process_group()
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    from selfforcing.training.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    return {f.stem: load_file(f) for f in ckpt.glob("*.safetensors")}, ckpt
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        for key, value in a[name].items():
+            assert torch.allclose(value, b[name][key], atol=atol), f"{name}.{key}"
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_path, loss):
+    from tests.test_self_forcing import sf_cfg
+
+    def cfg(name: str, *extra: str):
+        return sf_cfg(teacher, tmp_path, f"name={name}", f"distill.loss={loss}", "num_threads=1", *extra)
+
+    fsdp = ("distributed=fsdp", "ckpt_every=1")
+    runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
+    mp.spawn(_worker, args=(_free_port(), runs, "sf"), nprocs=2, join=True)
+    single = SelfForcingTrainer(cfg("single", "steps=3", "grad_accum_steps=2"))
+    draw = single.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
+    single.exit_step = lambda kind, i: draw(kind, i % 1)
+    single.train()
+    sharded, ckpt = _weights(tmp_path / "fsdp")
+    reference, _ = _weights(tmp_path / "single")
+    assert set(sharded) == {"model", "ema", "critic"}
+    assert_same(sharded, reference)  # FSDP over 2 ranks == accumulation over 2 micro-batches in 1 process
+    resumed, _ = _weights(tmp_path / "resumed")
+    assert_same(resumed, sharded, atol=0)  # stopped at step 2 and resumed: the uninterrupted run, exactly
+    start = SelfForcingTrainer(cfg("start"))
+    assert any(not torch.equal(start.model.state_dict()[k], v) for k, v in sharded["model"].items())
+    # a sharded run's checkpoint is an ordinary one: it loads without FSDP
+    from selfforcing.inference.pipeline import load_pipeline
+
+    assert load_pipeline(ckpt).model.dit.cfg == single.model.dit.cfg
+
+
+def test_fsdp_teacher_with_accumulation_equals_one_process(tmp_path):
+    from selfforcing.config import load_config
+    from tests.conftest import TINY
+
+    def cfg(name, *extra):
+        return load_config(None, [*TINY, f"out_dir={tmp_path}", f"name={name}", "steps=2", "num_threads=1", *extra])
+
+    mp.spawn(_worker, args=(_free_port(), [cfg("fsdp", "distributed=fsdp", "grad_accum_steps=2")], "t"), nprocs=2)
+    TeacherTrainer(cfg("single", "grad_accum_steps=4")).train()
+    assert_same(_weights(tmp_path / "fsdp")[0], _weights(tmp_path / "single")[0])
+
+
+def test_fsdp_refuses_what_it_does_not_train_correctly(tiny_cfg):
+    from selfforcing.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fsdp does not train distill.loss=gan"):
+        tiny_cfg("distributed=fsdp", "distill.loss=gan")
+    with pytest.raises(ConfigError, match="distributed must be ddp or fsdp"):
+        tiny_cfg("distributed=deepspeed")
