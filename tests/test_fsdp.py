@@ -46,12 +46,13 @@ def assert_same(a: dict, b: dict, atol: float = 1e-6):
             assert torch.allclose(value, b[name][key], atol=atol), f"{name}.{key}"
 
 
-@pytest.mark.parametrize("loss", ["dmd", "sid"])
-def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_path, loss):
+@pytest.mark.parametrize("loss,checkpointing", [("dmd", False), ("sid", False), ("dmd", True)])
+def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_path, loss, checkpointing):
     from tests.test_self_forcing import sf_cfg
 
     def cfg(name: str, *extra: str):
-        return sf_cfg(teacher, tmp_path, f"name={name}", f"distill.loss={loss}", "num_threads=1", *extra)
+        flags = (f"distill.loss={loss}", f"gradient_checkpointing={str(checkpointing).lower()}", "causal.window=4")
+        return sf_cfg(teacher, tmp_path, f"name={name}", "num_threads=1", *flags, *extra)
 
     fsdp = ("distributed=fsdp", "ckpt_every=1")
     runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
