@@ -238,3 +238,34 @@ def test_rollout_and_score_windows_are_checked(teacher, tmp_path):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.paradigm=teacher_forcing", "distill.rollout_frames=12"))
     with pytest.raises(ConfigError, match="longer than the real videos"):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.loss=gan", "distill.rollout_frames=12"))
+
+
+def test_self_forcing_trains_on_a_prompt_file_alone(teacher, tmp_path):
+    """DMD needs no videos: data.source=prompts trains from a text file of prompts, each micro-batch drawing
+    its own (seeded by step and micro-batch, so a resumed run sees the same ones)."""
+    from selfforcing.config import ConfigError
+    from selfforcing.data.prompts import PromptFile
+
+    lines = ["# prompts, one a line", "a large red circle moving right", "", "a small blue square moving up"]
+    lines += ["a large green triangle moving left"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines))
+    file = PromptFile(tmp_path / "prompts.txt")
+    assert len(file) == 3 and sorted(file.sample(3, 0)) == sorted(file.prompts)  # without replacement
+    assert file.sample(5, 1) == file.sample(5, 1) and len(file.sample(7, 2)) == 7
+    source = ("data.source=prompts", f"data.prompts={tmp_path / 'prompts.txt'}")
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, *source, "steps=2"))
+    seen = []
+    batches = t.batches
+    t.batches = lambda seed, n=None: seen.append(batches(seed, n)) or seen[-1]
+    before = snapshot(t.model)
+    t.train()
+    assert changed(before, t.model)
+    assert all(video is None and set(p) <= set(file.prompts) for video, p in seen)
+    for bad in [("distill.loss=gan",), ("distill.paradigm=teacher_forcing",), ("stage=teacher",)]:
+        with pytest.raises(ConfigError, match="data.source=prompts has no videos"):
+            sf_cfg(teacher, tmp_path, *source, *bad)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        PromptFile(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PromptFile(tmp_path / "missing.txt")

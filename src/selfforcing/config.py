@@ -25,10 +25,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig(ShapesWorldConfig):
-    """The shapes world's parameters, or ``source: folder`` for the user's own videos."""
+    """The shapes world's parameters, ``source: folder`` for the user's own videos, or ``source: prompts``
+    for prompts alone (Self Forcing with DMD / SiD needs no videos)."""
 
     source: str = "shapes"  # shapes | folder
     folder: str = ""  # with source=folder: a folder with prompts.jsonl (see selfforcing.data.VideoFolder)
+    prompts: str = ""  # with source=prompts: a text file, one prompt a line (see selfforcing.data.prompts)
 
 
 @dataclass
@@ -222,10 +224,21 @@ class TrainConfig:
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
             ),
             (
-                self.data.source in ("shapes", "folder"),
-                f"data.source must be 'shapes' or 'folder', got {self.data.source!r}",
+                self.data.source in ("shapes", "folder", "prompts"),
+                f"data.source must be 'shapes', 'folder' or 'prompts', got {self.data.source!r}",
             ),
             (self.data.source != "folder" or bool(self.data.folder), "data.source=folder needs data.folder=PATH"),
+            (self.data.source != "prompts" or bool(self.data.prompts), "data.source=prompts needs data.prompts=FILE"),
+            (
+                self.data.source != "prompts"
+                or (
+                    self.stage == "causal"
+                    and self.distill.paradigm == "self_forcing"
+                    and self.distill.loss in ("dmd", "sid")
+                ),
+                f"data.source=prompts has no videos: only Self Forcing with DMD or SiD trains on prompts alone "
+                f"(stage {self.stage}, {self.distill.paradigm} + {self.distill.loss} needs real videos)",
+            ),
             (
                 self.optim.schedule in ("constant", "cosine"),
                 f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}",

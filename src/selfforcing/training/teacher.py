@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, config_from_yaml, config_to_yaml
+from ..data.prompts import PromptFile
 from ..data.shapes import ShapesWorld
 from ..data.text import prompt_vocabulary
 from ..data.video_folder import VideoFolder
@@ -73,20 +74,27 @@ class Batches:
         self.cfg = cfg
         if cfg.data.source == "shapes":
             self.world = ShapesWorld(cfg.data)
+        elif cfg.data.source == "prompts":
+            self.prompt_file = PromptFile(cfg.data.prompts)
         else:
             self.folder = VideoFolder(cfg.data.folder, cfg.data.frames, cfg.data.height, cfg.data.width)
 
-    def __call__(self, seed: int, batch_size: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    def __call__(self, seed: int, batch_size: int | None = None) -> tuple[torch.Tensor | None, list[str]]:
+        """``(video, prompts)``; the video is None for ``source: prompts``."""
         n = batch_size or self.cfg.batch_size
         if self.cfg.data.source == "shapes":
             b = self.world.sample(n, seed)
             return b.video, b.prompts
+        if self.cfg.data.source == "prompts":
+            return None, self.prompt_file.sample(n, seed)
         return self.folder.sample(n, seed)
 
     def vocabulary(self) -> list[str]:
         """Every word the training prompts can contain."""
         if self.cfg.data.source == "shapes":
             return self.cfg.data.vocabulary()
+        if self.cfg.data.source == "prompts":
+            return prompt_vocabulary(self.prompt_file.prompts)
         return prompt_vocabulary([p for _, p in self.folder.items])
 
 
