@@ -43,7 +43,7 @@ def assert_same(a: dict, b: dict, atol: float = 1e-6):
     assert a.keys() == b.keys()
     for name in a:
         for key, value in a[name].items():
-            assert torch.allclose(value, b[name][key], atol=atol), f"{name}.{key}"
+            assert torch.allclose(value, b[name][key], atol=atol), f"{name}.{key}: {(value - b[name][key]).abs().max()}"
 
 
 @pytest.mark.parametrize("loss,checkpointing", [("dmd", False), ("sid", False), ("dmd", True)])

@@ -38,6 +38,7 @@ class ModelConfig:
     """A DiT size preset, with optional per-field overrides (null = the preset's value)."""
 
     preset: str = "toy"
+    wan: str = ""  # a Wan2.1 folder: its DiT size, its frozen umT5 and its VAE (the preset is then unused)
     dim: int | None = None
     ffn_dim: int | None = None
     num_layers: int | None = None
@@ -46,9 +47,20 @@ class ModelConfig:
     patch_size: tuple[int, int, int] | None = None
 
     def dit(self, in_channels: int, text_dim: int) -> DiTConfig:
+        if self.wan:
+            from .wan.dit_weights import folder_config
+
+            sizes = [
+                f.name for f in fields(self) if f.name not in ("preset", "wan") and getattr(self, f.name) is not None
+            ]
+            if sizes:
+                raise ConfigError(
+                    f"model.wan takes the DiT's size from {self.wan}: drop model.{', model.'.join(sizes)}"
+                )
+            return folder_config(self.wan)
         if self.preset not in DIT_PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(DIT_PRESETS)}")
-        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("preset", "wan")}
         overrides = {k: (tuple(v) if k == "patch_size" else v) for k, v in overrides.items() if v is not None}
         return dit_config(
             self.preset, in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, **overrides
@@ -260,8 +272,10 @@ class TrainConfig:
                 "distill.regression_weight > 0 needs ode.pairs=FOLDER (made by `selfforcing ode-pairs`)",
             ),
             (
-                self.stage != "causal" or self.distill.loss == "diffusion" or bool(self.distill.teacher),
-                "stage causal with a distillation loss needs distill.teacher=CHECKPOINT",
+                self.stage != "causal"
+                or self.distill.loss == "diffusion"
+                or bool(self.distill.teacher or self.model.wan),
+                "stage causal with a distillation loss needs distill.teacher=CHECKPOINT (or model.wan=FOLDER)",
             ),
             (
                 self.distill.paradigm in PARADIGMS,

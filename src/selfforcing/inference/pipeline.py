@@ -37,12 +37,31 @@ def stream_guidance(cfg: TrainConfig) -> float:
     return cfg.diffusion.guidance_scale if many_step else 1.0
 
 
+_WAN_PARTS: dict[tuple[str, str], object] = {}  # (folder, part) -> the loaded frozen VAE / umT5, shared
+
+
+def _wan_part(folder: str, part: str):
+    """The Wan folder's VAE or umT5, loaded once per process (both frozen; every model shares them)."""
+    if (folder, part) not in _WAN_PARTS:
+        from ..wan.text_encoder import FrozenTextEncoder, load_text_encoder
+        from ..wan.vae import load_vae
+
+        _WAN_PARTS[folder, part] = load_vae(folder) if part == "vae" else FrozenTextEncoder(load_text_encoder(folder))
+    return _WAN_PARTS[folder, part]
+
+
 def build_codec(cfg: TrainConfig) -> Codec:
-    return IdentityCodec()
+    """Pixel space for the shapes world; the folder's Wan VAE for ``model.wan``."""
+    return _wan_part(cfg.model.wan, "vae") if cfg.model.wan else IdentityCodec()
 
 
 def build_model(cfg: TrainConfig) -> TextToVideo:
-    """A freshly initialised model for ``cfg`` (``cfg.text.vocab`` must be filled in)."""
+    """A freshly initialised model for ``cfg`` (``cfg.text.vocab`` must be filled in). With ``model.wan``
+    the DiT takes the folder's size and the text encoder is the folder's frozen, shared umT5."""
+    if cfg.model.wan:
+        text_encoder = _wan_part(cfg.model.wan, "umt5")
+        dit = VideoDiT(cfg.model.dit(in_channels=0, text_dim=0))
+        return TextToVideo(text_encoder, dit)
     if not cfg.text.vocab:
         raise ValueError("cfg.text.vocab is empty: fill it with the training data's words (Batches.vocabulary)")
     t = cfg.text

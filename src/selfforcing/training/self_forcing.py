@@ -34,10 +34,7 @@ class SelfForcingTrainer(TeacherTrainer):
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         d = cfg.distill
-        teacher = load_pipeline(d.teacher, device=self.device)
-        if teacher.cfg.causal is not None:
-            raise ValueError(f"distill.teacher {d.teacher} is a causal student; give the bidirectional teacher")
-        self.teacher = teacher.model.eval().requires_grad_(False)
+        self.teacher = self.load_teacher().eval().requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).train()
         self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
         self.discriminator = None
@@ -63,6 +60,21 @@ class SelfForcingTrainer(TeacherTrainer):
         self.pairs = None
         if d.regression_weight > 0:
             self.pairs, self.levels = load_student_pairs(cfg, self.codec)
+
+    def load_teacher(self):
+        """The frozen real score: ``distill.teacher`` (a run folder), or with ``model.wan`` the folder's own
+        bidirectional DiT (or a DiT in any layout given as ``distill.teacher``) with the shared umT5."""
+        d = self.cfg.distill
+        if self.cfg.model.wan:
+            from ..models.t2v import TextToVideo
+            from ..wan.dit_weights import load_dit
+
+            dit = load_dit(d.teacher or self.cfg.model.wan, num_heads=self.model.dit.cfg.num_heads)
+            return TextToVideo(self.model.text_encoder, dit.to(self.device))
+        teacher = load_pipeline(d.teacher, device=self.device)
+        if teacher.cfg.causal is not None:
+            raise ValueError(f"distill.teacher {d.teacher} is a causal student; give the bidirectional teacher")
+        return teacher.model
 
     def rollout_window(self, data_frames: int) -> tuple[int, int]:
         """(latent frames rolled out, latent frames scored at the end of the rollout), checked."""

@@ -129,15 +129,24 @@ class TeacherTrainer:
         self.is_main = self.rank == 0  # rank 0 alone writes checkpoints, metrics and samples
         self.run_dir = cfg.run_dir
         self.batches = Batches(cfg)
-        init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+        wan = bool(cfg.model.wan)
+        init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not wan else None
         if init is not None:  # the vocabulary comes with the weights
             cfg.text.vocab = cfg.text.vocab or config_from_yaml((init / "config.yaml").read_text()).text.vocab
         cfg.text.vocab = cfg.text.vocab or self.batches.vocabulary()  # stored with every checkpoint
         self.codec = build_codec(cfg)
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.model = build_model(cfg).to(self.device)
+        if cfg.model.wan:  # the shared frozen umT5 and VAE run on this process's device
+            self.model.text_encoder.shared.to(self.device).device = self.device
+            self.codec.vae.to(self.device)
         if init is not None:
             load_weights(self.model, init / "ema.safetensors")
+        if wan:  # a Wan DiT in any layout (a Self Forcing / ODE-init .pt, ...), else the folder's own
+            from ..wan.dit_weights import load_dit
+
+            source = load_dit(cfg.init_from or cfg.model.wan, num_heads=self.model.dit.cfg.num_heads)
+            self.model.dit.load_state_dict(source.state_dict())
         self.model.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
         self.sharded = cfg.distributed == "fsdp" and self.world_size > 1

@@ -351,6 +351,8 @@ def read_dit(path: str | Path, weights: str | None = None, num_heads: int | None
         cfg = infer_config(state, str(path), num_heads)
     elif layout == "safetensors":
         state = _read_safetensors([path])
+        if state and all(k.startswith("dit.") for k in state):  # a training run's model/ema.safetensors
+            state = {k.removeprefix("dit."): v for k, v in state.items()}
         with safe_open(path, "pt") as f:
             meta = (f.metadata() or {}).get("selfforcing_dit_config")
         cfg = DiTConfig(**{**json.loads(meta), "patch_size": tuple(json.loads(meta)["patch_size"])}) if meta else None

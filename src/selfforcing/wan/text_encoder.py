@@ -25,6 +25,25 @@ from .dit_weights import CheckpointError, load_torch_file
 TEXT_LEN = 512
 
 
+class FrozenTextEncoder(TextEncoder):
+    """A frozen text encoder shared, not owned: its weights are outside this module's parameters and
+    state dict, and ``copy.deepcopy`` (an EMA or a critic copied from a teacher) keeps the same one. So
+    the generator, its EMA, the teacher and the critic share one umT5, which no optimizer, checkpoint or
+    FSDP shard ever holds."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        object.__setattr__(self, "shared", encoder)  # not registered as a submodule
+        self.dim = encoder.dim
+
+    def __deepcopy__(self, memo) -> FrozenTextEncoder:
+        return self
+
+    def forward(self, prompts: list[str]):
+        with torch.no_grad():
+            return self.shared(prompts)
+
+
 def clean_prompt(text: str) -> str:
     """Wan's prompt cleaning: ftfy's fixes (when ftfy is installed), HTML unescaped twice, whitespace collapsed."""
     try:
