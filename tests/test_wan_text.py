@@ -82,3 +82,22 @@ def test_original_wan_t5_layout_equals_transformers(pipe_dir, tmp_path):
     torch.save(state, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
     with pytest.raises(CheckpointError, match=r"missing \(1\): encoder.block.1.layer.1.DenseReluDense.wo.weight"):
         load_text_encoder(tmp_path)
+
+
+def test_embeddings_cached_on_disk_are_computed_once(pipe_dir, tmp_path, capsys):
+    from selfforcing.cli import main
+
+    prompts = ["a large red circle moving right", "the cat walks on grass", "a large  red circle moving right"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    cache = tmp_path / "umt5"
+    main(["encode-prompts", "--model", str(pipe_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(cache)])
+    assert "2 prompts, 2 encoded now" in capsys.readouterr().out  # the third is the first, cleaned
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    main(["encode-prompts", "--model", str(pipe_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(cache)])
+    assert "0 encoded now, 2 already" in capsys.readouterr().out
+    cached = load_text_encoder(pipe_dir, cache_dir=cache)
+    calls = []
+    cached.encoder.register_forward_hook(lambda *_: calls.append(1))
+    got, _ = cached(prompts[:2])
+    assert not calls  # read from disk, umT5 not run
+    torch.testing.assert_close(got, load_text_encoder(pipe_dir)(prompts[:2])[0])

@@ -201,6 +201,26 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_encode_prompts(args: argparse.Namespace) -> None:
+    """umT5 embeddings of a prompt file into a cache folder, once (a rerun skips what is there)."""
+    from tqdm.auto import tqdm
+
+    from .data.prompts import PromptFile
+    from .device import resolve_device
+    from .wan.pipeline import default_dtype
+    from .wan.text_encoder import clean_prompt, load_text_encoder
+
+    device = resolve_device(args.device)
+    dtype = default_dtype(device)
+    encoder = load_text_encoder(args.model, dtype=dtype, device=device, cache_dir=args.out)
+    prompts = list(dict.fromkeys(clean_prompt(p) for p in PromptFile(args.prompts).prompts))
+    todo = [p for p in prompts if not encoder.cache_file(p).is_file()]
+    for i in tqdm(range(0, len(todo), args.batch_size), desc="umT5", unit="batch"):
+        encoder.embed_new(todo[i : i + args.batch_size])
+        encoder.cache.clear()  # on disk now
+    print(f"{len(prompts)} prompts, {len(todo)} encoded now, {len(prompts) - len(todo)} already in {args.out}")
+
+
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .training.ode_pairs import ODEPairSettings, generate_ode_pairs
@@ -359,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", default=None, help="network of a .pt: generator_ema (default), generator, critic")
     c.add_argument("--num-heads", type=int, default=None, help="heads, when no config.json says (default: dim/128)")
     c.set_defaults(func=cmd_convert)
+
+    ep = sub.add_parser("encode-prompts", help="cache umT5 embeddings of a prompt file (for model.text_cache)")
+    ep.add_argument("--model", required=True, help="a Wan2.1 folder (its umT5 and tokenizer)")
+    ep.add_argument("--prompts", required=True, help="a text file, one prompt a line")
+    ep.add_argument("--out", required=True, help="the cache folder (one .safetensors per prompt; reruns resume)")
+    ep.add_argument("--batch-size", type=int, default=16)
+    ep.add_argument("--device", default="auto")
+    ep.set_defaults(func=cmd_encode_prompts)
 
     r = sub.add_parser(
         "recipe", help="the whole recipe: teacher -> ODE pairs -> ODE init -> Self Forcing (skips finished stages)"

@@ -39,6 +39,7 @@ class ModelConfig:
 
     preset: str = "toy"
     wan: str = ""  # a Wan2.1 folder: its DiT size, its frozen umT5 and its VAE (the preset is then unused)
+    text_cache: str = ""  # with wan: a folder of umT5 embeddings, one per prompt (selfforcing encode-prompts)
     dim: int | None = None
     ffn_dim: int | None = None
     num_layers: int | None = None
@@ -60,7 +61,9 @@ class ModelConfig:
             return folder_config(self.wan)
         if self.preset not in DIT_PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(DIT_PRESETS)}")
-        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("preset", "wan")}
+        overrides = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("preset", "wan", "text_cache")
+        }
         overrides = {k: (tuple(v) if k == "patch_size" else v) for k, v in overrides.items() if v is not None}
         return dit_config(
             self.preset, in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, **overrides

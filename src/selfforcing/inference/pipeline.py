@@ -40,14 +40,18 @@ def stream_guidance(cfg: TrainConfig) -> float:
 _WAN_PARTS: dict[tuple[str, str], object] = {}  # (folder, part) -> the loaded frozen VAE / umT5, shared
 
 
-def _wan_part(folder: str, part: str):
+def _wan_part(folder: str, part: str, text_cache: str = ""):
     """The Wan folder's VAE or umT5, loaded once per process (both frozen; every model shares them)."""
-    if (folder, part) not in _WAN_PARTS:
+    key = (folder, part if part == "vae" else f"umt5:{text_cache}")
+    if key not in _WAN_PARTS:
         from ..wan.text_encoder import FrozenTextEncoder, load_text_encoder
         from ..wan.vae import load_vae
 
-        _WAN_PARTS[folder, part] = load_vae(folder) if part == "vae" else FrozenTextEncoder(load_text_encoder(folder))
-    return _WAN_PARTS[folder, part]
+        if part == "vae":
+            _WAN_PARTS[key] = load_vae(folder)
+        else:
+            _WAN_PARTS[key] = FrozenTextEncoder(load_text_encoder(folder, cache_dir=text_cache or None))
+    return _WAN_PARTS[key]
 
 
 def build_codec(cfg: TrainConfig) -> Codec:
@@ -59,7 +63,7 @@ def build_model(cfg: TrainConfig) -> TextToVideo:
     """A freshly initialised model for ``cfg`` (``cfg.text.vocab`` must be filled in). With ``model.wan``
     the DiT takes the folder's size and the text encoder is the folder's frozen, shared umT5."""
     if cfg.model.wan:
-        text_encoder = _wan_part(cfg.model.wan, "umt5")
+        text_encoder = _wan_part(cfg.model.wan, "umt5", cfg.model.text_cache)
         dit = VideoDiT(cfg.model.dit(in_channels=0, text_dim=0))
         return TextToVideo(text_encoder, dit)
     if not cfg.text.vocab:

@@ -5,18 +5,23 @@ tokens (truncating longer prompts), encoded by ``transformers.UMT5EncoderModel``
 masked, cut to its real length and zero-padded back to 512. The DiT then attends to all 512 tokens
 without a mask: the zeros are part of what Wan models were trained on.
 
-Each prompt is encoded once; its embedding is kept (on the CPU) for later calls. With ``offload``,
-the encoder lives on the CPU and visits the GPU only to encode new prompts, so a 24 GB GPU holds
-just the DiT and the VAE while streaming.
+Each prompt is encoded once; its embedding is kept (on the CPU) for later calls, and with
+``cache_dir`` on disk, one file per prompt, for later runs (``selfforcing encode-prompts`` fills it
+ahead of training). With ``offload``, the encoder lives on the CPU and visits the GPU only to encode
+new prompts, so a 24 GB GPU holds just the DiT and the VAE while streaming.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import os
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..models.text_encoder import TextEncoder
 from ..training.checkpoint import state_mismatches
@@ -64,7 +69,15 @@ class UMT5TextEncoder(TextEncoder):
     calls and run it on ``device``.
     """
 
-    def __init__(self, encoder, tokenizer, text_len: int = TEXT_LEN, offload: bool = False, device="cpu"):
+    def __init__(
+        self,
+        encoder,
+        tokenizer,
+        text_len: int = TEXT_LEN,
+        offload: bool = False,
+        device="cpu",
+        cache_dir: str | Path | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -73,11 +86,24 @@ class UMT5TextEncoder(TextEncoder):
         self.device = torch.device(device)
         self.dim = encoder.config.d_model
         self.cache: dict[str, torch.Tensor] = {}  # cleaned prompt -> [L_real, dim] on the CPU
+        self.cache_dir = Path(cache_dir) if cache_dir else None  # the same on disk, one file per prompt
+
+    def cache_file(self, prompt: str) -> Path:
+        """Where a (cleaned) prompt's embedding is kept on disk: a hash of the prompt."""
+        return self.cache_dir / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
 
     @torch.no_grad()
     def embed_new(self, prompts: list[str]) -> None:
-        """Encode the prompts not seen yet (cleaned) and keep their embeddings."""
+        """Encode the prompts not seen yet (cleaned) and keep their embeddings (in memory, and in
+        ``cache_dir`` when set, where later runs read them instead of running umT5)."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if self.cache_dir is not None:
+            for p in [p for p in new if self.cache_file(p).is_file()]:
+                with safe_open(self.cache_file(p), "pt") as f:
+                    if f.metadata().get("prompt") != p:
+                        raise ValueError(f"{self.cache_file(p)} holds another prompt's embedding: clear the cache")
+                    self.cache[p] = f.get_tensor("embedding")
+                new.remove(p)
         if not new:
             return
         run_on = self.device if self.offload else next(self.encoder.parameters()).device
@@ -96,6 +122,11 @@ class UMT5TextEncoder(TextEncoder):
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         for prompt, h, n in zip(new, hidden, mask.sum(1).tolist(), strict=True):
             self.cache[prompt] = h[:n].float().cpu()
+            if self.cache_dir is not None:  # written under a temporary name, then renamed: never half a file
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.cache_file(prompt).with_suffix(".tmp")
+                save_file({"embedding": self.cache[prompt].contiguous()}, tmp, metadata={"prompt": prompt})
+                os.replace(tmp, self.cache_file(prompt))
         if self.offload:
             self.encoder.to("cpu")
 
@@ -180,6 +211,7 @@ def load_text_encoder(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     offload: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> UMT5TextEncoder:
     """umT5 and its tokenizer from a Wan folder: the diffusers layout (``text_encoder/`` + ``tokenizer/``)
     or the original one (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``)."""
@@ -208,4 +240,4 @@ def load_text_encoder(
             raise
         raise CheckpointError(f"cannot load the umT5 text encoder from {folder}: {e}") from e
     encoder = encoder.eval().requires_grad_(False).to("cpu" if offload else device)
-    return UMT5TextEncoder(encoder, tokenizer, offload=offload, device=device)
+    return UMT5TextEncoder(encoder, tokenizer, offload=offload, device=device, cache_dir=cache_dir)
