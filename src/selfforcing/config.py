@@ -33,6 +33,9 @@ class DataConfig(ShapesWorldConfig):
     prompts: str = ""  # with source=prompts: a text file, one prompt a line (see selfforcing.data.prompts)
 
 
+SOURCES = ("preset", "wan", "text_cache")  # ModelConfig fields that are not DiT size overrides
+
+
 @dataclass
 class ModelConfig:
     """A DiT size preset, with optional per-field overrides (null = the preset's value)."""
@@ -48,12 +51,11 @@ class ModelConfig:
     patch_size: tuple[int, int, int] | None = None
 
     def dit(self, in_channels: int, text_dim: int) -> DiTConfig:
+        """The DiT's config: the Wan folder's, or the preset's with the size fields that are set."""
         if self.wan:
             from .wan.dit_weights import folder_config
 
-            sizes = [
-                f.name for f in fields(self) if f.name not in ("preset", "wan") and getattr(self, f.name) is not None
-            ]
+            sizes = [f.name for f in fields(self) if f.name not in SOURCES and getattr(self, f.name) is not None]
             if sizes:
                 raise ConfigError(
                     f"model.wan takes the DiT's size from {self.wan}: drop model.{', model.'.join(sizes)}"
@@ -61,9 +63,7 @@ class ModelConfig:
             return folder_config(self.wan)
         if self.preset not in DIT_PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(DIT_PRESETS)}")
-        overrides = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("preset", "wan", "text_cache")
-        }
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SOURCES}
         overrides = {k: (tuple(v) if k == "patch_size" else v) for k, v in overrides.items() if v is not None}
         return dit_config(
             self.preset, in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, **overrides
