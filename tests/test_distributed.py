@@ -18,11 +18,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_worker(rank: int, port: int, cfg, out: str) -> None:
-    """What ``torchrun --nproc-per-node 2`` sets up, then an ordinary training run."""
+def as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
+    """What ``torchrun --nproc-per-node 2`` sets up for process ``rank`` (the trainer then joins the group)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = "2"
+    os.environ["WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(1)
+
+
+def _train_worker(rank: int, port: int, cfg, out: str) -> None:
+    """A torchrun process, then an ordinary training run."""
+    as_torchrun_rank(rank, port)
     trainer = SelfForcingTrainer(cfg)
     exit_steps = []
     for trainer.step in range(6):

@@ -1,9 +1,6 @@
 """FSDP2 (distributed: fsdp) on two CPU processes (gloo): the same training as one process with gradient
 accumulation, checkpoints in the single-process layout, and an exact resume."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,18 +8,11 @@ import torch.multiprocessing as mp
 
 from selfforcing.training.self_forcing import SelfForcingTrainer
 from selfforcing.training.teacher import TeacherTrainer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_distributed import _free_port, as_torchrun_rank
 
 
 def _worker(rank: int, port: int, cfgs, kind: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = "2"
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, port)
     for cfg in cfgs:  # several runs in one process group (e.g. a run, then its resumption)
         trainer = (SelfForcingTrainer if kind == "sf" else TeacherTrainer)(cfg)
         assert trainer.sharded
