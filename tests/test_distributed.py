@@ -2,7 +2,9 @@
 the weights stay identical on both ranks, and every rank's k-th rollout shares its exit step."""
 
 import os
+import shutil
 import socket
+import warnings
 
 import pytest
 import torch
@@ -16,6 +18,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(fn, *args, fresh: tuple = ()) -> None:
+    """``fn(rank, port, *args)`` on 2 processes. A rank killed by a signal (gloo on a loaded 2-core machine
+    has aborted, rarely, in a TCP exchange) is retried once on a new port, after removing the ``fresh``
+    run folders; a Python error in a rank fails at once."""
+    for attempt in (1, 2):
+        try:
+            mp.spawn(fn, args=(_free_port(), *args), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if attempt == 2 or e.signal_name is None:
+                raise
+            warnings.warn(f"a rank died ({e}); retrying once", stacklevel=2)
+            for folder in fresh:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
@@ -47,7 +65,7 @@ def test_two_process_training_equals_one_process_with_accumulation(teacher, tmp_
         return sf_cfg(teacher, tmp_path, f"name={name}", "steps=2", f"distill.loss={loss}", "num_threads=1", *extra)
 
     out = str(tmp_path / "ddp_state")
-    mp.spawn(_train_worker, args=(_free_port(), cfg("ddp"), out), nprocs=2, join=True)
+    spawn_ranks(_train_worker, cfg("ddp"), out, fresh=(tmp_path / "ddp",))
     rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
     exits = [rank0.pop("exits"), rank1.pop("exits")]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs

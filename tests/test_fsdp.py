@@ -4,11 +4,10 @@ accumulation, checkpoints in the single-process layout, and an exact resume."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from selfforcing.training.self_forcing import SelfForcingTrainer
 from selfforcing.training.teacher import TeacherTrainer
-from tests.test_distributed import _free_port, as_torchrun_rank
+from tests.test_distributed import as_torchrun_rank, spawn_ranks
 
 
 def _worker(rank: int, port: int, cfgs, kind: str) -> None:
@@ -46,7 +45,7 @@ def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_p
 
     fsdp = ("distributed=fsdp", "ckpt_every=1")
     runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
-    mp.spawn(_worker, args=(_free_port(), runs, "sf"), nprocs=2, join=True)
+    spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "fsdp", tmp_path / "resumed"))
     single = SelfForcingTrainer(cfg("single", "steps=3", "grad_accum_steps=2"))
     draw = single.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
     single.exit_step = lambda kind, i: draw(kind, i % 1)
@@ -72,7 +71,7 @@ def test_fsdp_teacher_with_accumulation_equals_one_process(tmp_path):
     def cfg(name, *extra):
         return load_config(None, [*TINY, f"out_dir={tmp_path}", f"name={name}", "steps=2", "num_threads=1", *extra])
 
-    mp.spawn(_worker, args=(_free_port(), [cfg("fsdp", "distributed=fsdp", "grad_accum_steps=2")], "t"), nprocs=2)
+    spawn_ranks(_worker, [cfg("fsdp", "distributed=fsdp", "grad_accum_steps=2")], "t", fresh=(tmp_path / "fsdp",))
     TeacherTrainer(cfg("single", "grad_accum_steps=4")).train()
     assert_same(_weights(tmp_path / "fsdp")[0], _weights(tmp_path / "single")[0])
 

@@ -4,7 +4,6 @@ checkpoint streams with ``selfforcing generate --model``."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
 
@@ -13,7 +12,8 @@ from selfforcing.config import load_config  # noqa: E402
 from selfforcing.data.video_io import read_video  # noqa: E402
 from selfforcing.training.self_forcing import SelfForcingTrainer  # noqa: E402
 
-from .test_fsdp import _free_port, _weights, _worker, assert_same  # noqa: E402
+from .test_distributed import spawn_ranks  # noqa: E402
+from .test_fsdp import _weights, _worker, assert_same  # noqa: E402
 from .wan_tiny import write_diffusers_pipeline  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder,
     fsdp = ("distributed=fsdp",)
     runs = [recipe(wan_folder, tmp_path, "fsdp", *fsdp), recipe(wan_folder, tmp_path, "resumed", *fsdp, "steps=2")]
     runs.append(recipe(wan_folder, tmp_path, "resumed", *fsdp))
-    mp.spawn(_worker, args=(_free_port(), runs, "sf"), nprocs=2, join=True)
+    spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "fsdp", tmp_path / "resumed"))
     single = SelfForcingTrainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "grad_accum_steps=2"))
     draw = single.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
     single.exit_step = lambda kind, i: draw(kind, i % 1)

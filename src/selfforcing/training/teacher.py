@@ -184,10 +184,15 @@ class TeacherTrainer:
 
     def finite(self, module: torch.nn.Module) -> bool:
         """Whether every weight is finite (on every process: under FSDP each checks its shards)."""
-        ok = torch.tensor(float(all(bool(local(p).isfinite().all()) for p in reshard(module).parameters())))
-        if self.world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok)
+        return self.all_ranks(all(bool(local(p).isfinite().all()) for p in reshard(module).parameters()))
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process (so all of them take the same branch)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor(float(flag), device=self.device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t)
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint (atomically); the other ranks wait for it (under FSDP every rank
@@ -298,7 +303,7 @@ class TeacherTrainer:
         self.scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)))
-        if math.isfinite(norm) and math.isfinite(loss):
+        if self.all_ranks(math.isfinite(norm) and math.isfinite(loss)):  # a rank's own loss may be the bad one
             self.scaler.step(optimizer)
             self.scaler.update()
             self.nonfinite_in_a_row = 0
