@@ -25,7 +25,7 @@ from ..inference.stream import Chunk, stream_video
 from ..models.t2v import TextToVideo
 from .dit_weights import CheckpointError, folder_config, load_dit
 from .tae import TAEW21, load_tae
-from .text_encoder import UMT5TextEncoder, load_text_encoder
+from .text_encoder import load_text_encoder
 from .vae import WanVAE, load_vae
 
 # The released Self Forcing checkpoints: chunks of 3 latent frames, the 4-step list warped with shift 5,
@@ -61,10 +61,6 @@ class WanPipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.dit.parameters()).device
-
-    @property
-    def text_encoder(self) -> UMT5TextEncoder:
-        return self.model.text_encoder
 
     def check_size(self, frames: int, height: int, width: int) -> None:
         """Raise unless the VAE and the DiT's patches divide the video exactly."""
