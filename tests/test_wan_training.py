@@ -94,3 +94,58 @@ def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder,
     sharded = _weights(tmp_path / "fsdp")[0]
     assert_same(sharded, _weights(tmp_path / "single")[0], atol=1e-5)  # float summation order, through Adam
     assert_same(_weights(tmp_path / "resumed")[0], sharded, atol=0)
+
+
+def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path, capsys):
+    """encode-videos writes the Wan VAE's latents of a video folder into shards (a rerun resumes); a
+    Teacher Forcing run reads them as its real videos (data.source=latents), without the VAE."""
+    import json
+
+    from selfforcing.data.latent_shards import LatentShards
+    from selfforcing.data.video_folder import VideoFolder
+    from selfforcing.data.video_io import write_video
+    from selfforcing.training.causal_diffusion import CausalDiffusionTrainer
+    from selfforcing.wan.vae import load_vae
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i, prompt in enumerate(["a red circle moving right", "the cat walks on grass", "a small blue triangle"]):
+        frames = (torch.rand(21, 32, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        write_video(videos / f"clip{i}.gif", frames, fps=8)
+        lines.append(json.dumps({"file": f"clip{i}.gif", "prompt": prompt}))
+    (videos / "prompts.jsonl").write_text("\n".join(lines))
+    args = ["encode-videos", "--model", str(wan_folder), "--folder", str(videos), "--out", str(tmp_path / "lat")]
+    size = ["--frames", "21", "--height", "32", "--width", "48", "--shard-size", "2", "--device", "cpu"]
+    main(args + size)
+    assert sorted(p.name for p in (tmp_path / "lat").glob("*.safetensors")) == [
+        "latents_00000.safetensors",
+        "latents_00001.safetensors",
+    ]
+    shards = LatentShards(tmp_path / "lat", 21, 32, 48)
+    folder = VideoFolder(videos, 21, 32, 48)
+    latents, prompts = shards.sample(4, 0)
+    codec = load_vae(wan_folder)
+    for z, p in zip(latents, prompts, strict=True):
+        i = shards.prompts.index(p)
+        torch.testing.assert_close(z[None], codec.encode(folder[i][0][None]), atol=1e-5, rtol=1e-5)
+    stamp = (tmp_path / "lat" / "latents_00000.safetensors").stat().st_mtime_ns
+    main(args + size)  # a rerun keeps the shards
+    assert (tmp_path / "lat" / "latents_00000.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="latents of 21 frames of 32x48, the run expects 9"):
+        LatentShards(tmp_path / "lat", 9, 32, 48)
+    cfg = recipe(
+        wan_folder,
+        tmp_path,
+        "tf",
+        "distributed=ddp",
+        "distill.paradigm=teacher_forcing",
+        "distill.loss=diffusion",
+        "data.source=latents",
+        f"data.latents={tmp_path / 'lat'}",
+        "steps=2",
+    )
+    run = CausalDiffusionTrainer(cfg).train()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

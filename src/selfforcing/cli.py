@@ -221,6 +221,21 @@ def cmd_encode_prompts(args: argparse.Namespace) -> None:
     print(f"{len(prompts)} prompts, {len(todo)} encoded now, {len(prompts) - len(todo)} already in {args.out}")
 
 
+def cmd_encode_videos(args: argparse.Namespace) -> None:
+    """A video folder encoded once by the Wan VAE into latent shards (data.source=latents)."""
+    from .data.latent_shards import encode_video_folder
+    from .data.video_folder import VideoFolder
+    from .device import resolve_device
+    from .wan.pipeline import default_dtype
+    from .wan.vae import load_vae
+
+    device = resolve_device(args.device)
+    codec = load_vae(args.model, dtype=default_dtype(device), device=device)
+    folder = VideoFolder(args.folder, args.frames, args.height, args.width)
+    out = encode_video_folder(codec, folder, args.out, args.shard_size)
+    print(f"{len(folder)} videos encoded into {out} (data.source=latents data.latents={out})")
+
+
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .training.ode_pairs import ODEPairSettings, generate_ode_pairs
@@ -387,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--batch-size", type=int, default=16)
     ep.add_argument("--device", default="auto")
     ep.set_defaults(func=cmd_encode_prompts)
+
+    ev = sub.add_parser("encode-videos", help="encode a video folder once with the Wan VAE (data.source=latents)")
+    ev.add_argument("--model", required=True, help="a Wan2.1 folder (its VAE)")
+    ev.add_argument("--folder", required=True, help="a video folder with prompts.jsonl (see README)")
+    ev.add_argument("--out", required=True, help="the latent shards' folder (a rerun resumes)")
+    ev.add_argument("--frames", type=int, default=81)
+    ev.add_argument("--height", type=int, default=480)
+    ev.add_argument("--width", type=int, default=832)
+    ev.add_argument("--shard-size", type=int, default=64, help="videos per shard file")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_encode_videos)
 
     r = sub.add_parser(
         "recipe", help="the whole recipe: teacher -> ODE pairs -> ODE init -> Self Forcing (skips finished stages)"

@@ -31,6 +31,7 @@ class DataConfig(ShapesWorldConfig):
     source: str = "shapes"  # shapes | folder
     folder: str = ""  # with source=folder: a folder with prompts.jsonl (see selfforcing.data.VideoFolder)
     prompts: str = ""  # with source=prompts: a text file, one prompt a line (see selfforcing.data.prompts)
+    latents: str = ""  # with source=latents: videos encoded once (selfforcing encode-videos; data.latent_shards)
 
 
 SOURCES = ("preset", "wan", "text_cache")  # ModelConfig fields that are not DiT size overrides
@@ -239,9 +240,10 @@ class TrainConfig:
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
             ),
             (
-                self.data.source in ("shapes", "folder", "prompts"),
-                f"data.source must be 'shapes', 'folder' or 'prompts', got {self.data.source!r}",
+                self.data.source in ("shapes", "folder", "prompts", "latents"),
+                f"data.source must be 'shapes', 'folder', 'prompts' or 'latents', got {self.data.source!r}",
             ),
+            (self.data.source != "latents" or bool(self.data.latents), "data.source=latents needs data.latents=DIR"),
             (self.data.source != "folder" or bool(self.data.folder), "data.source=folder needs data.folder=PATH"),
             (self.data.source != "prompts" or bool(self.data.prompts), "data.source=prompts needs data.prompts=FILE"),
             (

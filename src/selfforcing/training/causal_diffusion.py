@@ -72,5 +72,5 @@ class CausalDiffusionTrainer(TeacherTrainer):
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
-        x0 = self.codec.encode(video.to(self.device))
+        x0 = self.latents(video)
         return causal_diffusion_loss(self.model, x0, prompts, self.cfg, g)

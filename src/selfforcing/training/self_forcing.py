@@ -179,7 +179,7 @@ class SelfForcingTrainer(TeacherTrainer):
         d_fake = self._disc(fake, sigma, text, g)
         d_real = None
         if d.gan_relativistic:
-            d_real = self._disc(self.scored(self.codec.encode(real.to(self.device))), sigma, text, g)
+            d_real = self._disc(self.scored(self.latents(real)), sigma, text, g)
         return gan_generator_loss(d_fake, d_real), {"gan/generator_d_fake": float(d_fake.detach().mean())}
 
     def gan_critic_loss(self, fake, real, prompts, g):
@@ -187,7 +187,7 @@ class SelfForcingTrainer(TeacherTrainer):
         d = self.cfg.distill
         sigma = self.loss_sigma(fake.shape[0], g)
         text = self.critic.encode_text(prompts)
-        x_real = noised(self.scored(self.codec.encode(real.to(self.device))), sigma, g)
+        x_real = noised(self.scored(self.latents(real)), sigma, g)
         x_fake = noised(fake, sigma, g)
 
         def disc(x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,7 @@ class SelfForcingTrainer(TeacherTrainer):
         """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random
         few-step level per chunk, in one pass with clean (TF) or noisy (DF) real context."""
         c = self.cfg.causal
-        x0 = self.codec.encode(video.to(self.device))
+        x0 = self.latents(video)
         b, f = x0.shape[:2]
         sigmas = c.sigmas().to(x0.device)
         pick = torch.randint(len(sigmas), (b, f // c.frames_per_block), generator=g).to(x0.device)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, config_from_yaml, config_to_yaml
+from ..data.latent_shards import LatentShards
 from ..data.prompts import PromptFile
 from ..data.shapes import ShapesWorld
 from ..data.text import prompt_vocabulary
@@ -76,12 +77,17 @@ class Batches:
             self.world = ShapesWorld(cfg.data)
         elif cfg.data.source == "prompts":
             self.prompt_file = PromptFile(cfg.data.prompts)
+        elif cfg.data.source == "latents":
+            self.shards = LatentShards(cfg.data.latents, cfg.data.frames, cfg.data.height, cfg.data.width)
         else:
             self.folder = VideoFolder(cfg.data.folder, cfg.data.frames, cfg.data.height, cfg.data.width)
 
     def __call__(self, seed: int, batch_size: int | None = None) -> tuple[torch.Tensor | None, list[str]]:
-        """``(video, prompts)``; the video is None for ``source: prompts``."""
+        """``(video, prompts)``; the video is None for ``source: prompts`` and already latents for
+        ``source: latents`` (``TeacherTrainer.latents`` takes either)."""
         n = batch_size or self.cfg.batch_size
+        if self.cfg.data.source == "latents":
+            return self.shards.sample(n, seed)
         if self.cfg.data.source == "shapes":
             b = self.world.sample(n, seed)
             return b.video, b.prompts
@@ -93,8 +99,8 @@ class Batches:
         """Every word the training prompts can contain."""
         if self.cfg.data.source == "shapes":
             return self.cfg.data.vocabulary()
-        if self.cfg.data.source == "prompts":
-            return prompt_vocabulary(self.prompt_file.prompts)
+        if self.cfg.data.source in ("prompts", "latents"):
+            return prompt_vocabulary((self.prompt_file if self.cfg.data.source == "prompts" else self.shards).prompts)
         return prompt_vocabulary([p for _, p in self.folder.items])
 
 
@@ -248,10 +254,16 @@ class TeacherTrainer:
             path.write_text("".join(ln + "\n" for ln in lines))
 
     # -- training ------------------------------------------------------------------------------
+    def latents(self, video: torch.Tensor) -> torch.Tensor:
+        """A batch of real videos as the DiT's latents: encoded by the codec, or as they are for
+        ``data.source: latents`` (encoded once, ahead of training)."""
+        video = video.to(self.device)
+        return video if self.cfg.data.source == "latents" else self.codec.encode(video)
+
     def loss(self, g: torch.Generator) -> torch.Tensor:
         """One micro-batch's training loss; every random draw comes from ``g``."""
         video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
-        x0 = self.codec.encode(video.to(self.device))
+        x0 = self.latents(video)
         return flow_matching_loss(self.model, x0, prompts, self.cfg, g)
 
     def micro_generator(self, kind: str, k: int) -> torch.Generator:
