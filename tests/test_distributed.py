@@ -1,6 +1,7 @@
 """Two CPU processes on the gloo backend: DDP training equals one process with gradient accumulation,
 the weights stay identical on both ranks, and every rank's k-th rollout shares its exit step."""
 
+import faulthandler
 import os
 import shutil
 import socket
@@ -41,6 +42,7 @@ def as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ["WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(1)
+    faulthandler.enable()  # a rank that crashes prints where (see spawn_ranks)
 
 
 def _train_worker(rank: int, port: int, cfg, out: str) -> None:
