@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         chunks = stream_video(
             pipe.model, pipe.codec, prompts, frames, height, width, settings, args.seed, guidance_scale=guidance
         )
-        videos = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
+        videos, _ = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
     else:
         d = pipe.cfg.diffusion
         videos = generate_videos(
@@ -128,17 +128,8 @@ def _generate_wan(args: argparse.Namespace) -> None:
 
     if pipe.causal is not None:
         settings = _causal_overrides(pipe.causal, args)
-        pipe.check_size(frames, height, width)
-        chunks = []
-
-        def keep(stream):
-            for chunk in stream:
-                chunks.append(chunk.latents.cpu())
-                yield chunk
-
-        stream = keep(pipe.stream(prompts, frames, height, width, args.seed, settings))
-        _write_stream(stream, args.out, fps, render, settings)
-        latents = torch.cat(chunks, dim=1)
+        stream = pipe.stream(prompts, frames, height, width, args.seed, settings)  # raises on a bad request
+        _, latents = _write_stream(stream, args.out, fps, render, settings)
     else:
         if args.stream:
             raise ValueError("--stream needs a causal student: pass --checkpoint (e.g. self_forcing_dmd.pt)")
@@ -162,7 +153,7 @@ def _generate_wan(args: argparse.Namespace) -> None:
 
 def _write_stream(chunks, out: str, fps: float, render, settings):
     """Append each streamed chunk to the video file as it arrives, printing its latency; returns the
-    frames ``[B, F, 3, H, W]`` (on the CPU)."""
+    frames ``[B, F, 3, H, W]`` and the latents ``[B, f, C, h, w]`` (on the CPU)."""
     import time
 
     import torch
@@ -177,7 +168,7 @@ def _write_stream(chunks, out: str, fps: float, render, settings):
             ms, last = chunk.seconds * 1000, n + frames.shape[1] - 1
             print(f"chunk {chunk.index:3d}  frames {n:4d}-{last:<4d} {ms:8.1f} ms  (t = {elapsed:.2f} s)")
             writer.append(render(frames))
-            done.append((chunk.seconds, frames))
+            done.append((chunk.seconds, frames, chunk.latents.cpu()))
             n += frames.shape[1]
     total = time.perf_counter() - t0
     b = done[0][1].shape[0]
@@ -185,7 +176,7 @@ def _write_stream(chunks, out: str, fps: float, render, settings):
         f"wrote {writer.path}: {n} frames x {b} videos in {total:.2f} s = {n / total:.1f} frames/s; "
         f"first chunk after {done[0][0] * 1000:.1f} ms (window {settings.window}, sink {settings.sink})"
     )
-    return torch.cat([f for _, f in done], dim=1)
+    return torch.cat([f for _, f, _ in done], dim=1), torch.cat([z for _, _, z in done], dim=1)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

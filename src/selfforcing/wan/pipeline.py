@@ -58,10 +58,6 @@ class WanPipeline:
     folder: Path
     checkpoint: Path | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.dit.parameters()).device
-
     def check_size(self, frames: int, height: int, width: int) -> None:
         """Raise unless the VAE and the DiT's patches divide the video exactly."""
         ph, pw = self.model.dit.cfg.patch_size[1:]
@@ -83,14 +79,15 @@ class WanPipeline:
         settings: CausalConfig | None = None,
     ) -> Iterator[Chunk]:
         """Stream a causal student chunk by chunk (see ``inference.stream.stream_video``); each chunk is
-        decoded by the VAE's streaming decoder as soon as it is denoised."""
+        decoded by the VAE's streaming decoder as soon as it is denoised. A bad request raises here, before
+        the first chunk is asked for."""
         if self.causal is None:
             raise ValueError(
                 f"{self.folder} holds Wan's bidirectional model: streaming needs a causal checkpoint "
                 "(checkpoint=self_forcing_dmd.pt); sample the teacher with generate()"
             )
         self.check_size(frames, height, width)
-        yield from stream_video(self.model, self.codec, prompts, frames, height, width, settings or self.causal, seed)
+        return stream_video(self.model, self.codec, prompts, frames, height, width, settings or self.causal, seed)
 
     def generate(
         self,
@@ -109,11 +106,11 @@ class WanPipeline:
         """The whole video at once, ``[B, frames, 3, H, W]`` in [-1, 1] (and with ``return_latents`` its
         latents): a causal student streams and the chunks are joined; the teacher samples with Euler +
         classifier-free guidance."""
-        self.check_size(frames, height, width)
         if self.causal is not None:
             chunks = list(self.stream(prompts, frames, height, width, seed))
             video = torch.cat([c.frames for c in chunks], dim=1)
             return (video, torch.cat([c.latents for c in chunks], dim=1)) if return_latents else video
+        self.check_size(frames, height, width)
         return generate_videos(
             self.model,
             self.codec,
@@ -168,8 +165,10 @@ def load_wan(
     text_encoder = load_text_encoder(folder, dtype=dtype, device=device, offload=offload_text_encoder)
     if text_encoder.dim != dit.cfg.text_dim:
         raise CheckpointError(f"the text encoder is {text_encoder.dim} wide, the DiT expects {dit.cfg.text_dim}")
-    codec = load_vae(folder, dtype=dtype, device=device) if preview_decoder is None else None
-    codec = codec or load_tae(preview_decoder, dtype=dtype, device=device)
+    if preview_decoder is None:
+        codec = load_vae(folder, dtype=dtype, device=device)
+    else:
+        codec = load_tae(preview_decoder, dtype=dtype, device=device)
     if codec.latent_channels != dit.cfg.in_channels:
         raise CheckpointError(f"the VAE has {codec.latent_channels} latent channels, the DiT {dit.cfg.in_channels}")
     model = TextToVideo(text_encoder, dit)
