@@ -54,6 +54,17 @@ def _wan_part(folder: str, part: str, text_cache: str = ""):
     return _WAN_PARTS[key]
 
 
+def wan_model(cfg: TrainConfig, dit_weights: str | Path) -> TextToVideo:
+    """``model.wan``'s shared frozen umT5 with the DiT of ``dit_weights`` (any Wan DiT layout: the folder
+    itself, a Self Forcing / ODE-init ``.pt``, ...), which must be the folder's size. Frozen, in eval mode."""
+    from ..wan.dit_weights import check_same_size, load_dit
+
+    size = cfg.model.dit(in_channels=0, text_dim=0)  # the folder's
+    dit = load_dit(dit_weights, num_heads=size.num_heads)
+    check_same_size(dit.cfg, size, dit_weights, cfg.model.wan)
+    return TextToVideo(_wan_part(cfg.model.wan, "umt5", cfg.model.text_cache), dit)
+
+
 def build_codec(cfg: TrainConfig) -> Codec:
     """Pixel space for the shapes world; the folder's Wan VAE for ``model.wan``."""
     return _wan_part(cfg.model.wan, "vae") if cfg.model.wan else IdentityCodec()

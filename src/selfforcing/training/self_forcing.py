@@ -20,7 +20,7 @@ import torch
 from ..config import ConfigError, TrainConfig
 from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, x0_from_velocity
-from ..inference.pipeline import load_pipeline
+from ..inference.pipeline import load_pipeline, wan_model
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
@@ -66,11 +66,7 @@ class SelfForcingTrainer(TeacherTrainer):
         bidirectional DiT (or a DiT in any layout given as ``distill.teacher``) with the shared umT5."""
         d = self.cfg.distill
         if self.cfg.model.wan:
-            from ..models.t2v import TextToVideo
-            from ..wan.dit_weights import load_dit
-
-            dit = load_dit(d.teacher or self.cfg.model.wan, num_heads=self.model.dit.cfg.num_heads)
-            return TextToVideo(self.model.text_encoder, dit.to(self.device))
+            return wan_model(self.cfg, d.teacher or self.cfg.model.wan).to(self.device)
         teacher = load_pipeline(d.teacher, device=self.device)
         if teacher.cfg.causal is not None:
             raise ValueError(f"distill.teacher {d.teacher} is a causal student; give the bidirectional teacher")

@@ -31,7 +31,7 @@ from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocit
 from ..eval.analyser import analyse_batch
 from ..eval.plots import plot_training_curves
 from ..inference.generate import generate_videos
-from ..inference.pipeline import build_codec, build_model, stream_settings
+from ..inference.pipeline import build_codec, build_model, stream_settings, wan_model
 from ..inference.stream import generate_stream
 from .checkpoint import (
     checkpoint_path,
@@ -135,24 +135,23 @@ class TeacherTrainer:
         self.is_main = self.rank == 0  # rank 0 alone writes checkpoints, metrics and samples
         self.run_dir = cfg.run_dir
         self.batches = Batches(cfg)
-        wan = bool(cfg.model.wan)
-        init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not wan else None
+        init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not cfg.model.wan else None
         if init is not None:  # the vocabulary comes with the weights
             cfg.text.vocab = cfg.text.vocab or config_from_yaml((init / "config.yaml").read_text()).text.vocab
         cfg.text.vocab = cfg.text.vocab or self.batches.vocabulary()  # stored with every checkpoint
         self.codec = build_codec(cfg)
         torch.manual_seed(cfg.seed)  # weight initialisation
-        self.model = build_model(cfg).to(self.device)
-        if cfg.model.wan:  # the shared frozen umT5 and VAE run on this process's device
-            self.model.text_encoder.shared.to(self.device).device = self.device
+        if cfg.model.wan:  # a Wan DiT in any layout (a Self Forcing / ODE-init .pt, ...), else the folder's own
+            self.model = wan_model(cfg, cfg.init_from or cfg.model.wan).to(self.device)
+            self.model.dit.requires_grad_(True)
+            umt5 = self.model.text_encoder.shared  # shared and frozen, like the VAE: both run on this device
+            umt5.to(self.device)
+            umt5.device = self.device
             self.codec.vae.to(self.device)
+        else:
+            self.model = build_model(cfg).to(self.device)
         if init is not None:
             load_weights(self.model, init / "ema.safetensors")
-        if wan:  # a Wan DiT in any layout (a Self Forcing / ODE-init .pt, ...), else the folder's own
-            from ..wan.dit_weights import load_dit
-
-            source = load_dit(cfg.init_from or cfg.model.wan, num_heads=self.model.dit.cfg.num_heads)
-            self.model.dit.load_state_dict(source.state_dict())
         self.model.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
         self.sharded = cfg.distributed == "fsdp" and self.world_size > 1

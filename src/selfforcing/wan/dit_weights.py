@@ -378,6 +378,15 @@ def check_state(model: VideoDiT, state: dict[str, torch.Tensor], layout: str, so
         )
 
 
+def check_same_size(cfg: DiTConfig, folder_cfg: DiTConfig, source: str | Path, folder: str | Path) -> None:
+    """Raise unless a checkpoint's DiT is the size of the Wan folder's (eps is not in the weights)."""
+    if replace(cfg, eps=folder_cfg.eps) != folder_cfg:
+        raise CheckpointError(
+            f"{source} is a DiT of {cfg}, but {folder} holds {folder_cfg}: use the checkpoint with the Wan "
+            "folder it was trained from (e.g. Wan2.1-T2V-1.3B for the released Self Forcing checkpoints)"
+        )
+
+
 def load_dit(
     path: str | Path,
     weights: str | None = None,

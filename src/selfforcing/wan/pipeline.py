@@ -13,7 +13,7 @@ model, sampled with many Euler steps and classifier-free guidance (the teacher).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from ..device import resolve_device
 from ..inference.generate import generate_videos
 from ..inference.stream import Chunk, stream_video
 from ..models.t2v import TextToVideo
-from .dit_weights import CheckpointError, folder_config, load_dit
+from .dit_weights import CheckpointError, check_same_size, folder_config, load_dit
 from .tae import TAEW21, load_tae
 from .text_encoder import load_text_encoder
 from .vae import WanVAE, load_vae
@@ -157,11 +157,7 @@ def load_wan(
         dit = load_dit(folder, dtype=dtype, device=device)
     else:
         dit = load_dit(checkpoint, weights=weights, num_heads=cfg.num_heads, dtype=dtype, device=device)
-        if replace(dit.cfg, eps=cfg.eps) != cfg:
-            raise CheckpointError(
-                f"{checkpoint} is a DiT of {dit.cfg}, but {folder} holds {cfg}: use the checkpoint with the Wan "
-                "folder it was trained from (e.g. Wan2.1-T2V-1.3B for the released Self Forcing checkpoints)"
-            )
+        check_same_size(dit.cfg, cfg, checkpoint, folder)
     text_encoder = load_text_encoder(folder, dtype=dtype, device=device, offload=offload_text_encoder)
     if text_encoder.dim != dit.cfg.text_dim:
         raise CheckpointError(f"the text encoder is {text_encoder.dim} wide, the DiT expects {dit.cfg.text_dim}")
