@@ -279,9 +279,9 @@ class VideoDiT(nn.Module):
         rope = to_device(rope, x.device)
 
         new_kv, features = [], []
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute blocks in backward
         for i, block in enumerate(self.blocks):
             prefix = kv_cache.context(i) if kv_cache is not None else None
-            checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute in backward
             if checkpointed and prefix is not None:
                 # the backward recomputation must see this cache, but later commits overwrite its slots in
                 # place: hand the block a copy (no more memory than the concatenation attention saves)

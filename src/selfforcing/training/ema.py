@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from .fsdp import local, reshard
+
 
 class EMA:
     """``ema = d * ema + (1 - d) * param`` after each optimizer step, with the warm-up
@@ -30,8 +32,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        from .fsdp import local, reshard  # sharded (FSDP) copies are averaged shard by shard
-
+        # sharded (FSDP) copies are averaged shard by shard
         ema_p = [local(q) for q in reshard(self.model).parameters()]
         p = [local(q.detach()) for q in reshard(model).parameters()]
         torch._foreach_lerp_(ema_p, p, 1 - self.decay_at(step))

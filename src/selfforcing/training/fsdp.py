@@ -26,16 +26,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard_text_to_video(model: nn.Module, world_size: int, device: torch.device, precision: str) -> nn.Module:
-    """Shard a ``TextToVideo`` in place (blocks, DiT, text encoder) over all processes; returns it."""
-    mesh = init_device_mesh(device.type, (world_size,))
+def device_mesh(world_size: int, device: torch.device) -> DeviceMesh:
+    """All processes in one dimension: every network is sharded over all of them."""
+    return init_device_mesh(device.type, (world_size,))
+
+
+def shard_text_to_video(model: nn.Module, mesh: DeviceMesh, precision: str) -> nn.Module:
+    """Shard a ``TextToVideo`` in place (blocks, DiT, text encoder) over ``mesh``; returns it."""
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for block in model.dit.blocks:
@@ -48,9 +52,9 @@ def shard_text_to_video(model: nn.Module, world_size: int, device: torch.device,
     return model
 
 
-def shard_module(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+def shard_module(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Shard a small module as one unit (e.g. the GAN's discriminator head)."""
-    fully_shard(module, mesh=init_device_mesh(device.type, (world_size,)))
+    fully_shard(module, mesh=mesh)
     return module
 
 

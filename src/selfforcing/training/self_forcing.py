@@ -23,6 +23,7 @@ from ..diffusion.flow_matching import add_noise, x0_from_velocity
 from ..inference.pipeline import load_pipeline, wan_model
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
+from .fsdp import shard_module
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
 from .ode_init import load_student_pairs, ode_regression_loss
 from .rollout import draw_exit_step, self_forcing_rollout
@@ -43,12 +44,10 @@ class SelfForcingTrainer(TeacherTrainer):
             taps = tuple(d.gan_taps) or tuple(sorted({n // 3, 2 * n // 3, n - 1}))
             self.discriminator = Discriminator(self.critic, taps).to(self.device)
         if self.sharded:  # FSDP2: the frozen teacher, the critic and the head are sharded like the generator
-            from .fsdp import shard_module
-
             self.shard(self.teacher)
             self.shard(self.critic)
             if self.discriminator is not None:
-                shard_module(self.discriminator.head, self.world_size, self.device)
+                shard_module(self.discriminator.head, self.mesh)
         critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
         o = cfg.optim
         self.critic_optimizer = torch.optim.AdamW(

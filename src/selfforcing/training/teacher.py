@@ -43,7 +43,18 @@ from .checkpoint import (
 )
 from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
-from .fsdp import full_tensor, local, reshard
+from .fsdp import (
+    device_mesh,
+    full_state_dict,
+    full_tensor,
+    load_full_state_dict,
+    load_optimizer_state,
+    local,
+    optimizer_state,
+    reshard,
+    set_gradient_sync,
+    shard_text_to_video,
+)
 
 
 class NonFiniteTraining(RuntimeError):
@@ -155,6 +166,7 @@ class TeacherTrainer:
         self.model.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
         self.sharded = cfg.distributed == "fsdp" and self.world_size > 1
+        self.mesh = device_mesh(self.world_size, self.device) if self.sharded else None
         if self.sharded:  # before the optimizer, which then holds this process's shards
             self.shard(self.model)
             self.shard(self.ema.model)
@@ -171,9 +183,7 @@ class TeacherTrainer:
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """FSDP2: shard a text-to-video model over every process (training/fsdp.py)."""
-        from .fsdp import shard_text_to_video
-
-        return shard_text_to_video(model, self.world_size, self.device, self.cfg.precision)
+        return shard_text_to_video(model, self.mesh, self.cfg.precision)
 
     # -- state ---------------------------------------------------------------------------------
     def networks(self) -> dict[str, torch.nn.Module]:
@@ -210,8 +220,6 @@ class TeacherTrainer:
         state = {"step": self.step, "scaler": self.scaler.state_dict()}
         state["nonfinite"] = {"skipped_updates": self.skipped_updates, "in_a_row": self.nonfinite_in_a_row}
         if self.sharded:
-            from .fsdp import full_state_dict, optimizer_state
-
             weights = {name: full_state_dict(net) for name, net in self.networks().items()}
             for name, opt in self.optimizers().items():
                 state[name] = optimizer_state(self.optimizer_modules(name), opt)
@@ -229,8 +237,6 @@ class TeacherTrainer:
     def load(self, ckpt: Path) -> None:
         state = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=True)
         if self.sharded:  # every rank reads the full files and keeps its shards
-            from .fsdp import load_full_state_dict, load_optimizer_state
-
             for name, module in self.networks().items():
                 load_full_state_dict(module, read_weights(module, ckpt / f"{name}.safetensors"))
             for name, opt in self.optimizers().items():
@@ -297,8 +303,6 @@ class TeacherTrainer:
         total, stats = 0.0, {}
         for k in range(n):
             if self.sharded:  # reduce-scatter the gradients at the last micro-batch only
-                from .fsdp import set_gradient_sync
-
                 set_gradient_sync(self.trainable(kind), k == n - 1)
             with no_sync(module, sync=k == n - 1):
                 with autocast(self.device, self.cfg.precision):
