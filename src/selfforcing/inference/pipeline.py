@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ..config import CausalConfig, TrainConfig, config_from_yaml
 from ..models.codec import Codec, IdentityCodec
 from ..models.dit import VideoDiT
 from ..models.t2v import TextToVideo
-from ..models.text_encoder import ShapesTextEncoder
+from ..models.text_encoder import ShapesTextEncoder, TextEncoder
 from ..training.checkpoint import load_weights, resolve_checkpoint
 
 
@@ -37,21 +38,20 @@ def stream_guidance(cfg: TrainConfig) -> float:
     return cfg.diffusion.guidance_scale if many_step else 1.0
 
 
-_WAN_PARTS: dict[tuple[str, str], object] = {}  # (folder, part) -> the loaded frozen VAE / umT5, shared
+@functools.cache
+def wan_vae(folder: str) -> Codec:
+    """The Wan folder's VAE, loaded once per process (frozen; every model of a run shares it)."""
+    from ..wan.vae import load_vae
+
+    return load_vae(folder)
 
 
-def _wan_part(folder: str, part: str, text_cache: str = ""):
-    """The Wan folder's VAE or umT5, loaded once per process (both frozen; every model shares them)."""
-    key = (folder, part if part == "vae" else f"umt5:{text_cache}")
-    if key not in _WAN_PARTS:
-        from ..wan.text_encoder import FrozenTextEncoder, load_text_encoder
-        from ..wan.vae import load_vae
+@functools.cache
+def wan_text_encoder(folder: str, text_cache: str = "") -> TextEncoder:
+    """The Wan folder's umT5, loaded once per process (frozen and shared; see ``FrozenTextEncoder``)."""
+    from ..wan.text_encoder import FrozenTextEncoder, load_text_encoder
 
-        if part == "vae":
-            _WAN_PARTS[key] = load_vae(folder)
-        else:
-            _WAN_PARTS[key] = FrozenTextEncoder(load_text_encoder(folder, cache_dir=text_cache or None))
-    return _WAN_PARTS[key]
+    return FrozenTextEncoder(load_text_encoder(folder, cache_dir=text_cache or None))
 
 
 def wan_model(cfg: TrainConfig, dit_weights: str | Path) -> TextToVideo:
@@ -62,19 +62,19 @@ def wan_model(cfg: TrainConfig, dit_weights: str | Path) -> TextToVideo:
     size = cfg.model.dit(in_channels=0, text_dim=0)  # the folder's
     dit = load_dit(dit_weights, num_heads=size.num_heads)
     check_same_size(dit.cfg, size, dit_weights, cfg.model.wan)
-    return TextToVideo(_wan_part(cfg.model.wan, "umt5", cfg.model.text_cache), dit)
+    return TextToVideo(wan_text_encoder(cfg.model.wan, cfg.model.text_cache), dit)
 
 
 def build_codec(cfg: TrainConfig) -> Codec:
     """Pixel space for the shapes world; the folder's Wan VAE for ``model.wan``."""
-    return _wan_part(cfg.model.wan, "vae") if cfg.model.wan else IdentityCodec()
+    return wan_vae(cfg.model.wan) if cfg.model.wan else IdentityCodec()
 
 
 def build_model(cfg: TrainConfig) -> TextToVideo:
     """A freshly initialised model for ``cfg`` (``cfg.text.vocab`` must be filled in). With ``model.wan``
     the DiT takes the folder's size and the text encoder is the folder's frozen, shared umT5."""
     if cfg.model.wan:
-        text_encoder = _wan_part(cfg.model.wan, "umt5", cfg.model.text_cache)
+        text_encoder = wan_text_encoder(cfg.model.wan, cfg.model.text_cache)
         dit = VideoDiT(cfg.model.dit(in_channels=0, text_dim=0))
         return TextToVideo(text_encoder, dit)
     if not cfg.text.vocab:

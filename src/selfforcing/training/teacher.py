@@ -110,8 +110,10 @@ class Batches:
         """Every word the training prompts can contain."""
         if self.cfg.data.source == "shapes":
             return self.cfg.data.vocabulary()
-        if self.cfg.data.source in ("prompts", "latents"):
-            return prompt_vocabulary((self.prompt_file if self.cfg.data.source == "prompts" else self.shards).prompts)
+        if self.cfg.data.source == "prompts":
+            return prompt_vocabulary(self.prompt_file.prompts)
+        if self.cfg.data.source == "latents":
+            return prompt_vocabulary(self.shards.prompts)
         return prompt_vocabulary([p for _, p in self.folder.items])
 
 

@@ -144,7 +144,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}): the file is corrupt or truncated") from e
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     state = {}
     for f in files:
         if not f.is_file():
@@ -160,12 +160,12 @@ def read_weight_folder(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``folder/diffusion_pytorch_model.safetensors`` or of the shards its index lists."""
     single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
     if single.is_file():
-        return _read_safetensors([single])
+        return read_safetensors([single])
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map: the index file is damaged")
-        return _read_safetensors([folder / name for name in sorted(set(weight_map.values()))])
+        return read_safetensors([folder / name for name in sorted(set(weight_map.values()))])
     raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
@@ -350,7 +350,7 @@ def read_dit(path: str | Path, weights: str | None = None, num_heads: int | None
         state, which = read_training_checkpoint(path, weights)
         cfg = infer_config(state, str(path), num_heads)
     elif layout == "safetensors":
-        state = _read_safetensors([path])
+        state = read_safetensors([path])
         if state and all(k.startswith("dit.") for k in state):  # a training run's model/ema.safetensors
             state = {k.removeprefix("dit."): v for k, v in state.items()}
         with safe_open(path, "pt") as f:

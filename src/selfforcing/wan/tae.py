@@ -24,7 +24,7 @@ from torch import nn
 
 from ..models.codec import Codec
 from ..training.checkpoint import state_mismatches
-from .dit_weights import CheckpointError, _read_safetensors, load_torch_file
+from .dit_weights import CheckpointError, load_torch_file, read_safetensors
 
 
 def conv3x3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -102,7 +102,7 @@ def load_tae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     """TAEW2.1 from ``taew2_1.pth`` or ``taew2_1.safetensors`` (only its ``decoder.*`` weights are read)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        state = _read_safetensors([path])
+        state = read_safetensors([path])
     else:
         state = load_torch_file(path, "TAEW2.1 weights, taew2_1.pth")
     state = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
