@@ -83,3 +83,25 @@ def test_two_process_training_equals_one_process_with_accumulation(teacher, tmp_
             assert torch.allclose(rank0[name][key], value, atol=1e-6), f"DDP != accumulation: {name}.{key}"
     moved = [not torch.equal(rank0["model"][k], v) for k, v in start.networks()["model"].state_dict().items()]
     assert any(moved)
+
+
+def _nan_worker(rank: int, port: int, cfg, out: str) -> None:
+    """Rank 1 reports a NaN loss at step 1 while its gradient stays finite."""
+    from selfforcing.training.teacher import TeacherTrainer
+
+    as_torchrun_rank(rank, port)
+    trainer = TeacherTrainer(cfg)
+    loss = trainer.loss
+    trainer.loss = lambda g: loss(g) + (torch.tensor(float("nan")) if rank == 1 and trainer.step == 1 else 0.0)
+    trainer.train()
+    torch.save({"model": trainer.model.state_dict(), "skipped": trainer.skipped_updates}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_bad_update_on_one_rank_is_skipped_on_every_rank(tiny_cfg, tmp_path):
+    out = str(tmp_path / "nan")
+    spawn_ranks(_nan_worker, tiny_cfg("steps=3", "num_threads=1"), out, fresh=(tmp_path / "teacher",))
+    rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    assert rank0["skipped"] == rank1["skipped"] == 1
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), key  # the ranks took the same steps

@@ -45,9 +45,15 @@ def test_each_prompt_is_encoded_once(pipe_dir):
     torch.testing.assert_close(b[0], a[1])
 
 
-def test_offloaded_encoder_lives_on_the_cpu(pipe_dir):
-    enc = load_text_encoder(pipe_dir, offload=True)
+def test_offloaded_encoder_visits_the_device_only_to_encode(pipe_dir):
+    enc = load_text_encoder(pipe_dir, offload=True, device="cpu")
+    moves = []
+    to = enc.encoder.to
+    enc.encoder.to = lambda device: moves.append(str(device)) or to(device)
     emb, _ = enc(["a cat"])
+    assert moves == ["cpu", "cpu"]  # to the device (here the CPU) for the new prompt, then back to the CPU
+    enc(["a cat"])
+    assert len(moves) == 2  # a known prompt moves nothing
     assert next(enc.encoder.parameters()).device.type == "cpu" and emb.device.type == "cpu"
 
 
@@ -101,3 +107,8 @@ def test_embeddings_cached_on_disk_are_computed_once(pipe_dir, tmp_path, capsys)
     got, _ = cached(prompts[:2])
     assert not calls  # read from disk, umT5 not run
     torch.testing.assert_close(got, load_text_encoder(pipe_dir)(prompts[:2])[0])
+    # a cache file that holds another prompt's embedding is refused, not used
+    other = load_text_encoder(pipe_dir, cache_dir=cache)
+    other.cache_file("a large red circle moving right").replace(other.cache_file("a red square"))
+    with pytest.raises(ValueError, match="holds another prompt's embedding"):
+        other(["a red square"])
