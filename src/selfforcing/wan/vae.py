@@ -149,19 +149,30 @@ class WanVAE(Codec):
     def __init__(self, vae):
         self.vae = vae
         self.latent_channels = vae.config.z_dim
-        self.mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, 1, -1, 1, 1)
-        self.std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, 1, -1, 1, 1)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (mean, std)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.vae.dtype
 
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel latent mean and std ``[1, 1, C, 1, 1]`` on ``device``, copied there once (not at
+        every streamed chunk)."""
+        if device not in self._stats:
+            c = self.vae.config
+            shape = (1, 1, -1, 1, 1)
+            mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(shape)
+            self._stats[device] = mean.to(device), torch.tensor(c.latents_std).float().view(shape).to(device)
+        return self._stats[device]
+
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         """VAE mean ``[B, f, C, h, w]`` -> the DiT's latents: (mu - mean) / std."""
-        return (mu.float() - self.mean.to(mu.device)) / self.std.to(mu.device)
+        mean, std = self.stats(mu.device)
+        return (mu.float() - mean) / std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z.float() * self.std.to(z.device) + self.mean.to(z.device)
+        mean, std = self.stats(z.device)
+        return z.float() * std + mean
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
