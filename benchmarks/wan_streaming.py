@@ -58,20 +58,19 @@ def build(size: str, device: torch.device, dtype: torch.dtype, decoder: str = "v
     with device:
         if size == "tiny":
             dit = VideoDiT(config_from_diffusers_json({**DIT_KW, "in_channels": 16, "out_channels": 16}, "tiny"))
-            vae = AutoencoderKLWan(**VAE_KW)
             t5 = tiny_umt5(len(tokenizer))
         else:  # umT5-XXL: 24 layers, d_model 4096, 64 heads, gated GELU
             dit = VideoDiT(DIT_PRESETS["wan2.1-1.3b"])
-            vae = AutoencoderKLWan()
             t5_cfg = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
             t5 = UMT5EncoderModel(UMT5Config(**t5_cfg, feed_forward_proj="gated-gelu", dropout_rate=0.0))
         torch.nn.init.normal_(dit.head.head.weight, std=0.02)
+        # TAEW2.1 has one size; the VAE is the tiny test one or Wan2.1's (only the one measured is built)
+        net = TAEDecoder() if decoder == "tae" else AutoencoderKLWan(**(VAE_KW if size == "tiny" else {}))
     dit = dit.to(dtype).eval().requires_grad_(False)
     t5 = t5.to(device, dtype).eval().requires_grad_(False)
     text = UMT5TextEncoder(t5, tokenizer, device=device)
-    if decoder == "tae":
-        return TextToVideo(text, dit), TAEW21(TAEDecoder().to(device, dtype).eval().requires_grad_(False))
-    return TextToVideo(text, dit), WanVAE(vae.to(device, dtype).eval().requires_grad_(False))
+    net = net.to(device, dtype).eval().requires_grad_(False)
+    return TextToVideo(text, dit), TAEW21(net) if decoder == "tae" else WanVAE(net)
 
 
 class TimedCodec:
