@@ -83,3 +83,37 @@ def test_fsdp_refuses_what_it_does_not_train_correctly(tiny_cfg):
         tiny_cfg("distributed=fsdp", "distill.loss=gan")
     with pytest.raises(ConfigError, match="distributed must be ddp or fsdp"):
         tiny_cfg("distributed=deepspeed")
+
+
+def test_sharded_checkpoints_resume_exactly_on_two_processes_or_one(teacher, tmp_path):
+    """checkpoint_format=sharded under FSDP: each rank writes its shards (no safetensors); the run resumes
+    exactly on 2 ranks and on 1 process (a different world size), and its gathered networks equal the
+    uninterrupted single-process run's."""
+    from selfforcing.training.checkpoint import checkpoint_path, read_checkpoint_weights
+    from tests.test_self_forcing import sf_cfg
+
+    def cfg(name: str, *extra: str):
+        return sf_cfg(teacher, tmp_path, f"name={name}", "num_threads=1", "causal.window=4", "ckpt_every=1", *extra)
+
+    sharded = ("distributed=fsdp", "checkpoint_format=sharded")
+    runs = [cfg("two", "steps=2", *sharded), cfg("two", "steps=3", *sharded)]
+    spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "two",))
+    step2 = checkpoint_path(tmp_path / "two", 2)
+    assert not list(step2.glob("*.safetensors")) and len(list((step2 / "sharded").glob("*.distcp"))) == 2
+
+    def single(name: str, steps: int) -> SelfForcingTrainer:
+        t = SelfForcingTrainer(cfg(name, f"steps={steps}", "grad_accum_steps=2"))
+        draw = t.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
+        t.exit_step = lambda kind, i: draw(kind, i % 1)
+        return t
+
+    single("straight", 3).train()
+    import shutil
+
+    shutil.copytree(tmp_path / "two", tmp_path / "one")  # the 2-rank run, resumed on 1 process from step 2
+    (tmp_path / "one" / "checkpoints" / "latest").write_text(step2.name)
+    single("one", 3).train()
+    reference, _ = _weights(tmp_path / "straight")
+    resumed = {name: read_checkpoint_weights(checkpoint_path(tmp_path / "two", 3), name) for name in reference}
+    assert_same(resumed, reference)
+    assert_same(_weights(tmp_path / "one")[0], reference)

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
+from selfforcing.config import ConfigError
 from selfforcing.inference import generate_videos, load_pipeline
-from selfforcing.training.checkpoint import load_weights
+from selfforcing.training.checkpoint import latest_checkpoint, load_weights, read_checkpoint_weights
 from selfforcing.training.teacher import TeacherTrainer
 
 
@@ -20,8 +21,9 @@ def test_short_training_run_lowers_the_loss(tiny_cfg):
     assert sum(curve[-10:]) / 10 < 0.75 * sum(curve[:10]) / 10
 
 
-def test_resume_replays_the_uninterrupted_loss_curve(tiny_cfg):
-    common = ["steps=8", "sample_every=1000", "ckpt_every=4", "optim.lr=1e-3"]
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_resume_replays_the_uninterrupted_loss_curve(tiny_cfg, fmt):
+    common = ["steps=8", "sample_every=1000", "ckpt_every=4", "optim.lr=1e-3", f"checkpoint_format={fmt}"]
     straight = TeacherTrainer(tiny_cfg("name=straight", *common))
     straight.train()
     # an interrupted run: it crashes during step 7, after the checkpoint at step 4
@@ -45,6 +47,35 @@ def test_resume_replays_the_uninterrupted_loss_curve(tiny_cfg):
         assert torch.equal(a, b)
     for a, b in zip(straight.ema.model.parameters(), resumed.ema.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_sharded_checkpoint_loads_gathers_and_reports_damage(tiny_cfg, capsys):
+    """checkpoint_format=sharded writes no safetensors; load_pipeline assembles the EMA from the shards,
+    `gather-checkpoint` writes each network as the file a full checkpoint has, and a damaged one is named."""
+    from safetensors.torch import load_file
+
+    from selfforcing.cli import main
+    from selfforcing.inference.pipeline import load_pipeline
+
+    t = TeacherTrainer(tiny_cfg("name=sharded", "steps=2", "sample_every=1000", "checkpoint_format=sharded"))
+    ckpt = latest_checkpoint(t.train())
+    assert not list(ckpt.glob("*.safetensors")) and (ckpt / "sharded" / ".metadata").is_file()
+    pipe = load_pipeline(ckpt)
+    for k, v in t.ema.model.state_dict().items():
+        assert torch.equal(pipe.model.state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError, match=r"holds no network 'critic'; it holds \['ema', 'model'\]"):
+        read_checkpoint_weights(ckpt, "critic")
+    main(["gather-checkpoint", str(t.run_dir)])
+    assert "ema.safetensors" in capsys.readouterr().out
+    for name, net in t.networks().items():
+        gathered = load_file(ckpt / f"{name}.safetensors")
+        assert gathered.keys() == net.state_dict().keys()
+        assert all(torch.equal(gathered[k], v) for k, v in net.state_dict().items())
+    (ckpt / "sharded" / ".metadata").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the sharded checkpoint"):
+        TeacherTrainer(tiny_cfg("name=sharded", "steps=3", "sample_every=1000", "checkpoint_format=sharded")).train()
+    with pytest.raises(ConfigError, match="checkpoint_format must be full or sharded, got 'dcp'"):
+        tiny_cfg("checkpoint_format=dcp")
 
 
 def test_checkpoint_roundtrip_gives_the_same_videos(tiny_cfg):

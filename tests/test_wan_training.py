@@ -10,7 +10,10 @@ pytest.importorskip("diffusers")
 from selfforcing.cli import main  # noqa: E402
 from selfforcing.config import load_config  # noqa: E402
 from selfforcing.data.video_io import read_video  # noqa: E402
+from selfforcing.training.checkpoint import latest_checkpoint, read_checkpoint_weights  # noqa: E402
 from selfforcing.training.self_forcing import SelfForcingTrainer  # noqa: E402
+from selfforcing.wan.dit_weights import load_dit  # noqa: E402
+from selfforcing.wan.pipeline import RELEASED_CAUSAL, trained_causal  # noqa: E402
 
 from .test_distributed import spawn_ranks  # noqa: E402
 from .test_fsdp import _weights, _worker, assert_same  # noqa: E402
@@ -22,9 +25,13 @@ def wan_folder(tmp_path_factory):
     return write_diffusers_pipeline(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny")
 
 
-def recipe(folder, tmp_path, name, *extra):
+RECIPE = "configs/wan/sf_dmd_1.3b.yaml"
+
+
+def tiny_overrides(folder, tmp_path, name) -> list[str]:
+    """The 1.3B recipe shrunk to the tiny Wan folder, a 3-prompt file and 3 steps."""
     (tmp_path / "prompts.txt").write_text("a red circle moving right\nthe cat walks on grass\na small blue triangle\n")
-    tiny = [
+    return [
         f"name={name}",
         f"out_dir={tmp_path}",
         f"model.wan={folder}",
@@ -46,11 +53,22 @@ def recipe(folder, tmp_path, name, *extra):
         "distill.critic_lr=1e-3",
         "distill.critic_steps_per_generator_step=2",
     ]
-    return load_config("configs/wan/sf_dmd_1.3b.yaml", [*tiny, *extra])
+
+
+def recipe(folder, tmp_path, name, *extra):
+    return load_config(RECIPE, [*tiny_overrides(folder, tmp_path, name), *extra])
+
+
+def stream(wan_folder, checkpoint, out):
+    """``selfforcing generate --model WAN --checkpoint CHECKPOINT --stream`` at the tiny size."""
+    size = ["--frames", "21", "--height", "32", "--width", "48"]
+    args = ["--model", str(wan_folder), "--checkpoint", str(checkpoint), "--stream", "--out", str(out)]
+    main(["generate", *args, "--prompt", "a red circle moving right", *size])
+    return out
 
 
 def test_the_wan_recipe_trains_and_its_checkpoint_streams(wan_folder, tmp_path):
-    t = SelfForcingTrainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp"))
+    t = SelfForcingTrainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "causal.window=3"))
     assert t.latent_shape == (6, 16, 4, 6) and t.cfg.causal.frames_per_block == 3
     assert not any(True for _ in t.model.text_encoder.parameters())  # umT5 is shared and frozen
     assert t.teacher.text_encoder is t.model.text_encoder is t.critic.text_encoder
@@ -59,23 +77,12 @@ def test_the_wan_recipe_trains_and_its_checkpoint_streams(wan_folder, tmp_path):
     weights, ckpt = _weights(run)
     assert set(weights) == {"model", "ema", "critic"} and all(k.startswith("dit.") for k in weights["model"])
     assert any(not torch.equal(start[k.removeprefix("dit.")], v) for k, v in weights["model"].items())
-    out = tmp_path / "stream.mp4"
-    main(
-        ["generate", "--model", str(wan_folder), "--checkpoint", str(ckpt / "ema.safetensors"), "--stream"]
-        + [
-            "--prompt",
-            "a red circle moving right",
-            "--frames",
-            "21",
-            "--height",
-            "32",
-            "--width",
-            "48",
-            "--out",
-            str(out),
-        ]
-    )
+    assert trained_causal(run) == t.cfg.causal != RELEASED_CAUSAL  # a run streams as it was trained (window 3)
+    assert trained_causal(ckpt / "ema.safetensors") is None
+    out = stream(wan_folder, run, tmp_path / "stream.mp4")
     assert read_video(out).shape == (21, 32, 48, 3)
+    dit = load_dit(run, weights="model")
+    assert all(torch.equal(dit.state_dict()[k.removeprefix("dit.")], v) for k, v in weights["model"].items())
     from selfforcing.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.wan takes the DiT's size from .*drop model.num_layers"):
@@ -83,17 +90,23 @@ def test_the_wan_recipe_trains_and_its_checkpoint_streams(wan_folder, tmp_path):
 
 
 def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder, tmp_path):
+    """Full checkpoints (uninterrupted) and sharded ones (resumed at step 2) on 2 ranks; the sharded run
+    streams straight from its shards."""
     fsdp = ("distributed=fsdp",)
-    runs = [recipe(wan_folder, tmp_path, "fsdp", *fsdp), recipe(wan_folder, tmp_path, "resumed", *fsdp, "steps=2")]
-    runs.append(recipe(wan_folder, tmp_path, "resumed", *fsdp))
+    sharded = (*fsdp, "checkpoint_format=sharded")
+    runs = [recipe(wan_folder, tmp_path, "fsdp", *fsdp), recipe(wan_folder, tmp_path, "resumed", *sharded, "steps=2")]
+    runs.append(recipe(wan_folder, tmp_path, "resumed", *sharded))
     spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "fsdp", tmp_path / "resumed"))
     single = SelfForcingTrainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "grad_accum_steps=2"))
     draw = single.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
     single.exit_step = lambda kind, i: draw(kind, i % 1)
     single.train()
-    sharded = _weights(tmp_path / "fsdp")[0]
-    assert_same(sharded, _weights(tmp_path / "single")[0], atol=1e-5)  # float summation order, through Adam
-    assert_same(_weights(tmp_path / "resumed")[0], sharded, atol=0)
+    full = _weights(tmp_path / "fsdp")[0]
+    assert_same(full, _weights(tmp_path / "single")[0], atol=1e-5)  # float summation order, through Adam
+    resumed = latest_checkpoint(tmp_path / "resumed")
+    assert not list(resumed.glob("*.safetensors"))
+    assert_same({name: read_checkpoint_weights(resumed, name) for name in full}, full, atol=0)
+    assert read_video(stream(wan_folder, tmp_path / "resumed", tmp_path / "v.mp4")).shape == (21, 32, 48, 3)
 
 
 def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path, capsys):
@@ -149,3 +162,33 @@ def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path
     run = CausalDiffusionTrainer(cfg).train()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_torchrun_trains_the_wan_recipe_with_fsdp_and_generate_streams_it(wan_folder, tmp_path):
+    """The command docs/training_at_scale.md gives, at the tiny size: torchrun, 2 CPU processes, FSDP2 with
+    sharded checkpoints; then `generate --model --checkpoint RUN --stream` reads the shards."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .test_distributed import _free_port
+
+    torchrun = [shutil.which("torchrun") or ""]
+    if not torchrun[0]:  # the same launcher, as a module
+        torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    overrides = [*tiny_overrides(wan_folder, tmp_path, "torchrun"), "distributed=fsdp", "checkpoint_format=sharded"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in (1, 2, 3):  # a rank lost to a signal is retried (see spawn_ranks)
+        command = [*torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port())]
+        done = subprocess.run(
+            [*command, "-m", "selfforcing", "train", RECIPE, *overrides], env=env, capture_output=True, text=True
+        )
+        if done.returncode == 0 or attempt == 3 or "Signal" not in done.stderr + done.stdout:
+            break
+        shutil.rmtree(tmp_path / "torchrun", ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: checkpoints" in done.stdout
+    ckpt = latest_checkpoint(tmp_path / "torchrun")
+    assert ckpt.name == "step_000003" and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+    assert read_video(stream(wan_folder, tmp_path / "torchrun", tmp_path / "v.mp4")).shape == (21, 32, 48, 3)

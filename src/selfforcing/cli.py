@@ -192,6 +192,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_gather_checkpoint(args: argparse.Namespace) -> None:
+    """A sharded checkpoint's networks, each assembled on this process and written as ``<name>.safetensors``."""
+    from .training.checkpoint import gather_checkpoint
+
+    for file in gather_checkpoint(args.checkpoint):
+        print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
+
+
 def cmd_encode_prompts(args: argparse.Namespace) -> None:
     """umT5 embeddings of a prompt file into a cache folder, once (a rerun skips what is there)."""
     from tqdm.auto import tqdm
@@ -385,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", default=None, help="network of a .pt: generator_ema (default), generator, critic")
     c.add_argument("--num-heads", type=int, default=None, help="heads, when no config.json says (default: dim/128)")
     c.set_defaults(func=cmd_convert)
+
+    gc = sub.add_parser("gather-checkpoint", help="write a sharded checkpoint's networks as one safetensors each")
+    gc.add_argument("checkpoint", help="a sharded checkpoint folder, or a run folder (its latest checkpoint)")
+    gc.set_defaults(func=cmd_gather_checkpoint)
 
     ep = sub.add_parser("encode-prompts", help="cache umT5 embeddings of a prompt file (for model.text_cache)")
     ep.add_argument("--model", required=True, help="a Wan2.1 folder (its umT5 and tokenizer)")

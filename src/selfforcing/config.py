@@ -207,6 +207,7 @@ class TrainConfig:
     num_samples: int = 8
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    checkpoint_format: str = "full"  # full (one safetensors per network) | sharded (each process its shards)
     distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer sharded) under torchrun
     max_nonfinite_steps: int = 5  # halt after this many updates in a row with a non-finite loss or gradient
     resume: bool = True  # continue from the run folder's latest checkpoint if there is one
@@ -266,6 +267,10 @@ class TrainConfig:
                 "log/sample/ckpt_every must be >= 1",
             ),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (
+                self.checkpoint_format in ("full", "sharded"),
+                f"checkpoint_format must be full or sharded, got {self.checkpoint_format!r}",
+            ),
         ]
         checks += [
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),

@@ -13,7 +13,7 @@ from ..models.codec import Codec, IdentityCodec
 from ..models.dit import VideoDiT
 from ..models.t2v import TextToVideo
 from ..models.text_encoder import ShapesTextEncoder, TextEncoder
-from ..training.checkpoint import load_weights, resolve_checkpoint
+from ..training.checkpoint import load_network, resolve_checkpoint
 
 
 def stream_settings(cfg: TrainConfig, window: int | None = None) -> CausalConfig:
@@ -105,11 +105,7 @@ def load_pipeline(path: str | Path, weights: str = "ema", device: str | torch.de
     ckpt = resolve_checkpoint(path)
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    file = ckpt / f"{weights}.safetensors"
-    if not file.is_file():
-        have = sorted(p.stem for p in ckpt.glob("*.safetensors"))
-        raise FileNotFoundError(f"{ckpt} has no {file.name}; it holds weights {have}: pass weights= one of them")
     cfg = config_from_yaml((ckpt / "config.yaml").read_text())
     model = build_model(cfg)
-    load_weights(model, file)
+    load_network(model, ckpt, weights)  # its safetensors file, or assembled from a sharded checkpoint
     return Pipeline(model.to(device).eval().requires_grad_(False), build_codec(cfg), cfg, ckpt)

@@ -10,9 +10,11 @@ compute in bf16 while the sharded master weights, gradient reductions and optimi
 Methods called outside ``forward`` (``VideoDiT.text_kv``, ``DiTBlock.text_kv``: the text keys/values,
 computed once per prompt) are registered with FSDP, so they gather their unit's weights too.
 
-Checkpoints: every process joins in gathering each network's full state dict, and rank 0 writes the
-same files a single-process run writes (``model.safetensors`` ...: one file per network, loadable
-without FSDP); the optimizer state is gathered keyed by parameter name. Resuming scatters them back.
+Checkpoints (``checkpoint_format``): ``full`` gathers each network's whole state dict, and rank 0 writes
+the same files a single-process run writes (``model.safetensors`` ...: one file per network, loadable
+without FSDP), with the optimizer state gathered keyed by parameter name; resuming scatters them back.
+``sharded`` has every process write only its shards (``sharded_state``, torch.distributed.checkpoint),
+so no process ever holds a whole network or optimizer: the format for models that do not fit one host.
 """
 
 from __future__ import annotations
@@ -110,6 +112,28 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
 def optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's whole state keyed by parameter name (a collective)."""
     return get_optimizer_state_dict(nn.ModuleList(modules), optimizer, options=FULL)
+
+
+def sharded_state(networks: dict[str, nn.Module], optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]]):
+    """``{"networks": {name: state dict}, "optimizers": {name: state dict}}`` as this process holds them
+    (DTensor shards under FSDP, whole tensors otherwise; optimizer state keyed by parameter name), for
+    torch.distributed.checkpoint. An optimizer without state yet gets it (zeros) so that it can be loaded into."""
+    return {
+        "networks": {name: get_model_state_dict(net) for name, net in networks.items()},
+        "optimizers": {
+            name: get_optimizer_state_dict(nn.ModuleList(modules), opt) for name, (modules, opt) in optimizers.items()
+        },
+    }
+
+
+def load_sharded_state(
+    networks: dict[str, nn.Module], optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]], state: dict
+) -> None:
+    """Put ``sharded_state``'s output (filled from a checkpoint) back into the networks and optimizers."""
+    for name, net in networks.items():
+        set_model_state_dict(net, state["networks"][name], options=StateDictOptions(strict=True))
+    for name, (modules, opt) in optimizers.items():
+        set_optimizer_state_dict(nn.ModuleList(modules), opt, state["optimizers"][name])
 
 
 def load_optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -34,12 +34,15 @@ from ..inference.generate import generate_videos
 from ..inference.pipeline import build_codec, build_model, stream_settings, wan_model
 from ..inference.stream import generate_stream
 from .checkpoint import (
+    SHARDED,
     checkpoint_path,
     latest_checkpoint,
-    load_weights,
+    load_network,
+    load_sharded_checkpoint,
     read_weights,
     resolve_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
@@ -49,11 +52,13 @@ from .fsdp import (
     full_tensor,
     load_full_state_dict,
     load_optimizer_state,
+    load_sharded_state,
     local,
     optimizer_state,
     reshard,
     set_gradient_sync,
     shard_text_to_video,
+    sharded_state,
 )
 
 
@@ -164,7 +169,7 @@ class TeacherTrainer:
         else:
             self.model = build_model(cfg).to(self.device)
         if init is not None:
-            load_weights(self.model, init / "ema.safetensors")
+            load_network(self.model, init, "ema")
         self.model.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
         self.sharded = cfg.distributed == "fsdp" and self.world_size > 1
@@ -221,6 +226,10 @@ class TeacherTrainer:
             return None
         state = {"step": self.step, "scaler": self.scaler.state_dict()}
         state["nonfinite"] = {"skipped_updates": self.skipped_updates, "in_a_row": self.nonfinite_in_a_row}
+        config_yaml, keep = config_to_yaml(self.cfg), self.cfg.keep_checkpoints
+        if self.cfg.checkpoint_format == "sharded":  # every process writes its own shards, nothing is gathered
+            tensors = sharded_state(self.networks(), self.optimizer_owners())
+            return save_sharded_checkpoint(self.run_dir, self.step, tensors, state, config_yaml, keep, self.is_main)
         if self.sharded:
             weights = {name: full_state_dict(net) for name, net in self.networks().items()}
             for name, opt in self.optimizers().items():
@@ -230,24 +239,32 @@ class TeacherTrainer:
             state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
         path = checkpoint_path(self.run_dir, self.step)
         if self.is_main:
-            path = save_checkpoint(
-                self.run_dir, self.step, weights, state, config_to_yaml(self.cfg), self.cfg.keep_checkpoints
-            )
+            path = save_checkpoint(self.run_dir, self.step, weights, state, config_yaml, keep)
         barrier()
         return path
 
+    def optimizer_owners(self) -> dict[str, tuple[list[torch.nn.Module], torch.optim.Optimizer]]:
+        """Each optimizer by name, with the networks whose parameters it updates."""
+        return {name: (self.optimizer_modules(name), opt) for name, opt in self.optimizers().items()}
+
     def load(self, ckpt: Path) -> None:
+        """Resume from ``ckpt`` in either format, whatever the number of processes that wrote it."""
         state = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=True)
-        if self.sharded:  # every rank reads the full files and keeps its shards
+        if (ckpt / SHARDED).is_dir():
+            tensors = sharded_state(self.networks(), self.optimizer_owners())
+            load_sharded_checkpoint(ckpt, {"networks": tensors["networks"]})  # strict: every weight is there
+            # partial: a parameter that never had a gradient (the GAN critic's output head) has no saved state
+            load_sharded_checkpoint(ckpt, {"optimizers": tensors["optimizers"]}, partial=True)
+            load_sharded_state(self.networks(), self.optimizer_owners(), tensors)
+        else:  # under FSDP every rank reads the full files and keeps its shards
             for name, module in self.networks().items():
-                load_full_state_dict(module, read_weights(module, ckpt / f"{name}.safetensors"))
+                weights = read_weights(module, ckpt / f"{name}.safetensors")
+                load_full_state_dict(module, weights) if self.sharded else module.load_state_dict(weights)
             for name, opt in self.optimizers().items():
-                load_optimizer_state(self.optimizer_modules(name), opt, state[name])
-        else:
-            for name, module in self.networks().items():
-                load_weights(module, ckpt / f"{name}.safetensors")
-            for name, opt in self.optimizers().items():
-                opt.load_state_dict(state[name])
+                if self.sharded:
+                    load_optimizer_state(self.optimizer_modules(name), opt, state[name])
+                else:
+                    opt.load_state_dict(state[name])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         counts = state.get("nonfinite", {})  # absent in checkpoints from before the guard

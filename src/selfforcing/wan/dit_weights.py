@@ -10,7 +10,9 @@ the original layout loads as it is. Other layouts are renamed by explicit tables
 - ``training``: a Self Forcing / CausVid ``.pt`` holding ``generator``, ``generator_ema`` and/or
   ``critic`` state dicts, keys ``model.<Wan key>`` with optional FSDP / checkpoint / compile wrapper
   prefixes; read with ``torch.load(weights_only=True)``, so no pickled code runs;
-- ``safetensors``: one ``.safetensors`` file of Wan names (what ``export_dit(..., "safetensors")`` writes).
+- ``safetensors``: one ``.safetensors`` file of Wan names (what ``export_dit(..., "safetensors")`` writes);
+- ``run``: this project's own training run or checkpoint folder (``config.yaml``; the networks as
+  safetensors files or a sharded checkpoint), its ``ema`` network unless another is named.
 
 Where there is no ``config.json`` the configuration is inferred from the weight shapes.
 """
@@ -25,12 +27,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import config_from_yaml
 from ..models.dit import DIT_PRESETS, DiTConfig, VideoDiT
-from ..training.checkpoint import state_mismatches
+from ..training.checkpoint import read_checkpoint_weights, resolve_checkpoint, state_mismatches
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-LAYOUTS = ("wan", "diffusers", "training", "safetensors")
+LAYOUTS = ("wan", "diffusers", "training", "safetensors", "run")
 TRAINING_WEIGHTS = ("generator_ema", "generator", "critic", "model")  # the networks a training checkpoint holds
 DEFAULT_WEIGHTS = ("generator_ema", "generator", "model")  # searched in this order when none is named
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -123,6 +126,8 @@ def detect_layout(path: Path) -> str:
         if path.suffix == ".safetensors":
             return "safetensors"
     elif path.is_dir():
+        if (path / "config.yaml").is_file() or (path / "checkpoints" / "latest").is_file():
+            return "run"
         if (path / "model_index.json").is_file() or (path / "transformer" / "config.json").is_file():
             return "diffusers"
         config = path / "config.json"
@@ -133,7 +138,8 @@ def detect_layout(path: Path) -> str:
     raise CheckpointError(
         f"{path} is not a Wan DiT checkpoint. Expected one of: a Wan2.1 folder (config.json + {WEIGHTS_NAME}), "
         "a diffusers WanPipeline folder (model_index.json + transformer/) or transformer/ folder, "
-        "a Self Forcing / CausVid .pt training checkpoint, or a .safetensors file of Wan weights"
+        "a Self Forcing / CausVid .pt training checkpoint, a .safetensors file of Wan weights, or a selfforcing "
+        "run or checkpoint folder (config.yaml)"
     )
 
 
@@ -342,11 +348,24 @@ def read_dit(path: str | Path, weights: str | None = None, num_heads: int | None
     path = Path(path)
     layout = detect_layout(path)
     which = ""
-    if weights is not None and layout != "training":
+    if weights is not None and layout not in ("training", "run"):
         raise CheckpointError(
-            f"weights={weights!r} applies to a training checkpoint (.pt), {path} is a {layout} layout"
+            f"weights={weights!r} applies to a training checkpoint (.pt or a run), {path} is a {layout} layout"
         )
-    if layout == "training":
+    if layout == "run":
+        ckpt, which = resolve_checkpoint(path), weights or "ema"
+        state = read_checkpoint_weights(ckpt, which)
+        if not all(k.startswith("dit.") for k in state):
+            raise CheckpointError(
+                f"{ckpt} ({which}) holds a whole toy text-to-video model, not a Wan DiT trained from model.wan: "
+                "load it with load_pipeline / `generate --checkpoint` without --model"
+            )
+        state = {k.removeprefix("dit."): v for k, v in state.items()}
+        wan = config_from_yaml((ckpt / "config.yaml").read_text()).model.wan
+        if num_heads is None and wan and Path(wan).is_dir():  # the head count is in no shape; the run's folder has it
+            num_heads = folder_config(wan).num_heads
+        cfg = infer_config(state, str(ckpt), num_heads)
+    elif layout == "training":
         state, which = read_training_checkpoint(path, weights)
         cfg = infer_config(state, str(path), num_heads)
     elif layout == "safetensors":

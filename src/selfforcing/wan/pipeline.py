@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import CausalConfig
+from ..config import CausalConfig, config_from_yaml
 from ..device import resolve_device
 from ..inference.generate import generate_videos
 from ..inference.stream import Chunk, stream_video
 from ..models.t2v import TextToVideo
-from .dit_weights import CheckpointError, check_same_size, folder_config, load_dit
+from ..training.checkpoint import resolve_checkpoint
+from .dit_weights import CheckpointError, check_same_size, detect_layout, folder_config, load_dit
 from .tae import TAEW21, load_tae
 from .text_encoder import load_text_encoder
 from .vae import WanVAE, load_vae
@@ -128,6 +129,13 @@ class WanPipeline:
         )
 
 
+def trained_causal(checkpoint: str | Path) -> CausalConfig | None:
+    """The causal settings a run of this project trained with (None for a checkpoint of another layout)."""
+    if detect_layout(Path(checkpoint)) != "run":
+        return None
+    return config_from_yaml((resolve_checkpoint(checkpoint) / "config.yaml").read_text()).causal
+
+
 def load_wan(
     folder: str | Path,
     checkpoint: str | Path | None = None,
@@ -140,11 +148,12 @@ def load_wan(
 ) -> WanPipeline:
     """Load a Wan2.1 folder (diffusers ``WanPipeline`` layout, or the original layout with its
     ``google/umt5-xxl`` tokenizer and ``models_t5_umt5-xxl-enc-bf16.pth``) and, optionally, a causal
-    checkpoint (Self Forcing / CausVid ``.pt``, or any DiT layout) whose weights replace the folder's DiT.
+    checkpoint (Self Forcing / CausVid ``.pt``, a run of this project, or any DiT layout) whose weights
+    replace the folder's DiT.
 
     ``weights``: which network of a training checkpoint (default ``generator_ema``); ``dtype``: bf16
     on CUDA, fp32 on the CPU by default; ``offload_text_encoder``: keep umT5 on the CPU between prompts;
-    ``causal``: the student's sampling settings (default ``RELEASED_CAUSAL``); ``preview_decoder``:
+    ``causal``: the student's sampling settings (default: a run's own, else ``RELEASED_CAUSAL``); ``preview_decoder``:
     ``taew2_1.pth`` decodes instead of the Wan VAE (much faster, lower quality; the VAE is not loaded).
     """
     folder = Path(folder)
@@ -168,5 +177,6 @@ def load_wan(
     if codec.latent_channels != dit.cfg.in_channels:
         raise CheckpointError(f"the VAE has {codec.latent_channels} latent channels, the DiT {dit.cfg.in_channels}")
     model = TextToVideo(text_encoder, dit)
-    causal = (causal or RELEASED_CAUSAL) if checkpoint is not None else None
+    if checkpoint is not None:  # the settings it was trained with (a run of this project), else the release's
+        causal = causal or trained_causal(checkpoint) or RELEASED_CAUSAL
     return WanPipeline(model, codec, causal, folder, Path(checkpoint) if checkpoint else None)
