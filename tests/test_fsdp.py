@@ -35,7 +35,7 @@ def assert_same(a: dict, b: dict, atol: float = 1e-6):
             assert torch.allclose(value, b[name][key], atol=atol), f"{name}.{key}: {(value - b[name][key]).abs().max()}"
 
 
-@pytest.mark.parametrize("loss,checkpointing", [("dmd", False), ("sid", False), ("dmd", True)])
+@pytest.mark.parametrize("loss,checkpointing", [("dmd", False), ("sid", False), ("gan", False), ("dmd", True)])
 def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_path, loss, checkpointing):
     from tests.test_self_forcing import sf_cfg
 
@@ -52,8 +52,10 @@ def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_p
     single.train()
     sharded, ckpt = _weights(tmp_path / "fsdp")
     reference, _ = _weights(tmp_path / "single")
-    assert set(sharded) == {"model", "ema", "critic"}
-    assert_same(sharded, reference)  # FSDP over 2 ranks == accumulation over 2 micro-batches in 1 process
+    assert set(sharded) == {"model", "ema", "critic"} | ({"discriminator_head"} if loss == "gan" else set())
+    # FSDP over 2 ranks == accumulation over 2 micro-batches in 1 process (the GAN's finite-difference R1/R2
+    # divides by 0.01: float noise in the summation order grows 100x)
+    assert_same(sharded, reference, atol=1e-5 if loss == "gan" else 1e-6)
     resumed, _ = _weights(tmp_path / "resumed")
     assert_same(resumed, sharded, atol=0)  # stopped at step 2 and resumed: the uninterrupted run, exactly
     start = SelfForcingTrainer(cfg("start"))
@@ -76,11 +78,9 @@ def test_fsdp_teacher_with_accumulation_equals_one_process(tmp_path):
     assert_same(_weights(tmp_path / "fsdp")[0], _weights(tmp_path / "single")[0])
 
 
-def test_fsdp_refuses_what_it_does_not_train_correctly(tiny_cfg):
+def test_an_unknown_distributed_engine_is_refused(tiny_cfg):
     from selfforcing.config import ConfigError
 
-    with pytest.raises(ConfigError, match="fsdp does not train distill.loss=gan"):
-        tiny_cfg("distributed=fsdp", "distill.loss=gan")
     with pytest.raises(ConfigError, match="distributed must be ddp or fsdp"):
         tiny_cfg("distributed=deepspeed")
 

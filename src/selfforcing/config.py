@@ -230,11 +230,6 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
             (self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}"),
-            (
-                not (self.distributed == "fsdp" and self.distill.loss == "gan"),
-                "distributed=fsdp does not train distill.loss=gan correctly yet (its critic updates drift from "
-                "a single process's): use distributed=ddp for the GAN",
-            ),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1 (1 halts at the first bad update)"),
             (
                 self.precision in ("fp32", "bf16", "fp16"),

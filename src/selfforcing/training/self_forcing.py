@@ -23,7 +23,7 @@ from ..diffusion.flow_matching import add_noise, x0_from_velocity
 from ..inference.pipeline import load_pipeline, wan_model
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
-from .fsdp import shard_module
+from .fsdp import reshard, shard_module
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
 from .ode_init import load_student_pairs, ode_regression_loss
 from .rollout import draw_exit_step, self_forcing_rollout
@@ -141,9 +141,11 @@ class SelfForcingTrainer(TeacherTrainer):
         d = self.cfg.distill
         cond = self.teacher.encode_text(prompts)
         uncond = self.teacher.encode_text([""] * len(prompts))
-        self.critic.requires_grad_(False)  # SiD/GAN backpropagate through the critic's input, not into it
-        if self.discriminator is not None:
-            self.discriminator.head.requires_grad_(False)
+        # SiD/GAN backpropagate through the critic's input, not into it. Under FSDP a unit's gathered
+        # parameters copy requires_grad from its sharded ones when gathered: so the flag is set on the
+        # sharded parameters (resharded first), and restored on them (the optimizer's) before backward.
+        for module in self.trainable("critic"):
+            reshard(module).requires_grad_(False)
         try:
             if d.loss == "gan":
                 return self.gan_generator_loss(video, real, prompts, g)
@@ -155,9 +157,9 @@ class SelfForcingTrainer(TeacherTrainer):
                 return sid_generator_loss(video, sigma, noise, scores, alpha=d.sid_alpha)
             return dmd_generator_loss(video, sigma, noise, scores)
         finally:
-            self.critic.dit.requires_grad_(True)
-            if self.discriminator is not None:
-                self.discriminator.head.requires_grad_(True)
+            for group in self.critic_optimizer.param_groups:
+                for p in group["params"]:
+                    p.requires_grad_(True)
 
     def loss_sigma(self, batch: int, g: torch.Generator) -> torch.Tensor:
         """One noise level per video for the DMD/SiD/GAN scores and the critic: shifted, clamped."""
