@@ -2,6 +2,8 @@
 folder and a prompt file, on one process and on two with FSDP2 (equal, resumed exactly), and the
 checkpoint streams with ``selfforcing generate --model``."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ def wan_folder(tmp_path_factory):
 
 
 RECIPE = "configs/wan/sf_dmd_1.3b.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(folder, tmp_path, name) -> list[str]:
@@ -109,18 +112,15 @@ def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder,
     assert read_video(stream(wan_folder, tmp_path / "resumed", tmp_path / "v.mp4")).shape == (21, 32, 48, 3)
 
 
-def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path, capsys):
-    """encode-videos writes the Wan VAE's latents of a video folder into shards (a rerun resumes); a
-    Teacher Forcing run reads them as its real videos (data.source=latents), without the VAE."""
+ENCODE_SIZE = ["--frames", "21", "--height", "32", "--width", "48", "--shard-size", "2", "--device", "cpu"]
+
+
+def write_video_folder(videos):
+    """Three random 21-frame clips of 32x48 with their prompts (prompts.jsonl)."""
     import json
 
-    from selfforcing.data.latent_shards import LatentShards
-    from selfforcing.data.video_folder import VideoFolder
     from selfforcing.data.video_io import write_video
-    from selfforcing.training.causal_diffusion import CausalDiffusionTrainer
-    from selfforcing.wan.vae import load_vae
 
-    videos = tmp_path / "videos"
     videos.mkdir()
     g = torch.Generator().manual_seed(0)
     lines = []
@@ -129,9 +129,48 @@ def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path
         write_video(videos / f"clip{i}.gif", frames, fps=8)
         lines.append(json.dumps({"file": f"clip{i}.gif", "prompt": prompt}))
     (videos / "prompts.jsonl").write_text("\n".join(lines))
+    return videos
+
+
+@pytest.mark.parametrize("name", ["sf_dmd_1.3b_framewise", "sf_gan_1.3b", "tf_dmd_1.3b", "df_dmd_1.3b"])
+def test_every_wan_recipe_trains_at_a_tiny_size(wan_folder, tmp_path, name):
+    """Each configs/wan recipe as it is, on the tiny Wan folder: two steps, finite losses, and the paradigm,
+    loss and chunking its file names. The ones that need real videos read encoded latents."""
+    import json
+
+    from selfforcing.cli import trainer_for
+
+    extra = ["steps=2"]
+    needs_videos = "source: latents" in (ROOT / f"configs/wan/{name}.yaml").read_text()
+    if needs_videos:
+        videos = write_video_folder(tmp_path / "videos")
+        encode = ["encode-videos", "--model", str(wan_folder), "--folder", str(videos), "--out", str(tmp_path / "lat")]
+        main(encode + ENCODE_SIZE)
+        extra.append(f"data.latents={tmp_path / 'lat'}")
+    cfg = load_config(f"configs/wan/{name}.yaml", [*tiny_overrides(wan_folder, tmp_path, name), *extra])
+    assert cfg.causal.frames_per_block == (1 if "framewise" in name else 3)
+    assert cfg.data.source == ("latents" if needs_videos else "prompts")
+    paradigm = {"sf": "self_forcing", "tf": "teacher_forcing", "df": "diffusion_forcing"}[name[:2]]
+    assert (cfg.distill.paradigm, cfg.distill.loss) == (paradigm, name.split("_")[1])
+    run = trainer_for(cfg)(cfg).train()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert "generator_loss" in rows[0]
+
+
+def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path, capsys):
+    """encode-videos writes the Wan VAE's latents of a video folder into shards (a rerun resumes); a
+    Teacher Forcing run reads them as its real videos (data.source=latents), without the VAE."""
+    import json
+
+    from selfforcing.data.latent_shards import LatentShards
+    from selfforcing.data.video_folder import VideoFolder
+    from selfforcing.training.causal_diffusion import CausalDiffusionTrainer
+    from selfforcing.wan.vae import load_vae
+
+    videos = write_video_folder(tmp_path / "videos")
     args = ["encode-videos", "--model", str(wan_folder), "--folder", str(videos), "--out", str(tmp_path / "lat")]
-    size = ["--frames", "21", "--height", "32", "--width", "48", "--shard-size", "2", "--device", "cpu"]
-    main(args + size)
+    main(args + ENCODE_SIZE)
     assert sorted(p.name for p in (tmp_path / "lat").glob("*.safetensors")) == [
         "latents_00000.safetensors",
         "latents_00001.safetensors",
@@ -144,7 +183,7 @@ def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path
         i = shards.prompts.index(p)
         torch.testing.assert_close(z[None], codec.encode(folder[i][0][None]), atol=1e-5, rtol=1e-5)
     stamp = (tmp_path / "lat" / "latents_00000.safetensors").stat().st_mtime_ns
-    main(args + size)  # a rerun keeps the shards
+    main(args + ENCODE_SIZE)  # a rerun keeps the shards
     assert (tmp_path / "lat" / "latents_00000.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="latents of 21 frames of 32x48, the run expects 9"):
         LatentShards(tmp_path / "lat", 9, 32, 48)
