@@ -15,7 +15,7 @@ from selfforcing.data.video_io import read_video  # noqa: E402
 from selfforcing.training.checkpoint import latest_checkpoint, read_checkpoint_weights  # noqa: E402
 from selfforcing.training.self_forcing import SelfForcingTrainer  # noqa: E402
 from selfforcing.wan.dit_weights import load_dit  # noqa: E402
-from selfforcing.wan.pipeline import RELEASED_CAUSAL, trained_causal  # noqa: E402
+from selfforcing.wan.pipeline import RELEASED_CAUSAL, WAN_NEGATIVE_PROMPT, trained_causal  # noqa: E402
 
 from .test_distributed import spawn_ranks  # noqa: E402
 from .test_fsdp import _weights, _worker, assert_same  # noqa: E402
@@ -76,7 +76,11 @@ def test_the_wan_recipe_trains_and_its_checkpoint_streams(wan_folder, tmp_path):
     assert not any(True for _ in t.model.text_encoder.parameters())  # umT5 is shared and frozen
     assert t.teacher.text_encoder is t.model.text_encoder is t.critic.text_encoder
     start = {k: v.clone() for k, v in t.model.dit.state_dict().items()}
+    encoded = []
+    encode = t.teacher.encode_text
+    t.teacher.encode_text = lambda prompts: encoded.extend(prompts) or encode(prompts)
     run = t.train()
+    assert t.cfg.distill.negative_prompt == WAN_NEGATIVE_PROMPT in encoded  # CFG's unconditional branch
     weights, ckpt = _weights(run)
     assert set(weights) == {"model", "ema", "critic"} and all(k.startswith("dit.") for k in weights["model"])
     assert any(not torch.equal(start[k.removeprefix("dit.")], v) for k, v in weights["model"].items())

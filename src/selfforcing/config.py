@@ -149,6 +149,7 @@ class DistillConfig:
     loss: str = "dmd"  # dmd | sid (self_forcing) | diffusion (many-step teacher/diffusion forcing)
     teacher: str = ""  # bidirectional teacher checkpoint: the frozen real score and the critic's start
     guidance_scale: float = 3.0  # CFG of the real score
+    negative_prompt: str = ""  # the real score's unconditional prompt (the Wan recipes: Wan's negative prompt)
     guidance_rescale: float = 0.0  # phi: pull the guided real score's std back to the conditional one's
     guidance_min_sigma: float = 0.0  # CFG only at noise levels in [min, max] (limited-interval guidance)
     guidance_max_sigma: float = 1.0

@@ -140,7 +140,7 @@ class SelfForcingTrainer(TeacherTrainer):
     def generator_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, real=None):
         d = self.cfg.distill
         cond = self.teacher.encode_text(prompts)
-        uncond = self.teacher.encode_text([""] * len(prompts))
+        uncond = self.teacher.encode_text([d.negative_prompt] * len(prompts))
         # SiD/GAN backpropagate through the critic's input, not into it. Under FSDP a unit's gathered
         # parameters copy requires_grad from its sharded ones when gathered: so the flag is set on the
         # sharded parameters (resharded first), and restored on them (the optimizer's) before backward.
