@@ -235,3 +235,49 @@ def test_torchrun_trains_the_wan_recipe_with_fsdp_and_generate_streams_it(wan_fo
     ckpt = latest_checkpoint(tmp_path / "torchrun")
     assert ckpt.name == "step_000003" and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
     assert read_video(stream(wan_folder, tmp_path / "torchrun", tmp_path / "v.mp4")).shape == (21, 32, 48, 3)
+
+
+def test_wan_ode_pairs_initialise_the_student_that_self_forcing_starts_from(wan_folder, tmp_path):
+    """`ode-pairs --model WAN` samples the folder's teacher on a prompt file (CFG on Wan's negative prompt);
+    the trajectories start at the stored noise and end at the teacher's own Euler sample; the ODE-init
+    recipe trains on them, and its run folder is the Self Forcing recipe's init_from."""
+    from selfforcing.cli import trainer_for
+    from selfforcing.diffusion.samplers import sample_euler
+    from selfforcing.training.ode_pairs import ODEPairs, teacher_segments
+    from selfforcing.wan.pipeline import load_wan
+
+    (tmp_path / "prompts.txt").write_text("a red circle moving right\nthe cat walks on grass\n")
+    pairs = tmp_path / "pairs"
+    args = ["ode-pairs", "--model", str(wan_folder), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(pairs)]
+    size = ["--frames", "21", "--height", "32", "--width", "48", "--device", "cpu"]
+    main([*args, *size, "--num", "3", "--shard-size", "2", "--batch-size", "2", "--teacher-steps", "6"])
+    loaded = ODEPairs(pairs)
+    assert loaded.index["settings"]["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    assert loaded.index["settings"]["guidance_scale"] == 5.0 and len(loaded) == 3
+    assert set(loaded.prompts) <= {"a red circle moving right", "the cat walks on grass"}
+    trajectory, prompts = loaded.sample(1, torch.Generator().manual_seed(0))
+    assert trajectory.shape == (1, 5, 6, 16, 4, 6)
+    # the stored path is the teacher's Euler path: re-run it from the stored noise
+    teacher = load_wan(wan_folder, device="cpu").model
+    cond, uncond = teacher.encode_text(prompts), teacher.encode_text([WAN_NEGATIVE_PROMPT])
+
+    def velocity(x, sigma):
+        return teacher.velocity_with_cfg(x, sigma, cond, uncond, 5.0)
+
+    from selfforcing.training.ode_pairs import ODEPairSettings
+
+    settings = ODEPairSettings(teacher_steps=6, teacher_shift=5.0)
+    x = trajectory[:, 0]
+    for sigmas in teacher_segments(settings):
+        x = sample_euler(velocity, x, sigmas)
+    torch.testing.assert_close(x, trajectory[:, -1], atol=1e-4, rtol=1e-4)
+
+    ode = load_config(
+        "configs/wan/ode_init_1.3b.yaml",
+        [*tiny_overrides(wan_folder, tmp_path, "ode"), f"ode.pairs={pairs}", "steps=2", "optim.ema_start=0"],
+    )
+    run = trainer_for(ode)(ode).train()
+    ema = read_checkpoint_weights(latest_checkpoint(run), "ema")
+    sf = SelfForcingTrainer(recipe(wan_folder, tmp_path, "sf", "distributed=ddp", f"init_from={run}"))
+    for k, v in sf.model.dit.state_dict().items():
+        assert torch.equal(v, ema[f"dit.{k}"]), k

@@ -237,20 +237,39 @@ def cmd_encode_videos(args: argparse.Namespace) -> None:
 
 def cmd_ode_pairs(args: argparse.Namespace) -> None:
     from .device import resolve_device
-    from .training.ode_pairs import ODEPairSettings, generate_ode_pairs
+    from .training.ode_pairs import ODEPairSettings, generate_ode_pairs, generate_wan_ode_pairs
 
+    if bool(args.teacher) == bool(args.model):
+        raise ValueError("pass --teacher CHECKPOINT (a teacher of this project) or --model WAN_FOLDER, not both")
+    if args.model:  # Wan2.1's own sampling unless told otherwise: 50 steps, shift 5, CFG 5 on its negative prompt
+        from .wan.pipeline import TEACHER_GUIDANCE, TEACHER_SHIFT, TEACHER_STEPS, WAN_NEGATIVE_PROMPT
+
+        missing = [f"--{k}" for k in ("prompts", "frames", "height", "width") if getattr(args, k) is None]
+        if missing:
+            raise ValueError(f"--model needs {' '.join(missing)} (a prompt file and the video size to sample)")
+        defaults = (TEACHER_STEPS, TEACHER_SHIFT, TEACHER_GUIDANCE, WAN_NEGATIVE_PROMPT)
+    else:
+        defaults = (48, 3.0, 3.0, "")
+    given = (args.teacher_steps, args.teacher_shift, args.guidance, args.negative_prompt)
+    steps, shift, guidance, negative = (d if v is None else v for v, d in zip(given, defaults, strict=True))
     settings = ODEPairSettings(
         num_samples=args.num,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
-        teacher_steps=args.teacher_steps,
-        teacher_shift=args.teacher_shift,
-        guidance_scale=args.guidance,
+        teacher_steps=steps,
+        teacher_shift=shift,
+        guidance_scale=guidance,
         student_steps=tuple(args.student_steps),
         student_shift=args.student_shift,
         seed=args.seed,
+        negative_prompt=negative,
     )
-    out = generate_ode_pairs(args.teacher, args.out, settings, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    if args.model:
+        size = (args.frames, args.height, args.width)
+        out = generate_wan_ode_pairs(args.model, args.prompts, *size, args.out, settings, device=device)
+    else:
+        out = generate_ode_pairs(args.teacher, args.out, settings, device=device)
     print(f"ODE pairs are in {out}")
 
 
@@ -452,14 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_experiment)
 
     o = sub.add_parser("ode-pairs", help="sample the teacher and store its trajectories at the student's levels")
-    o.add_argument("--teacher", required=True, help="teacher checkpoint or run folder")
+    o.add_argument("--teacher", default=None, help="teacher checkpoint or run folder (of this project)")
+    o.add_argument("--model", default=None, help="or a Wan2.1 folder: its bidirectional model is the teacher")
+    o.add_argument("--prompts", default=None, help="with --model: a prompt file, one a line")
+    o.add_argument("--frames", type=int, default=None, help="with --model: video frames (e.g. 81)")
+    o.add_argument("--height", type=int, default=None, help="with --model: e.g. 480")
+    o.add_argument("--width", type=int, default=None, help="with --model: e.g. 832")
     o.add_argument("--out", required=True, help="folder for index.json + shards (a rerun resumes)")
     o.add_argument("--num", type=int, default=1024, help="number of videos")
     o.add_argument("--shard-size", type=int, default=128)
     o.add_argument("--batch-size", type=int, default=32)
-    o.add_argument("--teacher-steps", type=int, default=48, help="teacher Euler steps")
-    o.add_argument("--teacher-shift", type=float, default=3.0, help="shift of the teacher's Euler schedule")
-    o.add_argument("--guidance", type=float, default=3.0, help="teacher classifier-free guidance scale")
+    o.add_argument("--teacher-steps", type=int, default=None, help="teacher Euler steps (48; Wan 50)")
+    o.add_argument("--teacher-shift", type=float, default=None, help="shift of its Euler schedule (3; Wan 5)")
+    o.add_argument("--guidance", type=float, default=None, help="teacher classifier-free guidance (3; Wan 5)")
+    o.add_argument("--negative-prompt", default=None, help="CFG's unconditional prompt ('' ; Wan: its own)")
     o.add_argument("--student-steps", type=float, nargs="+", default=[1000, 750, 500, 250])
     o.add_argument("--student-shift", type=float, default=5.0, help="warp of the student's step list")
     o.add_argument("--seed", type=int, default=0)

@@ -245,12 +245,14 @@ class TrainConfig:
             (self.data.source != "prompts" or bool(self.data.prompts), "data.source=prompts needs data.prompts=FILE"),
             (
                 self.data.source != "prompts"
+                or self.stage == "ode_init"  # the ODE pairs are its videos; the prompts caption the samples
                 or (
                     self.stage == "causal"
                     and self.distill.paradigm == "self_forcing"
                     and self.distill.loss in ("dmd", "sid")
                 ),
-                f"data.source=prompts has no videos: only Self Forcing with DMD or SiD trains on prompts alone "
+                f"data.source=prompts has no videos: only Self Forcing with DMD or SiD (or ODE init, on its "
+                f"pairs) trains on prompts alone "
                 f"(stage {self.stage}, {self.distill.paradigm} + {self.distill.loss} needs real videos)",
             ),
             (

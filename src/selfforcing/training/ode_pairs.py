@@ -7,13 +7,19 @@ schedule, so the stored latents sit at exactly those levels. Per sample we keep
 
 On disk: ``index.json`` (settings, shard names) and ``shard-00000.safetensors`` ... each holding
 ``trajectory: [n, S + 1, F, C, H, W]`` with its prompts in the file's metadata. Shards are written
-atomically and a rerun skips the finished ones, so an interrupted run resumes.
+atomically and a rerun skips the finished ones, so an interrupted run resumes. Training reads the
+sampled rows only (``ODEPairs.sample``), so the pairs need not fit in memory (42 MB a video at Wan's
+81 frames of 832x480).
+
+The teacher is one of this project's bidirectional checkpoints (``generate_ode_pairs``) or a Wan2.1
+folder with a prompt file (``generate_wan_ode_pairs``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +45,7 @@ class ODEPairSettings:
     student_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # before warping
     student_shift: float = 5.0
     seed: int = 0
+    negative_prompt: str = ""  # the unconditional prompt of the teacher's CFG (Wan: its negative prompt)
 
     def student_sigmas(self) -> torch.Tensor:
         """The student's warped noise levels ``[S]``, descending from 1."""
@@ -67,7 +74,7 @@ def teacher_segments(settings: ODEPairSettings) -> list[torch.Tensor]:
 def teacher_trajectories(model, prompts: list[str], noise: torch.Tensor, settings: ODEPairSettings) -> torch.Tensor:
     """Sample the teacher from ``noise [B, F, C, H, W]``: returns ``[B, S + 1, F, C, H, W]`` (levels, then clean)."""
     cond = model.encode_text(prompts)
-    uncond = model.encode_text([""] * len(prompts))
+    uncond = model.encode_text([settings.negative_prompt] * len(prompts))
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return model.velocity_with_cfg(x, sigma, cond, uncond, settings.guidance_scale)
@@ -85,19 +92,65 @@ def _shard_name(i: int) -> str:
 def generate_ode_pairs(
     teacher_checkpoint: str | Path, out_dir: str | Path, settings: ODEPairSettings, device: str = "cpu"
 ) -> Path:
-    """Write (or finish writing) the ODE-pair folder ``out_dir`` from a teacher checkpoint."""
+    """Write (or finish writing) the ODE-pair folder ``out_dir`` from a teacher checkpoint of this project
+    (its data's size and prompts)."""
     from ..inference.pipeline import load_pipeline
     from .teacher import Batches
 
     pipe = load_pipeline(teacher_checkpoint, device=device)
     data = pipe.cfg.data
-    f, c, h, w = pipe.codec.latent_shape(data.frames, data.height, data.width)
+    shape = pipe.codec.latent_shape(data.frames, data.height, data.width)
+    batches = Batches(pipe.cfg)
+
+    def prompts(seed: int, n: int) -> list[str]:
+        return batches(seed, n)[1]
+
+    return write_ode_pairs(pipe.model, shape, prompts, str(pipe.checkpoint.resolve()), out_dir, settings)
+
+
+def generate_wan_ode_pairs(
+    folder: str | Path,
+    prompt_file: str | Path,
+    frames: int,
+    height: int,
+    width: int,
+    out_dir: str | Path,
+    settings: ODEPairSettings,
+    device: str | torch.device = "auto",
+) -> Path:
+    """The same from a Wan2.1 folder's bidirectional model (bf16 on CUDA), on prompts drawn from a text
+    file (one a line), for videos of ``frames`` x ``height`` x ``width`` pixels."""
+    from ..data.prompts import PromptFile
+    from ..wan.pipeline import load_wan
+
+    pipe = load_wan(folder, device=device)
+    file = PromptFile(prompt_file)
+    shape = pipe.codec.latent_shape(frames, height, width)
+
+    def prompts(seed: int, n: int) -> list[str]:
+        return file.sample(n, seed)
+
+    return write_ode_pairs(pipe.model, shape, prompts, str(Path(folder).resolve()), out_dir, settings)
+
+
+def write_ode_pairs(
+    model,
+    latent_shape: tuple[int, int, int, int],
+    sample_prompts: Callable[[int, int], list[str]],
+    teacher: str,
+    out_dir: str | Path,
+    settings: ODEPairSettings,
+) -> Path:
+    """Sample ``model`` (a bidirectional TextToVideo) into ``out_dir``: shard i holds the trajectories of
+    ``sample_prompts(seed_i, n)`` from noise ``[n, *latent_shape]``, both functions of (seed, i)."""
+    f, c, h, w = latent_shape
+    device = next(model.dit.parameters()).device
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_shards = -(-settings.num_samples // settings.shard_size)
     index = {
         "settings": _settings_json(settings),
-        "teacher": str(pipe.checkpoint.resolve()),
+        "teacher": teacher,
         "student_sigmas": settings.student_sigmas().tolist(),
         "latent_shape": [f, c, h, w],
         "shards": [_shard_name(i) for i in range(num_shards)],
@@ -111,19 +164,18 @@ def generate_ode_pairs(
             )
     (out / INDEX).write_text(json.dumps(index, indent=1))
 
-    batches = Batches(pipe.cfg)
     todo = [i for i in range(num_shards) if not _shard_ok(out / _shard_name(i))]
     bar = tqdm(total=settings.num_samples, desc="ODE pairs", dynamic_ncols=True)
     bar.update(settings.num_samples - sum(_shard_len(i, settings) for i in todo))
     for i in todo:
         n = _shard_len(i, settings)
         g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)  # each shard a function of (seed, i)
-        prompts = batches(int(torch.randint(2**62, (1,), generator=g)), n)[1]
+        prompts = sample_prompts(int(torch.randint(2**62, (1,), generator=g)), n)
         noise = torch.randn(n, f, c, h, w, generator=g)
         parts = []
         for s in range(0, n, settings.batch_size):
             sl = slice(s, s + settings.batch_size)
-            parts.append(teacher_trajectories(pipe.model, prompts[sl], noise[sl].to(pipe.device), settings).cpu())
+            parts.append(teacher_trajectories(model, prompts[sl], noise[sl].to(device), settings).float().cpu())
             bar.update(len(prompts[sl]))
         tmp = out / f".{_shard_name(i)}.tmp"
         save_file({"trajectory": torch.cat(parts).contiguous()}, tmp, metadata={"prompts": json.dumps(prompts)})
@@ -161,7 +213,8 @@ def _shard_ok(path: Path) -> bool:
 
 
 class ODEPairs:
-    """A finished ODE-pair folder in memory: ``trajectory [N, S + 1, F, C, H, W]``, ``prompts``, ``sigmas [S]``."""
+    """A finished ODE-pair folder: ``prompts``, ``sigmas [S]``, and trajectories ``[S + 1, F, C, H, W]``
+    read from disk as they are sampled."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -174,18 +227,30 @@ class ODEPairs:
                 f"{folder} is incomplete ({len(missing)} of {len(self.index['shards'])} shards missing or corrupt, "
                 f"e.g. {missing[0]}): rerun `selfforcing ode-pairs` with the same settings to finish it"
             )
-        trajectories, self.prompts = [], []
+        self.folder = folder
+        self.rows: list[tuple[str, int]] = []  # (shard, row) of every pair; trajectories are read when sampled
+        self.prompts: list[str] = []
         for name in self.index["shards"]:
-            trajectories.append(load_file(folder / name)["trajectory"])
             with safe_open(folder / name, "pt") as fh:
-                self.prompts += json.loads(fh.metadata()["prompts"])
-        self.trajectory = torch.cat(trajectories)
+                prompts = json.loads(fh.metadata()["prompts"])
+            self.rows += [(name, r) for r in range(len(prompts))]
+            self.prompts += prompts
         self.sigmas = torch.tensor(self.index["student_sigmas"], dtype=torch.float32)
+
+    @property
+    def trajectory(self) -> torch.Tensor:
+        """Every trajectory ``[N, S + 1, F, C, H, W]``, read from disk (for small folders)."""
+        return torch.cat([load_file(self.folder / name)["trajectory"] for name in self.index["shards"]])
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """A random batch: ``(trajectory [B, S + 1, F, C, H, W], prompts)``."""
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
-        return self.trajectory[idx], [self.prompts[i] for i in idx.tolist()]
+        """A random batch: ``(trajectory [B, S + 1, F, C, H, W], prompts)``; only its rows are read."""
+        idx = torch.randint(len(self), (batch_size,), generator=generator).tolist()
+        rows = []
+        for i in idx:
+            name, r = self.rows[i]
+            with safe_open(self.folder / name, "pt") as fh:
+                rows.append(fh.get_slice("trajectory")[r : r + 1])
+        return torch.cat(rows), [self.prompts[i] for i in idx]
