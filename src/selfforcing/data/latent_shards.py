@@ -59,6 +59,15 @@ def encode_video_folder(
     return out
 
 
+def read_rows(root: Path, rows: list[tuple[str, int]], key: str) -> torch.Tensor:
+    """Rows ``(shard file, row)`` of tensor ``key`` across safetensors shards, stacked; nothing else is read."""
+    out = []
+    for name, row in rows:
+        with safe_open(root / name, "pt") as f:
+            out.append(f.get_slice(key)[row : row + 1])
+    return torch.cat(out)
+
+
 class LatentShards:
     """``sample(n, seed) -> (latents [n, f, C, h, w], prompts)`` from ``encode_video_folder``'s output."""
 
@@ -88,9 +97,4 @@ class LatentShards:
     def sample(self, batch_size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(self), (batch_size,), generator=g).tolist()
-        latents = []
-        for i in idx:
-            name, row = self.rows[i]
-            with safe_open(self.root / name, "pt") as f:
-                latents.append(f.get_slice("latents")[row : row + 1])
-        return torch.cat(latents), [self.prompts[i] for i in idx]
+        return read_rows(self.root, [self.rows[i] for i in idx], "latents"), [self.prompts[i] for i in idx]

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
+from ..data.latent_shards import read_rows
 from ..diffusion.flow_matching import sampling_sigmas, warp_timesteps
 from ..diffusion.samplers import sample_euler
 
@@ -248,9 +249,4 @@ class ODEPairs:
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         """A random batch: ``(trajectory [B, S + 1, F, C, H, W], prompts)``; only its rows are read."""
         idx = torch.randint(len(self), (batch_size,), generator=generator).tolist()
-        rows = []
-        for i in idx:
-            name, r = self.rows[i]
-            with safe_open(self.folder / name, "pt") as fh:
-                rows.append(fh.get_slice("trajectory")[r : r + 1])
-        return torch.cat(rows), [self.prompts[i] for i in idx]
+        return read_rows(self.folder, [self.rows[i] for i in idx], "trajectory"), [self.prompts[i] for i in idx]
