@@ -86,13 +86,19 @@ def test_unknown_prompt_word_is_reported(tmp_path, capsys):
     assert "purple" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    from selfforcing.demo import SHIPPED_STUDENT, SHIPPED_TEACHER, run_demo
-    from tests.conftest import TINY
+def test_demo_runs_self_forcing_end_to_end(tmp_path, capsys):
+    """The demo trains Self Forcing from the shipped ODE student (2 steps here), streams both students at
+    1x and 4x, and writes the scores, the drift curves and the side-by-side gif."""
+    from selfforcing.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", steps=2, overrides=[*TINY, "ckpt_every=2"], num_samples=2)
-    assert report["real_videos"]["found"] == 1.0
-    assert 0 <= report["demo_teacher"]["found"] <= 1
-    assert (tmp_path / "demo" / "report.json").is_file() and (tmp_path / "demo" / "demo_teacher_samples.gif").is_file()
-    assert ("toy_teacher" in report) == SHIPPED_TEACHER.is_dir()
-    assert ("student_4x_length" in report) == SHIPPED_STUDENT.is_dir()
+    out = tmp_path / "demo"
+    report = run_demo(out, steps=2, overrides=["batch_size=2", "num_samples=2"], num_prompts=4)
+    assert set(report["scores"]) == {"real videos", "ODE student", "Self Forcing"}
+    assert set(report["scores"]["Self Forcing"]) == {"1x", "4x"}
+    assert report["scores"]["real videos"]["4x"]["frame_ok"] > 0.9
+    assert all(0 <= s[n]["frame_ok"] <= 1 for s in report["scores"].values() for n in s)
+    for name in ("report.json", "shapes_world.gif", "compare_4x.gif", "drift_frame_ok.png"):
+        assert (out / name).is_file(), name
+    assert (out / "self_forcing" / "checkpoints" / "step_000002").is_dir()
+    printed = capsys.readouterr().out
+    assert "At 4x the training length, Self Forcing gets frame ok" in printed and "ODE student" in printed
