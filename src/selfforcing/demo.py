@@ -28,13 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_TEACHER = ASSETS / "teacher_toy"
 SHIPPED_STUDENT = ASSETS / "student_toy"  # the ODE-initialised causal student Self Forcing starts from
-DEMO_STEPS = 500  # critic steps: 100 generator updates, about 6 minutes on 2 cores
+DEMO_STEPS = 300  # critic steps: 60 generator updates, about 5 minutes on 2 cores
 NAMES = {"real": "real videos", "student_toy": "ODE student", "self_forcing": "Self Forcing"}
 FIGURES = [("frame ok", "frame_ok"), ("drift", "frame_ok_change"), ("late drift", "frame_ok_late_change")]
 FIGURES.append(("FD", "fd"))
 
 
-def run_demo(out: Path, steps: int | None = None, overrides: list[str] | None = None, num_prompts: int = 64) -> dict:
+def run_demo(out: Path, steps: int | None = None, overrides: list[str] | None = None, num_prompts: int = 32) -> dict:
     """Run the demo into ``out``; ``overrides`` (key=value) adjust the Self Forcing recipe. Returns the
     report (also ``out/report.json``)."""
     t_start = time.perf_counter()
