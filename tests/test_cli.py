@@ -102,3 +102,31 @@ def test_demo_runs_self_forcing_end_to_end(tmp_path, capsys):
     assert (out / "self_forcing" / "checkpoints" / "step_000002").is_dir()
     printed = capsys.readouterr().out
     assert "At 4x the training length, Self Forcing gets frame ok" in printed and "ODE student" in printed
+
+
+def test_a_shipped_model_is_named_and_streams(tmp_path, capsys):
+    """`--checkpoint NAME` finds a model that ships with the package; an unknown name lists them."""
+    from selfforcing.cli import main
+    from selfforcing.data.video_io import read_video
+    from selfforcing.training.checkpoint import shipped_models
+
+    assert {"teacher_toy", "student_toy"} <= set(shipped_models())
+    out = tmp_path / "v.gif"
+    main(
+        [
+            "generate",
+            "--checkpoint",
+            "student_toy",
+            "--stream",
+            "--frames",
+            "24",
+            "--prompt",
+            "a red circle moving right",
+        ]
+        + ["--out", str(out)]
+    )
+    assert read_video(out).shape[0] == 24
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", "no_such_model", "--prompt", "a red circle", "--out", str(out)])
+    assert "nor a shipped model (" in capsys.readouterr().err

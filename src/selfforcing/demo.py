@@ -22,10 +22,10 @@ from .config import load_config
 from .data.shapes import ShapesWorld, ShapesWorldConfig
 from .data.video_io import video_grid, write_video
 from .eval.evaluate import EvalSettings, evaluate, write_report
+from .training.checkpoint import ASSETS
 from .training.self_forcing import SelfForcingTrainer
 
 REPO = Path(__file__).resolve().parents[2]
-ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_TEACHER = ASSETS / "teacher_toy"
 SHIPPED_STUDENT = ASSETS / "student_toy"  # the ODE-initialised causal student Self Forcing starts from
 DEMO_STEPS = 300  # critic steps: 60 generator updates, about 5 minutes on 2 cores

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from .distributed import barrier
 
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a sharded checkpoint
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the models that ship with the package
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -214,16 +215,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def shipped_models() -> list[str]:
+    """The names of the models that ship with the package (``src/selfforcing/assets``)."""
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.yaml").is_file())
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder or a run folder (then its latest checkpoint)."""
+    """Accept a checkpoint folder, a run folder (then its latest checkpoint), or the name of a shipped
+    model (``sf_dmd_chunk_toy``, ...: ``shipped_models()``)."""
     path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (ASSETS / path.name / "config.yaml").is_file():
+        path = ASSETS / path.name
     if (path / "config.yaml").is_file() and (any(path.glob("*.safetensors")) or (path / SHARDED).is_dir()):
         return path
     found = latest_checkpoint(path) if path.is_dir() else None
     if found is None:
         raise FileNotFoundError(
-            f"{path} is neither a checkpoint folder (config.yaml with *.safetensors or {SHARDED}/) nor a run folder "
-            "with checkpoints/latest"
+            f"{path} is neither a checkpoint folder (config.yaml with *.safetensors or {SHARDED}/), a run folder "
+            f"with checkpoints/latest, nor a shipped model ({', '.join(shipped_models())})"
         )
     return found
 
