@@ -108,15 +108,19 @@ def test_a_shipped_model_is_named_and_streams(tmp_path, capsys):
     """`--checkpoint NAME` finds a model that ships with the package; an unknown name lists them."""
     from selfforcing.cli import main
     from selfforcing.data.video_io import read_video
+    from selfforcing.inference.pipeline import load_pipeline
     from selfforcing.training.checkpoint import shipped_models
 
-    assert {"teacher_toy", "student_toy"} <= set(shipped_models())
+    assert {"teacher_toy", "student_toy", "sf_dmd_chunk_toy", "sf_dmd_frame_toy"} <= set(shipped_models())
+    for name, fpb in [("sf_dmd_chunk_toy", 3), ("sf_dmd_frame_toy", 1)]:  # the Self Forcing students
+        cfg = load_pipeline(name).cfg
+        assert (cfg.stage, cfg.distill.paradigm, cfg.causal.frames_per_block) == ("causal", "self_forcing", fpb)
     out = tmp_path / "v.gif"
     main(
         [
             "generate",
             "--checkpoint",
-            "student_toy",
+            "sf_dmd_chunk_toy",
             "--stream",
             "--frames",
             "24",
