@@ -35,6 +35,10 @@ def test_ode_pairs_are_resumable_and_checked(teacher, tmp_path):
     torch.randint(2**62, (1,), generator=g)
     assert torch.equal(pairs.trajectory[:2, 0], torch.randn(2, 6, 3, 16, 16, generator=g))
     assert pairs.trajectory[:, -1].abs().max() < 5
+    # a sampled batch is read row by row from the shards: the same rows, with their own prompts
+    sampled, prompts = pairs.sample(4, torch.Generator().manual_seed(3))
+    idx = torch.randint(len(pairs), (4,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sampled, pairs.trajectory[idx]) and prompts == [pairs.prompts[i] for i in idx.tolist()]
     # a lost shard is regenerated identically; finished shards are not touched
     before = pairs.trajectory.clone()
     (out / "shard-00001.safetensors").unlink()

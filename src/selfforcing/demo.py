@@ -30,8 +30,12 @@ SHIPPED_TEACHER = ASSETS / "teacher_toy"
 SHIPPED_STUDENT = ASSETS / "student_toy"  # the ODE-initialised causal student Self Forcing starts from
 DEMO_STEPS = 300  # critic steps: 60 generator updates, about 5 minutes on 2 cores
 NAMES = {"real": "real videos", "student_toy": "ODE student", "self_forcing": "Self Forcing"}
-FIGURES = [("frame ok", "frame_ok"), ("drift", "frame_ok_change"), ("late drift", "frame_ok_late_change")]
-FIGURES.append(("FD", "fd"))
+FIGURES = [  # (column, figure of selfforcing eval)
+    ("frame ok", "frame_ok"),
+    ("drift", "frame_ok_change"),
+    ("late drift", "frame_ok_late_change"),
+    ("FD", "fd"),
+]
 
 
 def run_demo(out: Path, steps: int | None = None, overrides: list[str] | None = None, num_prompts: int = 32) -> dict:

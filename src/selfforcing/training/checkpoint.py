@@ -41,10 +41,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _tmp_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is renamed into place."""
+    return Path(run_dir) / "checkpoints" / f".tmp_step_{step:06d}"
+
+
 def _fresh_tmp(run_dir: Path, step: int) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp_step_{step:06d}"
+    tmp = _tmp_path(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
@@ -101,7 +105,7 @@ def save_sharded_checkpoint(
     as ``fsdp.sharded_state`` returns it) into ``step_{step}/sharded``; rank 0 then adds the step state and
     config and renames the folder into place (atomically, as ``save_checkpoint``). Needs a file system
     that every process sees."""
-    tmp = Path(run_dir) / "checkpoints" / f".tmp_step_{step:06d}"
+    tmp = _tmp_path(run_dir, step)
     if is_main:
         _fresh_tmp(run_dir, step)
     barrier()
@@ -153,12 +157,11 @@ def read_checkpoint_weights(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     sharded checkpoint's pieces (on this one process; the full network must fit in memory)."""
     ckpt = Path(ckpt)
     file = ckpt / f"{name}.safetensors"
-    if file.is_file() or not (ckpt / SHARDED).is_dir():
-        if not file.is_file():
-            have = checkpoint_networks(ckpt)
-            raise FileNotFoundError(f"{ckpt} has no {file.name}; it holds networks {have}: pass one of them")
+    if file.is_file():
         return read_safetensors_file(file)
-    return read_sharded_network(ckpt, name)
+    if (ckpt / SHARDED).is_dir():
+        return read_sharded_network(ckpt, name)
+    raise FileNotFoundError(f"{ckpt} has no {file.name}; it holds networks {checkpoint_networks(ckpt)}: pass one")
 
 
 def read_sharded_network(ckpt: Path, name: str) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_network,
     load_sharded_checkpoint,
+    load_weights,
     read_weights,
     resolve_checkpoint,
     save_checkpoint,
@@ -232,8 +233,8 @@ class TeacherTrainer:
             return save_sharded_checkpoint(self.run_dir, self.step, tensors, state, config_yaml, keep, self.is_main)
         if self.sharded:
             weights = {name: full_state_dict(net) for name, net in self.networks().items()}
-            for name, opt in self.optimizers().items():
-                state[name] = optimizer_state(self.optimizer_modules(name), opt)
+            for name, (modules, opt) in self.optimizer_owners().items():
+                state[name] = optimizer_state(modules, opt)
         else:
             weights = {name: net.state_dict() for name, net in self.networks().items()}
             state.update({name: opt.state_dict() for name, opt in self.optimizers().items()})
@@ -256,15 +257,16 @@ class TeacherTrainer:
             # partial: a parameter that never had a gradient (the GAN critic's output head) has no saved state
             load_sharded_checkpoint(ckpt, {"optimizers": tensors["optimizers"]}, partial=True)
             load_sharded_state(self.networks(), self.optimizer_owners(), tensors)
-        else:  # under FSDP every rank reads the full files and keeps its shards
+        elif self.sharded:  # every rank reads the full files and keeps its shards
             for name, module in self.networks().items():
-                weights = read_weights(module, ckpt / f"{name}.safetensors")
-                load_full_state_dict(module, weights) if self.sharded else module.load_state_dict(weights)
+                load_full_state_dict(module, read_weights(module, ckpt / f"{name}.safetensors"))
+            for name, (modules, opt) in self.optimizer_owners().items():
+                load_optimizer_state(modules, opt, state[name])
+        else:
+            for name, module in self.networks().items():
+                load_weights(module, ckpt / f"{name}.safetensors")
             for name, opt in self.optimizers().items():
-                if self.sharded:
-                    load_optimizer_state(self.optimizer_modules(name), opt, state[name])
-                else:
-                    opt.load_state_dict(state[name])
+                opt.load_state_dict(state[name])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         counts = state.get("nonfinite", {})  # absent in checkpoints from before the guard
