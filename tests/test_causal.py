@@ -98,8 +98,10 @@ def test_cache_errors_and_recommit():
     cache = KVCache.for_model(m, 2, 4, 3, 6)
     with pytest.raises(ValueError, match="starts at frame 3"):
         m(x[:, 3:], t[:, 3:], ctx, kv_cache=cache, frame_offset=3)
-    with pytest.raises(ValueError, match="a chunk has 3 frames"):
-        m(x[:, :2], t[:, :2], ctx, kv_cache=cache, frame_offset=0)
+    with pytest.raises(ValueError, match="a chunk has at most 3 frames"):
+        m(x[:, :4], t[:, :4], ctx, kv_cache=cache, frame_offset=0)
+    with pytest.raises(ValueError, match="skip back"):
+        cache.skip_to(-1)
     with pytest.raises(ValueError, match="tokens per frame"):
         m(torch.randn(2, 3, 3, 16, 16), t[:, :3], ctx, kv_cache=cache)
     with pytest.raises(ValueError, match="finite window"):

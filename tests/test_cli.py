@@ -134,3 +134,32 @@ def test_a_shipped_model_is_named_and_streams(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", "no_such_model", "--prompt", "a red circle", "--out", str(out)])
     assert "nor a shipped model (" in capsys.readouterr().err
+
+
+def test_generate_switches_the_prompt_and_starts_from_an_image(tmp_path, capsys):
+    """`--switch FRAME:PROMPT` and `--image`: the prompt in effect is printed from the chunk where it
+    applies; the first frame is the image; malformed flags are refused with the form to use."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from selfforcing.data.video_io import read_video
+
+    image = tmp_path / "first.png"
+    iio.imwrite(image, np.zeros((24, 24, 3), np.uint8))  # a black frame of the model's size
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    out = tmp_path / "v.gif"
+    base = ["generate", "--checkpoint", "sf_dmd_frame_toy", "--prompt", "a red circle moving right", "--out", str(out)]
+    main([*base, "--frames", "13", "--image", str(image), "--switch", "7:a blue square moving left"])
+    printed = capsys.readouterr().out
+    assert "from frame 0: a red circle moving right" in printed and "from frame 7: a blue square" in printed
+    assert read_video(out).shape[0] == 13
+    for flags, message in [
+        (["--frames", "12", "--switch", "a blue square"], "FRAME:PROMPT"),
+        (["--frames", "13", "--image", str(tmp_path / "missing.png")], "image file not found"),
+        (["--frames", "13", "--image", str(not_an_image)], "could not read"),
+        (["--frames", "12", "--switch", "6:a purple hexagon"], "outside the vocabulary"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*base, *flags])
+        assert message in capsys.readouterr().err, flags

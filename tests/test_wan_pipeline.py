@@ -43,6 +43,25 @@ def test_the_checkpoint_replaces_the_folders_dit_and_streams(wan):
     assert video.std() > 0.01
 
 
+def test_a_wan_stream_starts_from_an_image_through_the_vae_and_switches_prompts(wan):
+    """The same ``VideoStream`` as the shapes world: the first image is encoded by the Wan VAE (one
+    latent frame, decoded alone as frame 0), and the umT5 prompt switches between chunks."""
+    folder, ckpt, _ = wan
+    pipe = load_wan(folder, ckpt)
+    image = torch.rand(1, 3, 32, 48) * 2 - 1
+    stream = pipe.open_stream(["a red circle moving right"], image=image, **SIZE)
+    first = next(stream)
+    torch.testing.assert_close(first.latents, pipe.codec.encode(image[:, None]))
+    assert first.frames.shape == (1, 1, 3, 32, 48)
+    stream.switch_prompt("the cat walks on grass", "recache")
+    second = next(stream)
+    assert second.start == 1 and second.frames.shape[1] == 12 and second.prompts == ["the cat walks on grass"]
+    assert stream.cache.frames == [0]
+    chunks = list(pipe.stream(["a red circle moving right"], 25, image=image, switches={13: "a cat"}, **SIZE))
+    assert [c.frames.shape[1] for c in chunks] == [1, 12, 12]  # latents 0 | 1-3 | 4-6: pixels 0 | 1-12 | 13-24
+    assert [c.prompts for c in chunks][1:] == [["a red circle moving right"], ["a cat"]]
+
+
 def test_the_original_wan_layout_streams_the_same_video(wan, tmp_path):
     """config.json + diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth and
     google/umt5-xxl/: the same weights as the diffusers folder, so the same video."""
@@ -79,6 +98,8 @@ def test_the_preview_decoder_replaces_the_vae(wan, tmp_path, capsys):
         + ["--height", "32", "--width", "48", "--preview-decoder", str(tmp_path / "taew2_1.pth"), "--out", str(out)]
     )
     assert read_video(out).shape == (9, 32, 48, 3)
+    with pytest.raises(ValueError, match="TAEW21 cannot encode the first image"):
+        pipe.open_stream(["a cat"], image=torch.zeros(1, 3, 32, 48), **SIZE)
 
 
 def test_without_a_checkpoint_the_folder_samples_as_the_teacher(wan):

@@ -52,10 +52,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         settings = _causal_overrides(stream_settings(pipe.cfg, window=args.window), args)
         guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
         chunks = stream_video(
-            pipe.model, pipe.codec, prompts, frames, height, width, settings, args.seed, guidance_scale=guidance
+            pipe.model,
+            pipe.codec,
+            prompts,
+            frames,
+            height,
+            width,
+            settings,
+            args.seed,
+            guidance_scale=guidance,
+            **_interaction(args),
         )
         videos, _ = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
     else:
+        _no_interaction(args, "a bidirectional model samples the whole video at once")
         d = pipe.cfg.diffusion
         videos = generate_videos(
             pipe.model,
@@ -77,6 +87,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         summary, _ = analyse_batch(videos, prompts)
         print(json.dumps({k: round(v, 4) for k, v in summary.items()}, indent=1))
+
+
+def parse_switch(text: str) -> tuple[int, str]:
+    """``--switch FRAME:PROMPT`` -> (frame, prompt)."""
+    frame, sep, prompt = text.partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        raise ValueError(f"--switch takes FRAME:PROMPT, e.g. --switch '24:a blue square moving left', got {text!r}")
+    return int(frame), prompt.strip()
+
+
+def _interaction(args: argparse.Namespace) -> dict:
+    """``stream_video``'s image / switches / switch_mode from --image, --switch and --switch-mode."""
+    from .data.video_io import read_image
+
+    switches = dict(parse_switch(s) for s in args.switch or [])
+    return {
+        "image": read_image(args.image) if args.image else None,
+        "switches": switches,
+        "switch_mode": args.switch_mode,
+    }
+
+
+def _no_interaction(args: argparse.Namespace, why: str) -> None:
+    if args.image or args.switch:
+        raise ValueError(f"--image and --switch need a causal student that streams: {why}")
 
 
 def _causal_overrides(settings, args: argparse.Namespace):
@@ -128,11 +163,12 @@ def _generate_wan(args: argparse.Namespace) -> None:
 
     if pipe.causal is not None:
         settings = _causal_overrides(pipe.causal, args)
-        stream = pipe.stream(prompts, frames, height, width, args.seed, settings)  # raises on a bad request
+        stream = pipe.stream(prompts, frames, height, width, args.seed, settings, **_interaction(args))
         _, latents = _write_stream(stream, args.out, fps, render, settings)
     else:
         if args.stream:
             raise ValueError("--stream needs a causal student: pass --checkpoint (e.g. self_forcing_dmd.pt)")
+        _no_interaction(args, "Wan's bidirectional model samples the whole video at once")
         video, latents = pipe.generate(
             prompts,
             frames,
@@ -160,11 +196,14 @@ def _write_stream(chunks, out: str, fps: float, render, settings):
 
     from .data.video_io import VideoWriter
 
-    done, n, t0 = [], 0, time.perf_counter()
+    done, n, t0, prompts = [], 0, time.perf_counter(), None
     with VideoWriter(out, fps=fps) as writer:
         for chunk in chunks:
             elapsed = time.perf_counter() - t0
             frames = chunk.frames.float().cpu()
+            if chunk.prompts is not None and chunk.prompts != prompts:
+                print(f"from frame {n}: {' | '.join(dict.fromkeys(chunk.prompts))}")
+                prompts = chunk.prompts
             ms, last = chunk.seconds * 1000, n + frames.shape[1] - 1
             print(f"chunk {chunk.index:3d}  frames {n:4d}-{last:<4d} {ms:8.1f} ms  (t = {elapsed:.2f} s)")
             writer.append(render(frames))
@@ -397,6 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoising-steps", type=float, nargs="+", default=None, help="few-step list (1000 750 500 250)")
     g.add_argument("--step-shift", type=float, default=None, help="warp of the few-step list (5)")
     g.add_argument("--context-timestep", type=float, default=None, help="t of the cache-commit pass (0: clean)")
+    g.add_argument(
+        "--switch",
+        action="append",
+        default=None,
+        metavar="FRAME:PROMPT",
+        help="causal student: switch to PROMPT from the first chunk at or after FRAME (repeat for several)",
+    )
+    g.add_argument(
+        "--switch-mode",
+        default="recache",
+        choices=["recache", "keep", "reset"],
+        help="recache: recompute the cache under the new prompt (LongLive); keep: the old cache; reset: a cut",
+    )
+    g.add_argument("--image", default=None, help="causal student: the first frame (an image file of the video's size)")
     g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")
     g.add_argument("--offload-text", action="store_true", help="Wan: keep umT5 on the CPU between prompts")
     g.add_argument("--preview-decoder", default=None, help="Wan: decode with TAEW2.1 (taew2_1.pth), not the VAE")

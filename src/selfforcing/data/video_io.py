@@ -42,6 +42,17 @@ def read_video(path: str | Path) -> np.ndarray:
     return frames[..., :3].astype(np.uint8)
 
 
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file (png, jpg, ...; a video's first frame) as ``[1, 3, H, W]`` in [-1, 1]."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        frames = read_video(path)
+    except ValueError as e:
+        raise ValueError(f"could not read {path} as an image: {e}") from e
+    return from_uint8(frames[:1])
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
     """Write ``[F, H, W, 3]`` uint8 frames. ``.mp4`` needs imageio-ffmpeg; on failure a ``.gif`` is written
     beside it instead. Returns the path actually written.

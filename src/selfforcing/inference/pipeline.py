@@ -14,6 +14,7 @@ from ..models.dit import VideoDiT
 from ..models.t2v import TextToVideo
 from ..models.text_encoder import ShapesTextEncoder, TextEncoder
 from ..training.checkpoint import load_network, resolve_checkpoint
+from .video_stream import VideoStream
 
 
 def stream_settings(cfg: TrainConfig, window: int | None = None) -> CausalConfig:
@@ -98,6 +99,21 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.dit.parameters()).device
+
+    def open_stream(
+        self,
+        prompts: list[str],
+        seed: int = 0,
+        image: torch.Tensor | None = None,
+        settings: CausalConfig | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> VideoStream:
+        """An open-ended, interactive stream of this causal model (``VideoStream``: iterate it, switch its
+        prompt between chunks), at the training size, its cache rolling past the training length."""
+        settings = settings or stream_settings(self.cfg)
+        h, w = height or self.cfg.data.height, width or self.cfg.data.width
+        return VideoStream(self.model, self.codec, prompts, h, w, settings, seed, stream_guidance(self.cfg), image)
 
 
 def load_pipeline(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Pipeline:

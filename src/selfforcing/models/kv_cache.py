@@ -124,8 +124,11 @@ class KVCache:
                 f"the cache holds frames up to {self.next_frame - 1} but the input starts at frame {frame_offset}: "
                 "commit every chunk in order (or reset the cache)"
             )
-        if num_frames is not None and num_frames != self.frames_per_block:
-            raise ValueError(f"a chunk has {self.frames_per_block} frames (frames_per_block), got {num_frames}")
+        if num_frames is not None and not 1 <= num_frames <= self.frames_per_block:
+            raise ValueError(
+                f"a chunk has at most {self.frames_per_block} frames (frames_per_block), got {num_frames}: the "
+                "cache holds the past frames one chunk of that size may see"
+            )
 
     # -- writing -------------------------------------------------------------------------------
     def commit(self, frame_offset: int, kv: list[KV]) -> None:
@@ -157,6 +160,13 @@ class KVCache:
         """Forget every frame (the buffers are kept)."""
         self.frame_of_slot = [-1] * self.capacity
         self.next_frame = 0
+
+    def skip_to(self, frame: int) -> None:
+        """Continue at a later ``frame``: the frames before it that were not committed stay absent (a
+        rebuild recommits only the frames a rolled cache still held)."""
+        if frame < self.next_frame:
+            raise ValueError(f"cannot skip back to frame {frame}: the cache is at frame {self.next_frame}")
+        self.next_frame = frame
 
     def _forget(self, frames: range) -> None:
         """Mark slots of ``frames`` empty, keeping the filled slots a prefix (they are the newest ones)."""

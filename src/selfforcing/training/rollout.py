@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CausalConfig
-from ..inference.stream import causal_chunks
+from ..inference.chunks import causal_chunks
 from ..models.kv_cache import TextKV
 from ..models.t2v import TextToVideo
 

@@ -13,15 +13,17 @@ model, sampled with many Euler steps and classifier-free guidance (the teacher).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..config import CausalConfig, config_from_yaml
 from ..device import resolve_device
+from ..inference.chunks import Chunk
 from ..inference.generate import generate_videos
-from ..inference.stream import Chunk, stream_video
+from ..inference.stream import stream_video
+from ..inference.video_stream import VideoStream
 from ..models.t2v import TextToVideo
 from ..training.checkpoint import resolve_checkpoint
 from .dit_weights import CheckpointError, check_same_size, detect_layout, folder_config, load_dit
@@ -78,17 +80,53 @@ class WanPipeline:
         width: int = 832,
         seed: int = 0,
         settings: CausalConfig | None = None,
+        image: torch.Tensor | None = None,
+        switches: dict[int, list[str] | str] | None = None,
+        switch_mode: str = "recache",
     ) -> Iterator[Chunk]:
-        """Stream a causal student chunk by chunk (see ``inference.stream.stream_video``); each chunk is
-        decoded by the VAE's streaming decoder as soon as it is denoised. A bad request raises here, before
-        the first chunk is asked for."""
+        """Stream a causal student chunk by chunk (see ``inference.stream.stream_video``: a first image,
+        prompt switches at given frames); each chunk is decoded by the VAE's streaming decoder as soon as
+        it is denoised. A bad request raises here, before the first chunk is asked for."""
+        self._check_causal()
+        self.check_size(frames, height, width)
+        settings = settings or self.causal
+        return stream_video(
+            self.model,
+            self.codec,
+            prompts,
+            frames,
+            height,
+            width,
+            settings,
+            seed,
+            image=image,
+            switches=switches,
+            switch_mode=switch_mode,
+        )
+
+    def open_stream(
+        self,
+        prompts: list[str],
+        height: int = 480,
+        width: int = 832,
+        seed: int = 0,
+        settings: CausalConfig | None = None,
+        image: torch.Tensor | None = None,
+    ) -> VideoStream:
+        """An open-ended, interactive stream (``VideoStream``: iterate it, switch its prompt between chunks);
+        the cache rolls past its window (21 latent frames unless the settings say otherwise)."""
+        self._check_causal()
+        self.check_size(1, height, width)
+        settings = settings or self.causal
+        settings = replace(settings, window=settings.window or RELEASED_CAUSAL.window)
+        return VideoStream(self.model, self.codec, prompts, height, width, settings, seed, image=image)
+
+    def _check_causal(self) -> None:
         if self.causal is None:
             raise ValueError(
                 f"{self.folder} holds Wan's bidirectional model: streaming needs a causal checkpoint "
                 "(checkpoint=self_forcing_dmd.pt); sample the teacher with generate()"
             )
-        self.check_size(frames, height, width)
-        return stream_video(self.model, self.codec, prompts, frames, height, width, settings or self.causal, seed)
 
     def generate(
         self,

@@ -1,0 +1,214 @@
+"""An interactive, open-ended stream: chunk by chunk, with prompt switches and an optional first image.
+
+``VideoStream`` owns one video's KV cache and random generator, and nothing changes them but its own
+methods: ``next(stream)`` commits the previous chunk and denoises and decodes the next one (the loop of
+``stream.causal_chunks``, which the Self Forcing rollout runs, so an unswitched stream is the rollout's
+video), and ``switch_prompt`` changes the text between chunks, in one of three modes:
+
+    keep     continue on the cache as it is; only the new chunks read the new text (the cached keys
+             and values were computed under the old prompt)
+    recache  LongLive's KV re-cache: recompute the keys/values of every frame the cache holds with the
+             new prompt's cross-attention (the commit inputs are kept for this), then continue
+    reset    a hard cut: forget the cache and start a new scene at frame position 0
+
+A first image (``image``) is encoded by the codec and committed to the cache as a one-frame chunk at
+position 0, as CausVid's and Self Forcing's image-to-video do (an independent first frame); it is also
+the stream's first chunk, so a causal VAE's decoder sees it first. Generated chunks then follow at
+positions 1, 1 + f, ... With a rolling cache (``settings.window``) the stream has no end.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import CausalConfig
+from ..device import to_device
+from ..models.codec import Codec
+from ..models.kv_cache import KVCache
+from ..models.t2v import TextToVideo
+from .chunks import Chunk, commit_chunk, commit_input, denoise_chunk
+
+SWITCH_MODES = ("recache", "keep", "reset")
+
+
+def held_runs(frames: list[int], start: int, length: int) -> list[tuple[int, int]]:
+    """Contiguous ``[a, b)`` runs of ``frames`` (held by a cache) inside ``[start, start + length)``."""
+    runs: list[tuple[int, int]] = []
+    for f in sorted(x for x in frames if start <= x < start + length):
+        if runs and runs[-1][1] == f:
+            runs[-1] = (runs[-1][0], f + 1)
+        else:
+            runs.append((f, f + 1))
+    return runs
+
+
+class VideoStream:
+    """One open-ended causal stream of ``len(prompts)`` videos; iterate it for ``Chunk``s.
+
+    prompts: one per video; image: ``[B or 1, 3, height, width]`` in [-1, 1] (the first frame), or None;
+    guidance_scale != 1: classifier-free guidance against ``negative_prompt`` (many-step causal models).
+    """
+
+    def __init__(
+        self,
+        model: TextToVideo,
+        codec: Codec,
+        prompts: list[str],
+        height: int,
+        width: int,
+        settings: CausalConfig | None = None,
+        seed: int = 0,
+        guidance_scale: float = 1.0,
+        image: torch.Tensor | None = None,
+        negative_prompt: str = "",
+    ):
+        if not prompts:
+            raise ValueError("a stream needs at least one prompt")
+        self.settings = settings = settings or CausalConfig()
+        settings.validate()
+        if not settings.window:
+            raise ValueError(
+                "an open-ended stream needs a finite attention window (settings.window, in latent frames) for "
+                "its cache to roll past; inference.pipeline.stream_settings fills in the training length"
+            )
+        self.model, self.codec, self.guidance = model, codec, guidance_scale
+        self.negative_prompt = negative_prompt
+        self.batch = b = len(prompts)
+        first = 1 if codec.keeps_first_frame else codec.temporal_compression  # pixel frames of one latent frame
+        _, c, h, w = codec.latent_shape(first, height, width)  # raises on a size the codec cannot take
+        self.latent_size = (c, h, w)
+        self.height, self.width = height, width
+        p = next(model.dit.parameters())
+        _, gh, gw = model.dit.token_grid(settings.frames_per_block, h, w)
+        rows = b if guidance_scale == 1.0 else 2 * b
+        self.cache = KVCache.for_model(
+            model.dit, rows, gh * gw, settings.frames_per_block, settings.window, settings.sink, p.dtype, p.device
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sigmas = settings.sigmas().to(p.device)
+        self.context_sigma = settings.context_timestep / 1000.0
+        self.text_kv = self._encode(prompts)
+        self.prompts = list(prompts)
+        self.decode = codec.stream_decoder()  # a causal VAE keeps its cache from chunk to chunk
+        self.position = 0  # the model's frame position of the next chunk (back to 0 after a reset)
+        self.latent_frames = 0  # latent frames handed out so far (the output video's length)
+        self.chunks = 0
+        self.switches: list[tuple[int, list[str], str]] = []  # (latent frame, prompts, mode), in order
+        self._pending: tuple[int, torch.Tensor] | None = None  # the last chunk's (position, commit input)
+        self._held: list[tuple[int, torch.Tensor]] = []  # commit inputs of chunks with frames in the cache
+        self._image = None if image is None else self._encode_image(image)
+
+    # -- the stream -------------------------------------------------------------------------------
+    def __iter__(self) -> VideoStream:
+        return self
+
+    @torch.no_grad()
+    def __next__(self) -> Chunk:
+        """Commit the previous chunk, then denoise and decode the next: ``Chunk`` with ``frames_per_block``
+        latent frames (the image chunk first, if there is one)."""
+        t0 = time.perf_counter()
+        self.commit()
+        if self._image is not None:
+            x0, self._image = self._image, None
+        else:
+            b, (c, h, w), fpb = self.batch, self.latent_size, self.settings.frames_per_block
+            noise = to_device(torch.randn(b, fpb, c, h, w, generator=self.generator), self.sigmas.device)
+            x0 = denoise_chunk(
+                self.model,
+                noise,
+                self.sigmas,
+                self.text_kv,
+                self.cache,
+                self.position,
+                self.generator,
+                guidance=self.guidance,
+            )
+        self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator))
+        frames = self.decode(x0)
+        if x0.device.type == "cuda":
+            torch.cuda.synchronize(x0.device)
+        chunk = Chunk(self.chunks, self.latent_frames, x0, frames, time.perf_counter() - t0, list(self.prompts))
+        self.position += x0.shape[1]
+        self.latent_frames += x0.shape[1]
+        self.chunks += 1
+        return chunk
+
+    @torch.no_grad()
+    def switch_prompt(self, prompts: list[str] | str, mode: str = "recache") -> float:
+        """Use ``prompts`` (one per video, or one for all) from the next chunk on; returns the seconds the
+        switch took (a ``recache`` recomputes the cache). See the module docstring for the modes."""
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {mode!r}")
+        prompts = [prompts] * self.batch if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != self.batch:
+            raise ValueError(f"the stream has {self.batch} videos, got {len(prompts)} prompts")
+        t0 = time.perf_counter()
+        text_kv = self._encode(prompts)  # raises (unknown words, ...) before anything changes
+        if mode == "reset":
+            self.cache.reset()
+            self._pending, self._held, self.position = None, [], 0
+        else:
+            self.commit()  # under the text it was generated with
+        self.text_kv, self.prompts = text_kv, prompts
+        if mode == "recache":
+            self._recache()
+        self.switches.append((self.latent_frames, prompts, mode))
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Commit the last chunk now (``next`` does it otherwise): its keys/values go to the cache, and its
+        commit input is kept while the cache holds its frames. A server can call it while the client draws."""
+        if self._pending is None:
+            return
+        start, x_ctx = self._pending
+        self._pending = None
+        commit_chunk(self.model, self._rows(x_ctx), self.context_sigma, self.text_kv, self.cache, start)
+        held = self.cache.frames
+        self._held = [(s, x) for s, x in [*self._held, (start, x_ctx)] if held_runs(held, s, x.shape[1])]
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]):
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be strings, got {prompts!r}")
+        rows = prompts if self.guidance == 1.0 else prompts + [self.negative_prompt] * len(prompts)
+        return self.model.dit.text_kv(*self.model.encode_text(rows))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.guidance == 1.0 else torch.cat([x, x])
+
+    def _recache(self) -> None:
+        """Recompute every held frame's keys/values under the current text, oldest first: each run of
+        held frames attends to the held frames before it, as when it was first committed."""
+        held, next_frame = self.cache.frames, self.cache.next_frame
+        self.cache.reset()
+        for start, x_ctx in self._held:
+            for a, b in held_runs(held, start, x_ctx.shape[1]):
+                self.cache.skip_to(a)
+                x = self._rows(x_ctx[:, a - start : b - start])
+                commit_chunk(self.model, x, self.context_sigma, self.text_kv, self.cache, a)
+        self.cache.skip_to(next_frame)
+        assert self.cache.frames == held, (self.cache.frames, held)
+
+    def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The first frame's latent ``[B, 1, C, h, w]`` from ``image [B or 1, 3, H, W]`` in [-1, 1]."""
+        if self.codec.temporal_compression != 1 and not self.codec.keeps_first_frame:
+            raise ValueError("this codec cannot encode a single frame: image-to-video needs a causal VAE")
+        if not torch.is_tensor(image) or image.dim() != 4 or image.shape[1] != 3:
+            shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+            raise ValueError(f"the first image must be a tensor [B, 3, H, W] in [-1, 1], got {shape}")
+        if image.shape[-2:] != (self.height, self.width):
+            raise ValueError(
+                f"the first image is {image.shape[-1]}x{image.shape[-2]} (WxH), the stream is "
+                f"{self.width}x{self.height}: resize the image or stream at its size"
+            )
+        if image.shape[0] not in (1, self.batch):
+            raise ValueError(f"pass one first image or one per video ({self.batch}), got {image.shape[0]}")
+        p = next(self.model.dit.parameters())
+        video = image.expand(self.batch, -1, -1, -1)[:, None].to(p.device, torch.float32)
+        try:
+            return self.codec.encode(video.clamp(-1, 1)).float()
+        except NotImplementedError as e:  # a decode-only codec (the TAEW2.1 preview decoder)
+            raise ValueError(f"{type(self.codec).__name__} cannot encode the first image: {e}") from e

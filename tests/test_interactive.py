@@ -1,0 +1,196 @@
+"""Interactive streaming: prompt switches (keep / recache / reset), a first image, open-ended streams."""
+
+import pytest
+import torch
+
+from selfforcing.config import CausalConfig
+from selfforcing.diffusion.samplers import sample_few_step
+from selfforcing.inference.stream import stream_video
+from selfforcing.inference.video_stream import VideoStream, held_runs
+from selfforcing.models.codec import IdentityCodec
+from tests.test_causal import TOL, tiny_t2v
+
+A, B = "a red circle", "a blue square"
+
+
+def open_stream(t2v, settings, prompt=A, image=None, seed=3):
+    return VideoStream(t2v, IdentityCodec(), [prompt, prompt], 8, 8, settings, seed=seed, image=image)
+
+
+def recomputed_next_chunk(t2v, stream, history, prompt, blocks):
+    """What the stream's next chunk must be if its context is ``history`` [B, F, 3, 8, 8] (clean), cut
+    into ``blocks`` (frame counts), under ``prompt``: the full-sequence model over history + chunk with
+    the block-causal mask of those blocks (no cache), from the stream's noise."""
+    g = torch.Generator()
+    g.set_state(stream.generator.get_state())
+    fpb, f = stream.settings.frames_per_block, history.shape[1]
+    block = torch.repeat_interleave(torch.arange(len(blocks) + 1), torch.tensor([*blocks, fpb]))
+    n = 4  # tokens per 8x8 frame with patch 4
+    mask = (block[None, :] <= block[:, None]).repeat_interleave(n, 0).repeat_interleave(n, 1)
+    text_kv = t2v.dit.text_kv(*t2v.encode_text([prompt, prompt]))
+
+    def velocity(x, sigma):
+        sig = torch.cat([torch.zeros(2, f), sigma], dim=1)
+        return t2v.dit(torch.cat([history, x], 1), sig * 1000, text_kv=text_kv, attn_mask=mask)[:, f:]
+
+    noise = torch.randn(2, fpb, 3, 8, 8, generator=g)
+    return sample_few_step(velocity, noise, stream.sigmas, generator=g)
+
+
+def test_held_runs():
+    assert held_runs([0, 4, 5, 7], 3, 3) == [(4, 6)]
+    assert held_runs([0, 2], 0, 3) == [(0, 1), (2, 3)]
+    assert held_runs([0, 1], 3, 3) == []
+
+
+def test_recache_rebuilds_the_cache_under_the_new_prompt():
+    """After ``recache`` the next chunk is the one the model computes from the same frames under the new
+    prompt (the masked forward, no cache); ``keep`` gives another chunk, since the cache stays the old
+    prompt's; the old prompt's stream gives a third."""
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=12)
+    nexts = {}
+    for mode in ("recache", "keep", None):
+        stream = open_stream(t2v, settings)
+        history = torch.cat([next(stream).latents for _ in range(2)], dim=1)
+        if mode:
+            stream.switch_prompt(B, mode)
+        expected = recomputed_next_chunk(t2v, stream, history, B if mode else A, [3, 3])
+        nexts[mode] = next(stream).latents
+        if mode != "keep":
+            assert torch.allclose(nexts[mode], expected, **TOL), mode
+    assert stream.prompts == [A, A]
+    assert not torch.allclose(nexts["keep"], nexts["recache"], atol=1e-4)
+    assert not torch.allclose(nexts["keep"], nexts[None], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "settings", [CausalConfig(3, window=6), CausalConfig(1, window=3, sink=1, context_timestep=50)]
+)
+def test_recache_with_the_same_prompt_in_a_window_that_never_rolled_changes_nothing(settings):
+    """Nothing evicted yet: recomputing every held frame under the same prompt gives the same cache, so
+    the video goes on exactly as the unswitched one. Once the cache has rolled it keeps the same frames."""
+    t2v = tiny_t2v()
+    plain, switched = open_stream(t2v, settings), open_stream(t2v, settings)
+    fpb = settings.frames_per_block
+    for _ in range(max(1, (settings.window - fpb) // fpb)):  # fill the cache without evicting
+        next(plain), next(switched)
+    switched.switch_prompt(A, "recache")
+    assert torch.allclose(next(switched).latents, next(plain).latents, **TOL)
+    for _ in range(4):  # past the window: the rolled cache is rebuilt with the frames it held
+        next(plain), next(switched)
+    plain.commit()
+    switched.switch_prompt(B, "recache")
+    frames = plain.cache.frames
+    assert switched.cache.frames == frames != [] and switched.cache.next_frame == plain.cache.next_frame
+    assert switched.switches[-1] == (switched.latent_frames, [B, B], "recache")
+
+
+def test_recache_of_a_rolled_cache_recomputes_exactly_the_frames_it_holds():
+    """Chunk-wise with one sink frame: after rolling, the cache holds frame 0 of the first chunk and the
+    latest frames. Recache recomputes just those, each run attending to the held runs before it (the
+    full-sequence pass over the held frames at their own positions, block-causal by run)."""
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=6, sink=1)
+    stream = open_stream(t2v, settings)
+    video = torch.cat([next(stream).latents for _ in range(4)], 1)  # context_timestep 0: commit inputs = x0
+    stream.switch_prompt(B, "recache")
+    held = stream.cache.frames
+    assert held == [0, 9, 10, 11]
+    runs = torch.tensor([0, 1, 1, 1])  # [0, 1) then [9, 12)
+    mask = (runs[None, :] <= runs[:, None]).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    text_kv = t2v.dit.text_kv(*t2v.encode_text([B, B]))
+    _, kv = t2v.dit(
+        video[:, held],
+        torch.zeros(2, 4),
+        text_kv=text_kv,
+        attn_mask=mask,
+        return_kv=True,
+        frame_positions=torch.tensor(held),
+    )
+    slot_of = {f: s for s, f in enumerate(stream.cache.frame_of_slot)}
+    for layer, (k, _) in enumerate(kv):
+        for i, f in enumerate(held):
+            s = slot_of[f]
+            cached = stream.cache.k[layer, :, :, s * 4 : (s + 1) * 4]
+            assert torch.allclose(cached, k[:, :, i * 4 : (i + 1) * 4], **TOL), (layer, f)
+
+
+def test_keep_continues_on_the_old_cache():
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=9)
+    plain, kept = open_stream(t2v, settings), open_stream(t2v, settings)
+    for _ in range(2):
+        next(plain), next(kept)
+    kept.switch_prompt(B, "keep")
+    plain.commit()
+    assert torch.equal(kept.cache.k, plain.cache.k) and kept.cache.frames == plain.cache.frames
+
+
+def test_reset_is_a_hard_cut_to_a_fresh_stream_of_the_new_prompt():
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=6)
+    stream = open_stream(t2v, settings)
+    next(stream), next(stream)
+    stream.switch_prompt([B, B], "reset")
+    fresh = open_stream(t2v, settings, prompt=B)
+    fresh.generator.set_state(stream.generator.get_state())
+    chunk = next(stream)
+    assert chunk.start == 6 and stream.position == 3 and stream.cache.frames == []
+    assert torch.allclose(chunk.latents, next(fresh).latents, **TOL)
+
+
+def test_the_first_image_is_the_first_chunk_and_the_context_of_the_next():
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=12)
+    image = torch.rand(1, 3, 8, 8) * 2 - 1
+    stream = open_stream(t2v, settings, image=image)
+    first = next(stream)
+    assert first.latents.shape == (2, 1, 3, 8, 8) and torch.equal(first.frames[:, 0], image.expand(2, -1, -1, -1))
+    expected = recomputed_next_chunk(t2v, stream, first.latents, A, [1])
+    second = next(stream)
+    assert second.start == 1 and stream.cache.frames == [0]
+    assert torch.allclose(second.latents, expected, **TOL)
+    assert not torch.allclose(second.latents, next(open_stream(t2v, settings)).latents, atol=1e-3)
+
+
+def test_stream_video_applies_switches_and_the_image_at_chunk_boundaries():
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=6)
+    chunks = list(stream_video(t2v, IdentityCodec(), [A], 12, 8, 8, settings, switches={4: B}, switch_mode="keep"))
+    assert [c.start for c in chunks] == [0, 3, 6, 9]  # frame 4 lies in the second chunk: the switch waits for 6
+    video = torch.cat([c.frames for c in chunks], 1)
+    plain = torch.cat([c.frames for c in stream_video(t2v, IdentityCodec(), [A], 12, 8, 8, settings)], 1)
+    assert torch.equal(video[:, :6], plain[:, :6]) and not torch.allclose(video[:, 6:], plain[:, 6:], atol=1e-4)
+    image = torch.zeros(1, 3, 8, 8)
+    chunks = list(stream_video(t2v, IdentityCodec(), [A], 7, 8, 8, settings, image=image))
+    assert [c.start for c in chunks] == [0, 1, 4]
+
+
+def test_an_open_ended_stream_rolls_its_cache_forever():
+    t2v = tiny_t2v()
+    stream = open_stream(t2v, CausalConfig(1, window=3, sink=1))
+    for _ in range(20):
+        chunk = next(stream)
+    assert chunk.start == 19 and stream.cache.frames == [0, 17, 18]
+    assert torch.isfinite(chunk.frames).all()
+
+
+def test_bad_requests_name_the_problem():
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=6)
+    stream = open_stream(t2v, settings)
+    with pytest.raises(ValueError, match="switch mode"):
+        stream.switch_prompt(B, "fade")
+    with pytest.raises(ValueError, match="2 videos, got 1 prompts"):
+        stream.switch_prompt([B])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        stream.switch_prompt("a purple hexagon")
+    assert stream.prompts == [A, A] and stream.switches == []  # a refused switch changes nothing
+    with pytest.raises(ValueError, match="finite attention window"):
+        open_stream(t2v, CausalConfig(3))
+    with pytest.raises(ValueError, match="at least one prompt"):
+        VideoStream(t2v, IdentityCodec(), [], 8, 8, settings)
+    with pytest.raises(ValueError, match="first image is 16x8"):
+        open_stream(t2v, settings, image=torch.zeros(1, 3, 8, 16))
+    with pytest.raises(ValueError, match=r"tensor \[B, 3, H, W\]"):
+        open_stream(t2v, settings, image=torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"must lie in 1 \.\. 3 .*chunks start at frames \[0, 3\]"):
+        stream_video(t2v, IdentityCodec(), [A], 6, 8, 8, settings, switches={4: B})  # chunks start at 0, 3
+    with pytest.raises(ValueError, match="whole number of chunks"):  # with an image: 1 + a multiple of 3
+        stream_video(t2v, IdentityCodec(), [A], 6, 8, 8, settings, image=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="need context='cache'"):
+        stream_video(t2v, IdentityCodec(), [A], 6, 8, 8, settings, context="recompute_step", switches={3: B})
