@@ -360,6 +360,23 @@ def cmd_train_encoder(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (attribute loss {sum(losses[:50]) / 50:.3f} -> {sum(losses[-50:]) / 50:.3f})")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise ValueError("selfforcing serve needs aiohttp: pip install 'selfforcing[serve]'") from None
+    from .device import resolve_device
+    from .serve.server import serve, toy_source, wan_source
+
+    if args.model:
+        if not args.checkpoint:
+            raise ValueError("--model serves a causal student: pass --checkpoint (e.g. self_forcing_dmd.pt)")
+        source = wan_source(args.model, args.checkpoint, args.device, args.height or 480, args.width or 832)
+    else:
+        source = toy_source(args.checkpoint or "sf_dmd_chunk_toy", str(resolve_device(args.device)))
+    serve(source, args.host, args.port, max_streams=args.max_streams, max_frames=args.max_frames)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.evaluate import EvalSettings, evaluate, markdown_table, write_report
 
@@ -559,6 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("video")
     a.add_argument("--prompt", required=True)
     a.set_defaults(func=cmd_analyse)
+
+    sv = sub.add_parser("serve", help="a local web page that streams a causal student live (prompt switches too)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--checkpoint", default=None, help="a causal student (default: the shipped sf_dmd_chunk_toy)")
+    sv.add_argument("--model", default=None, help="a Wan2.1 folder (with --checkpoint, its Self Forcing student)")
+    sv.add_argument("--height", type=int, default=None, help="Wan: 480")
+    sv.add_argument("--width", type=int, default=None, help="Wan: 832")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-streams", type=int, default=2, help="concurrent streams; more connections get 'busy'")
+    sv.add_argument("--max-frames", type=int, default=0, help="end a stream after this many frames (0: never)")
+    sv.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("eval", help="drift, motion, prompt adherence and FD of checkpoints at 1x/2x/4x length")
     v.add_argument("--checkpoint", action="append", required=True, help="checkpoint or run folder (repeatable)")

@@ -1,0 +1,1 @@
+"""``selfforcing serve``: a local web page that streams a causal student live over a WebSocket."""

@@ -1,0 +1,112 @@
+"""The WebSocket protocol of ``selfforcing serve``: JSON messages, checked here, and frames as images.
+
+Client -> server (one JSON object per message):
+    {"type": "start", "prompt": str, "seed": int (optional), "image": data URL (optional, the first frame)}
+    {"type": "switch", "prompt": str, "mode": "recache" | "keep" | "reset" (optional, default recache)}
+    {"type": "stop"}
+Server -> client:
+    {"type": "started", "prompt", "height", "width", "fps", "frames_per_chunk"}
+    {"type": "chunk", "index", "start", "frames": [data URL, ...], "prompt", "seconds",
+     "first_chunk_ms", "frames_per_second"}  (the last two: since "start", and generation throughput)
+    {"type": "switched", "prompt", "mode", "frame", "seconds"}
+    {"type": "stopped", "frames", "reason"}
+    {"type": "busy", "message"}   (every stream slot is taken; try again later)
+    {"type": "error", "message"}  (a bad request; the connection stays open and the server keeps serving)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..data.video_io import from_uint8, to_uint8
+from ..inference.video_stream import SWITCH_MODES
+
+MAX_PROMPT_CHARS = 500
+MAX_MESSAGE_BYTES = 8 << 20  # a first image as a data URL fits easily
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class BadRequest(ValueError):
+    """A message the server refuses; its text goes to the client as an ``error`` message."""
+
+
+def parse_message(text: str | bytes) -> dict:
+    """A client message as a checked dict (see the module docstring); raises ``BadRequest`` naming the problem."""
+    if isinstance(text, bytes):
+        raise BadRequest("send JSON text messages, not binary ones")
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise BadRequest(f"message of {len(text)} bytes is too large (at most {MAX_MESSAGE_BYTES})")
+    try:
+        msg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"not a JSON message ({e.msg} at character {e.pos})") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise BadRequest('a message is a JSON object with a "type": "start", "switch" or "stop"')
+    kind = msg["type"]
+    known = {"start": {"type", "prompt", "seed", "image"}, "switch": {"type", "prompt", "mode"}, "stop": {"type"}}
+    if kind not in known:
+        raise BadRequest(f"unknown message type {kind!r}: expected one of {list(known)}")
+    extra = set(msg) - known[kind]
+    if extra:
+        raise BadRequest(f"unknown field(s) {sorted(extra)} in a {kind!r} message: expected {sorted(known[kind])}")
+    if kind in ("start", "switch"):
+        msg["prompt"] = check_prompt(msg.get("prompt"))
+    if kind == "start":
+        seed = msg.setdefault("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise BadRequest(f"seed must be a non-negative integer, got {seed!r}")
+    if kind == "switch":
+        mode = msg.setdefault("mode", "recache")
+        if mode not in SWITCH_MODES:
+            raise BadRequest(f"switch mode must be one of {list(SWITCH_MODES)}, got {mode!r}")
+    return msg
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str):
+        raise BadRequest(f"the prompt must be a string, got {type(prompt).__name__}")
+    prompt = " ".join(prompt.split())
+    if not prompt:
+        raise BadRequest("the prompt is empty: type what the video should show")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadRequest(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+def decode_image(data_url: str) -> torch.Tensor:
+    """A ``data:image/...;base64,...`` URL (or bare base64) -> ``[1, 3, H, W]`` in [-1, 1]."""
+    if not isinstance(data_url, str):
+        raise BadRequest("the first image must be a data URL string (data:image/png;base64,...)")
+    payload = data_url.split(",", 1)[1] if data_url.startswith("data:") else data_url
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadRequest(f"the first image is {im.width}x{im.height}: too large")
+            rgb = np.array(im.convert("RGB"))
+    except (binascii.Error, ValueError) as e:
+        if isinstance(e, BadRequest):
+            raise
+        raise BadRequest(f"the first image is not valid base64 ({e})") from None
+    except (UnidentifiedImageError, OSError):
+        raise BadRequest("the first image is not an image file (png, jpeg, ...)") from None
+    return from_uint8(rgb[None])
+
+
+def encode_frames(frames: torch.Tensor) -> list[str]:
+    """Frames ``[F, 3, H, W]`` in [-1, 1] -> one data URL each (PNG for small frames, JPEG for large ones)."""
+    out = []
+    for frame in to_uint8(frames):
+        small = frame.shape[0] * frame.shape[1] <= 128 * 128
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="PNG" if small else "JPEG", quality=90)
+        mime = "png" if small else "jpeg"
+        out.append(f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode())
+    return out
