@@ -86,3 +86,19 @@ def test_vanishing_object_and_colour_shift_move_their_own_figures(real):
     before, after = analyse_batch(real.video, real.prompts)[0], analyse_batch(shifted, real.prompts)[0]
     assert before["colour_fidelity"] > 0.99 and after["colour_fidelity"] < before["colour_fidelity"] - 0.2
     assert abs(after["background_clean"] - before["background_clean"]) < 0.01
+
+
+def test_flicker_counts_frame_to_frame_change(real):
+    """Real videos change only where objects move; per-frame noise (a flickering model) and a frozen
+    video move the figure the right way; the units are [0, 1] pixels."""
+    from selfforcing.eval.metrics import flicker
+
+    base = flicker(real.video)
+    assert 0 < base < 0.05
+    g = torch.Generator().manual_seed(0)
+    noisy = (real.video + 0.2 * torch.randn(real.video.shape, generator=g)).clamp(-1, 1)
+    assert flicker(noisy) > 3 * base
+    assert flicker(real.video[:, :1].expand(-1, 4, -1, -1, -1)) == 0.0
+    assert flicker(torch.stack([-torch.ones(3, 2, 2), torch.ones(3, 2, 2)])[None]) == 1.0
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        flicker(real.video[:, :1])

@@ -163,3 +163,32 @@ def test_the_pipeline_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["rows"]
     assert [r["video_frames"] for r in rows] == [21, 45] and all(0 < r["decode_share"] < 1 for r in rows)
+
+
+def test_serve_streams_a_wan_folder(wan):
+    """`selfforcing serve --model WAN --checkpoint CKPT`: the same server over the Wan pipeline."""
+    pytest.importorskip("aiohttp")
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from selfforcing.serve.server import StreamServer, wan_source
+
+    folder, ckpt, _ = wan
+    source = wan_source(str(folder), str(ckpt), "cpu", height=32, width=48)
+
+    async def scenario():
+        async with TestClient(TestServer(StreamServer(source).app())) as client:
+            ws = await client.ws_connect("/ws")
+            await ws.send_json({"type": "start", "prompt": "a cat"})
+            assert (await ws.receive_json())["type"] == "started"
+            chunk = await ws.receive_json()
+            assert chunk["type"] == "chunk" and len(chunk["frames"]) == 9  # latent frames 0-2: 1 + 4 + 4 frames
+            await ws.send_json({"type": "switch", "prompt": "a dog", "mode": "recache"})
+            msgs = [await ws.receive_json() for _ in range(2)]
+            assert msgs[0]["type"] in ("chunk", "switched")
+            await ws.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        wan_source(str(folder), str(ckpt), "cpu", height=30, width=48)

@@ -45,35 +45,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     scale, fps = args.scale or 4, args.fps or 8.0
     data = pipe.cfg.data
     frames, height, width = args.frames or data.frames, args.height or data.height, args.width or data.width
+    video = (pipe.model, pipe.codec, prompts, frames, height, width)  # what to generate, either way
     if args.stream or pipe.cfg.causal is not None:
         from .inference.pipeline import stream_guidance, stream_settings
         from .inference.stream import stream_video
 
         settings = _causal_overrides(stream_settings(pipe.cfg, window=args.window), args)
         guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
-        chunks = stream_video(
-            pipe.model,
-            pipe.codec,
-            prompts,
-            frames,
-            height,
-            width,
-            settings,
-            args.seed,
-            guidance_scale=guidance,
-            **_interaction(args),
-        )
+        chunks = stream_video(*video, settings, args.seed, guidance_scale=guidance, **_interaction(args))
         videos, _ = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
     else:
         _no_interaction(args, "a bidirectional model samples the whole video at once")
         d = pipe.cfg.diffusion
         videos = generate_videos(
-            pipe.model,
-            pipe.codec,
-            prompts,
-            frames,
-            height,
-            width,
+            *video,
             seed=args.seed,
             steps=args.steps or d.sample_steps,
             shift=args.shift or d.sample_shift,

@@ -11,6 +11,9 @@
   jitter and implausible motion.
 - ``direction_adherence``: whether each object first moves the way its prompt says (the displacement
   before it first nears a wall has a positive cosine with the prompted direction).
+- ``flicker``: the mean absolute change of a pixel from one frame to the next, in [0, 1] units. Real
+  videos change only where an object moves; a model that flickers (noise, colours shimmering) changes
+  everywhere, and its flicker grows over a long stream if its errors pile up.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ from ..data.shapes import DIRECTIONS, SIZES, parse_prompt
 from .analyser import FrameScores
 
 FRAME_FIGURES = ("found", "colour_fidelity", "coherence", "size_ratio", "shape_correct", "background_clean", "frame_ok")
+
+
+def flicker(videos: torch.Tensor) -> float:
+    """Mean ``|x[t+1] - x[t]|`` over pixels, channels and frames of ``videos: [B, F, 3, H, W]`` in [-1, 1],
+    in [0, 1] pixel units."""
+    if videos.shape[1] < 2:
+        raise ValueError(f"flicker needs at least 2 frames, got {videos.shape[1]}")
+    x = (videos.float().clamp(-1, 1) + 1) / 2
+    return float((x[:, 1:] - x[:, :-1]).abs().mean())
 
 
 def drift_curve(scores: list[FrameScores], figure: str = "frame_ok") -> torch.Tensor:

@@ -89,20 +89,9 @@ class WanPipeline:
         it is denoised. A bad request raises here, before the first chunk is asked for."""
         self._check_causal()
         self.check_size(frames, height, width)
+        interaction = dict(image=image, switches=switches, switch_mode=switch_mode)
         settings = settings or self.causal
-        return stream_video(
-            self.model,
-            self.codec,
-            prompts,
-            frames,
-            height,
-            width,
-            settings,
-            seed,
-            image=image,
-            switches=switches,
-            switch_mode=switch_mode,
-        )
+        return stream_video(self.model, self.codec, prompts, frames, height, width, settings, seed, **interaction)
 
     def open_stream(
         self,
