@@ -14,7 +14,9 @@ length) the prompt becomes B, the same object in another colour (``colour``) or 
 - ``jump``: centre displacement (px per frame) from the last frame before the switch to the first frame
   B's object is found (continuity; real objects move at most 1.5 px a frame); ``shape_kept``: B's
   object has A's shape there (its identity).
-``B from the start`` streams B without a switch (the ceiling), ``no switch`` keeps A (the floor).
+``B from the start`` streams B without a switch, ``no switch`` keeps A (the floor). ``real videos``
+(colour kind) calibrates the figures: one real trajectory drawn in A's colour, then in B's from the
+switch on, so its jump is the world's own motion and its shape figure the analyser's own rate.
 
 **Image-to-video.** Each held-out real video's first frame starts a stream of its own prompt
 (``--image``); the continuation's frame ok, and the distance of each object's centre from where the real
@@ -109,8 +111,11 @@ def measure_switches(pipe, name: str, num: int, frames: int, at: int) -> tuple[l
         cases = {"no switch": dict(prompts=prompts_a), "B from the start": dict(prompts=prompts_b)}
         for mode in SWITCH_MODES:
             cases[mode] = dict(prompts=prompts_a, switches={at: prompts_b}, switch_mode=mode)
+        if kind == "colour":  # the ceiling: one real trajectory, drawn in A's colour, then in B's from the switch
+            real_a, real_b = (world.sample_for_prompts(p, seed=1, frames=frames).video for p in (prompts_a, prompts_b))
+            cases["real videos"] = dict(real=torch.cat([real_a[:, :at], real_b[:, at:]], dim=1))
         for case, kw in cases.items():
-            videos = stream(pipe, frames=frames, **kw)
+            videos = kw["real"] if "real" in kw else stream(pipe, frames=frames, **kw)
             figures = switch_figures(videos, objects_a, objects_b, at, kind, d.height, d.width)
             rows.append({"model": name, "kind": kind, "case": case, **figures})
             if kind == "colour" and case in SWITCH_MODES:

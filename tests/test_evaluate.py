@@ -64,6 +64,8 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup, 
     assert json.dumps(again) == json.dumps(rows)  # (NaN-safe comparison)
     with pytest.raises(AssertionError, match="generated again"):  # other prompts: the rows do not apply
         evaluate([str(teacher), str(student)], EvalSettings(**{**settings.__dict__, "num": 3}), tmp / "out")
+    with pytest.raises(AssertionError, match="generated again"):  # streamed with sink frames: not the same rows
+        evaluate([str(student)], EvalSettings(**{**settings.__dict__, "sink": 1}), tmp / "out")
     stale = tmp / "out" / "rows" / "student_2x_seed1.json"  # as written before a figure existed
     entry = json.loads(stale.read_text())
     del entry["row"]["frame_ok_late_change"]
@@ -78,6 +80,20 @@ def test_eval_measures_every_model_length_and_seed_with_the_real_ceiling(setup, 
     step = sorted((student / "checkpoints").glob("step_*"))[-1]  # named after its run, so it collides
     with pytest.raises(ValueError, match="share a model name"):
         evaluate([str(student), str(step)], settings)
+
+
+def test_sink_frames_change_the_streamed_videos_past_the_window(setup):
+    """``sample_videos(sink=...)``: past the training length the cache rolls, and a kept first frame changes
+    what later chunks see; within the window it changes nothing."""
+    import torch
+
+    from selfforcing.eval.score import sample_videos
+    from selfforcing.inference.pipeline import load_pipeline
+
+    pipe = load_pipeline(setup[1])
+    prompts = ["a large red circle moving right"] * 2
+    plain, sunk = (sample_videos(pipe, prompts, 12, sink=s) for s in (None, 3))
+    assert torch.equal(plain[:, :6], sunk[:, :6]) and not torch.allclose(plain[:, 6:], sunk[:, 6:])
 
 
 def test_eval_cli_writes_json_table_and_drift_plots(setup, capsys):

@@ -365,7 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.evaluate import EvalSettings, evaluate, markdown_table, write_report
 
-    settings = EvalSettings(args.lengths, args.num, args.seeds, samples=args.samples)
+    settings = EvalSettings(args.lengths, args.num, args.seeds, samples=args.samples, sink=args.sink)
     if args.encoder:
         settings.encoder = args.encoder
     summary = write_report(evaluate(args.checkpoint, settings, args.out), args.out)
@@ -581,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="generation seeds (mean and spread)")
     v.add_argument("--encoder", default=None, help="video encoder folder for the FD (default: the shipped toy one)")
     v.add_argument("--samples", type=int, default=8, help="videos per model and length in the sample gifs")
+    v.add_argument("--sink", type=int, default=None, help="stream every causal model with this many sink frames")
     v.add_argument("--out", default="runs/eval", help="folder for results.json/.md, drift_*.png, samples/")
     v.set_defaults(func=cmd_eval)
 

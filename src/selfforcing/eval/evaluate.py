@@ -27,13 +27,13 @@ from ..inference.pipeline import load_pipeline
 from ..training.checkpoint import resolve_checkpoint
 from .analyser import analyse_batch
 from .encoder import TOY_ENCODER, encode_videos, frechet_distance, load_encoder
-from .metrics import FRAME_FIGURES, drift_curve, quarters, video_motion
+from .metrics import FRAME_FIGURES, drift_curve, flicker, quarters, video_motion
 from .score import held_out_prompts, sample_videos
 
 REFERENCE_SEED = 777_000  # real videos the FD compares against; the real ceiling draws with other seeds
 CURVES = ("frame_ok", "found", "colour_fidelity")
 SUMMARY = (*FRAME_FIGURES, "frame_ok_first_quarter", "frame_ok_last_quarter", "frame_ok_change", "frame_ok_late_change")
-SUMMARY += ("motion_error", "direction_ok", "fd")
+SUMMARY += ("motion_error", "direction_ok", "flicker", "fd")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class EvalSettings:
     batch_size: int = 16
     encoder: str = str(TOY_ENCODER)
     samples: int = 8  # videos per (model, length) kept in out/samples (seed 0; gif + tensors); 0 = none
+    sink: int | None = None  # stream every causal model with this many sink frames (None: its own setting)
 
 
 def measure(videos: torch.Tensor, prompts: list[str], encoder, reference: torch.Tensor) -> dict:
@@ -56,6 +57,7 @@ def measure(videos: torch.Tensor, prompts: list[str], encoder, reference: torch.
     for key in ("motion_error", "direction_ok"):
         vals = [m[key] for m in motion if not math.isnan(m[key])]
         row[key] = sum(vals) / len(vals) if vals else math.nan
+    row["flicker"] = flicker(videos)
     q = quarters(drift_curve(per_video, "frame_ok"))
     row.update({f"frame_ok_{k}": v for k, v in q.items()})
     row["fd"] = frechet_distance(reference, encode_videos(encoder, videos))
@@ -112,6 +114,7 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
     for mult, seed, name in tqdm(jobs, desc="eval", dynamic_ncols=True):
         frames = first.data.frames * mult
         key = {"num": settings.num, "encoder": str(Path(settings.encoder).resolve()), "source": sources.get(name)}
+        key |= {"sink": settings.sink} if settings.sink is not None and name != "real" else {}
         cached = Path(out) / "rows" / f"{name}_{mult}x_seed{seed}.json" if out is not None else None
         keep = out is not None and seed == settings.seeds[0] and settings.samples  # this job's videos are kept
         has_samples = not keep or (Path(out) / "samples" / f"{name}_{mult}x.safetensors").is_file()
@@ -126,7 +129,9 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
         if name == "real":
             videos = world.sample_for_prompts(prompts, REFERENCE_SEED + 1 + seed, frames).video
         else:
-            videos = sample_videos(pipes[name], prompts, frames, seed=1000 * seed, batch_size=settings.batch_size)
+            videos = sample_videos(
+                pipes[name], prompts, frames, seed=1000 * seed, batch_size=settings.batch_size, sink=settings.sink
+            )
         rows.append({"model": name, "length": mult, "seed": seed, "frames": frames})
         rows[-1].update(measure(videos, prompts, encoder, references[mult]))
         if keep:
@@ -195,6 +200,7 @@ def markdown_table(summary: list[dict]) -> str:
         ("shape", "shape_correct", 3),
         ("motion err (px/f^2)", "motion_error", 2),
         ("direction ok", "direction_ok", 3),
+        ("flicker", "flicker", 4),
         ("FD", "fd", 2),
     ]
     lines = ["| model | length | " + " | ".join(c[0] for c in cols) + " |", "|" + " --- |" * (len(cols) + 2)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,16 +18,20 @@ from .analyser import analyse_batch
 HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.teacher.step_seed)
 
 
-def sample_videos(pipe, prompts: list[str], frames: int, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+def sample_videos(
+    pipe, prompts: list[str], frames: int, seed: int = 0, batch_size: int = 16, sink: int | None = None
+) -> torch.Tensor:
     """Videos ``[N, frames, 3, H, W]`` (CPU) for ``prompts``: a bidirectional teacher samples with its
     recipe's Euler steps and guidance; a causal model streams with its steps and the KV cache (rolling
     beyond the training length), a many-step one with its recipe's guidance (``stream_guidance``).
-    Batch ``i`` uses seed ``seed + i * batch_size``."""
+    Batch ``i`` uses seed ``seed + i * batch_size``. ``sink``: a causal model streams with that many sink
+    frames instead of its own setting."""
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         if pipe.cfg.causal is not None:
             settings, guidance = stream_settings(pipe.cfg), stream_guidance(pipe.cfg)
+            settings = settings if sink is None else replace(settings, sink=sink)
             return generate_stream(pipe.model, pipe.codec, prompts, frames, d.height, d.width, settings, seed, guidance)
         return generate_videos(
             pipe.model,
