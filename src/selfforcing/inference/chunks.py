@@ -35,7 +35,7 @@ class Chunk:
     prompts: list[str] | None = None  # the prompts in effect (an interactive stream's, after its switches)
 
 
-def _frame_sigma(sigma: torch.Tensor | float, b: int, f: int, ref: torch.Tensor) -> torch.Tensor:
+def frame_sigma(sigma: torch.Tensor | float, b: int, f: int, ref: torch.Tensor) -> torch.Tensor:
     """Noise levels ``[B, F]`` in fp32 (a bf16 timestep would round 937.5 to 936)."""
     return torch.as_tensor(sigma, dtype=torch.float32, device=ref.device).expand(b, f)
 
@@ -84,7 +84,7 @@ def commit_chunk(
 ) -> None:
     """Run the model once on the chunk at the context level (without gradient) and store its keys/values."""
     b, f = x_ctx.shape[:2]
-    sig = _frame_sigma(context_sigma, b, f, x_ctx)
+    sig = frame_sigma(context_sigma, b, f, x_ctx)
     with torch.no_grad():
         _, kv = model.dit(x_ctx, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start, return_kv=True)
     cache.commit(start, kv)

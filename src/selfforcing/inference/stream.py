@@ -25,7 +25,7 @@ from ..models.causal import block_causal_mask
 from ..models.codec import Codec
 from ..models.kv_cache import KVCache, TextKV
 from ..models.t2v import TextToVideo
-from .chunks import Chunk, _frame_sigma, commit_chunk, commit_input, denoise_chunk
+from .chunks import Chunk, commit_chunk, commit_input, denoise_chunk, frame_sigma
 from .video_stream import SWITCH_MODES, VideoStream
 
 CONTEXT_MODES = ("cache", "recompute_step", "recompute_chunk")
@@ -183,7 +183,7 @@ def _denoise_recompute(
     b, start = history.shape[:2]
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sig = torch.cat([_frame_sigma(ctx_sigma, b, start, x), sigma], dim=1)
+        sig = torch.cat([frame_sigma(ctx_sigma, b, start, x), sigma], dim=1)
         v, _ = _masked_pass(model, torch.cat([history, x], dim=1), sig, text_kv, settings, n)
         return v[:, start:]
 
