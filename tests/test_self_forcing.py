@@ -176,8 +176,8 @@ def test_each_rollout_draws_its_own_exit_step(teacher, tmp_path):
     assert draws == [[t.exit_step("generator", k) for k in range(4)] for t.step in range(8)]  # deterministic
     used = []
     rollout = t.rollout
-    t.rollout = lambda prompts, g, grad, exit_step=None: (
-        used.append((grad, exit_step)) or rollout(prompts, g, grad, exit_step)
+    t.rollout = lambda prompts, g, grad, exit_step=None, frames=0: (
+        used.append((grad, exit_step)) or rollout(prompts, g, grad, exit_step, frames)
     )
     t.step = 0
     t.train_step()
@@ -227,6 +227,36 @@ def test_a_long_rollout_is_scored_on_its_last_frames_only(teacher, tmp_path, los
     assert seen["critic"].shape[1] == 6
 
 
+def test_a_random_score_window_rolls_out_to_a_random_chunk_boundary(teacher, tmp_path):
+    """score_window=random (Self-Forcing++): each rollout stops at a chunk boundary drawn from
+    score_frames..rollout_frames (deterministic per step and micro-batch), and the losses see its last
+    score_frames, so windows at every depth of the long rollout are scored."""
+    t = SelfForcingTrainer(
+        sf_cfg(
+            teacher,
+            tmp_path,
+            "distill.rollout_frames=12",
+            "distill.score_frames=5",
+            "distill.score_window=random",
+            "grad_accum_steps=2",
+        )
+    )
+    ends = [[t.rollout_end(kind, k) for kind in ("generator", "critic") for k in range(2)] for t.step in range(12)]
+    assert {e for step in ends for e in step} == {6, 9, 12}  # chunk boundaries at or past 5 frames
+    assert ends == [
+        [t.rollout_end(kind, k) for kind in ("generator", "critic") for k in range(2)] for t.step in range(12)
+    ]
+    lengths, scored = [], []
+    rollout, generator_loss = t.rollout, t.generator_loss
+    t.rollout = lambda *a: (lambda v: lengths.append(v.shape[1]) or v)(rollout(*a))
+    t.generator_loss = lambda video, *a: scored.append(video.shape[1]) or generator_loss(video, *a)
+    t.step = next(i for i, step in enumerate(ends) if step[1] < 12)  # a window short of the rollout's end
+    t.generator_micro_loss(1)
+    assert lengths == [t.rollout_end("generator", 1)] and scored == [5]
+    default = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.rollout_frames=12", "distill.score_frames=5"))
+    assert {default.rollout_end("generator", 0) for default.step in range(12)} == {12}
+
+
 def test_rollout_and_score_windows_are_checked(teacher, tmp_path):
     from selfforcing.config import ConfigError
 
@@ -236,6 +266,10 @@ def test_rollout_and_score_windows_are_checked(teacher, tmp_path):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.rollout_frames=12", "distill.score_frames=15"))
     with pytest.raises(ConfigError, match="rollout_frames is for self_forcing"):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.paradigm=teacher_forcing", "distill.rollout_frames=12"))
+    with pytest.raises(ConfigError, match="score_window='middle'"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.rollout_frames=12", "distill.score_window=middle"))
+    with pytest.raises(ConfigError, match="needs a rollout longer than the scored window"):
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.score_window=random"))
     with pytest.raises(ConfigError, match="longer than the real videos"):
         SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.loss=gan", "distill.rollout_frames=12"))
 

@@ -169,6 +169,10 @@ class DistillConfig:
     # only the chunks that overlap the scored window.
     rollout_frames: int = 0
     score_frames: int = 0
+    # "last": the window is the rollout's end. "random" (Self-Forcing++): each rollout stops at a chunk
+    # boundary drawn uniformly from score_frames..rollout_frames, and its last score_frames are scored, so
+    # every depth of a long stream is trained, at the cost of a rollout of that depth only
+    score_window: str = "last"
     # + regression_weight x the ODE-regression loss on ode.pairs (DMD1's regression term): anchors the
     # generator to the teacher's ODE outputs while it trains on DMD/SiD/GAN; 0 = off
     regression_weight: float = 0.0

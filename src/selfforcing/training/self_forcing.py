@@ -82,12 +82,31 @@ class SelfForcingTrainer(TeacherTrainer):
             raise ConfigError(f"distill.rollout_frames={rollout} is not a whole number of chunks of {fpb} frames")
         if not 0 < score <= rollout:
             raise ConfigError(f"distill.score_frames={score} must be in 1..{rollout} (the rollout's latent frames)")
+        if d.score_window not in ("last", "random"):
+            raise ConfigError(f"distill.score_window={d.score_window!r}: use 'last' or 'random'")
+        if d.score_window == "random" and score > rollout - fpb:
+            raise ConfigError(
+                f"distill.score_window=random needs a rollout longer than the scored window: rollout_frames="
+                f"{rollout} is not at least a chunk ({fpb} frames) past score_frames={score}"
+            )
         if d.loss == "gan" and score > data_frames:
             raise ConfigError(
                 f"distill.score_frames={score} is longer than the real videos ({data_frames} latent frames) the GAN "
                 "compares with: score at most data.frames"
             )
         return rollout, score
+
+    def rollout_end(self, kind: str, k: int) -> int:
+        """Latent frames that micro-batch ``k`` of this step's ``generator``/``critic`` update rolls out:
+        ``rollout_frames``, or with ``score_window=random`` a chunk boundary drawn uniformly from those
+        at or past ``score_frames``. A function of (seed, step, kind, k), shared by the ranks like s*."""
+        if self.cfg.distill.score_window == "last":
+            return self.rollout_frames
+        fpb = self.cfg.causal.frames_per_block
+        ends = range(-(-self.score_frames // fpb) * fpb, self.rollout_frames + 1, fpb)
+        seed = self.cfg.seed * 1_000_003 + 20_000 + STREAMS[kind] * 1_000 + k
+        g = torch.Generator().manual_seed(step_seed(seed, self.step))
+        return ends[int(torch.randint(len(ends), (1,), generator=g))]
 
     def scored(self, video: torch.Tensor) -> torch.Tensor:
         """The part of a video ``[B, F, ...]`` the losses see: its last ``score_frames`` frames."""
@@ -117,9 +136,11 @@ class SelfForcingTrainer(TeacherTrainer):
         g = torch.Generator().manual_seed(step_seed(seed, self.step))
         return draw_exit_step(len(self.cfg.causal.denoising_steps), g)
 
-    def rollout(self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None) -> torch.Tensor:
-        """The generator's video for ``prompts`` ([B, F, C, H, W]); the exit step is drawn from ``g`` if
-        not given."""
+    def rollout(
+        self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None, frames: int = 0
+    ) -> torch.Tensor:
+        """The generator's video for ``prompts`` ([B, F, C, H, W], F = ``frames`` or ``rollout_frames``);
+        the exit step is drawn from ``g`` if not given."""
         c = self.cfg
         if exit_step is None:
             exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
@@ -129,7 +150,7 @@ class SelfForcingTrainer(TeacherTrainer):
             return self_forcing_rollout(
                 self.model,
                 text_kv,
-                (len(prompts), self.rollout_frames, ch, h, w),
+                (len(prompts), frames or self.rollout_frames, ch, h, w),
                 c.causal,
                 exit_step,
                 g,
@@ -224,8 +245,9 @@ class SelfForcingTrainer(TeacherTrainer):
         outputs, and by the GAN as the real side)."""
         real, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
         if self.cfg.distill.paradigm == "self_forcing":
-            exit_step = self.exit_step("generator" if grad else "critic", k)
-            return self.rollout(prompts, g, grad, exit_step), prompts, real
+            kind = "generator" if grad else "critic"
+            video = self.rollout(prompts, g, grad, self.exit_step(kind, k), self.rollout_end(kind, k))
+            return video, prompts, real
         return self.forced_output(real, prompts, g, grad), prompts, real
 
     def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
