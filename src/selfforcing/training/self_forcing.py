@@ -104,9 +104,13 @@ class SelfForcingTrainer(TeacherTrainer):
             return self.rollout_frames
         fpb = self.cfg.causal.frames_per_block
         ends = range(-(-self.score_frames // fpb) * fpb, self.rollout_frames + 1, fpb)
-        seed = self.cfg.seed * 1_000_003 + 20_000 + STREAMS[kind] * 1_000 + k
-        g = torch.Generator().manual_seed(step_seed(seed, self.step))
-        return ends[int(torch.randint(len(ends), (1,), generator=g))]
+        return ends[int(torch.randint(len(ends), (1,), generator=self.rollout_draw(20_000, kind, k)))]
+
+    def rollout_draw(self, stream: int, kind: str, k: int) -> torch.Generator:
+        """A generator for one per-rollout draw (``stream`` names which), seeded by (seed, step, kind, k)
+        alone, so every rank draws the same value."""
+        seed = self.cfg.seed * 1_000_003 + stream + STREAMS[kind] * 1_000 + k
+        return torch.Generator().manual_seed(step_seed(seed, self.step))
 
     def scored(self, video: torch.Tensor) -> torch.Tensor:
         """The part of a video ``[B, F, ...]`` the losses see: its last ``score_frames`` frames."""
@@ -132,9 +136,7 @@ class SelfForcingTrainer(TeacherTrainer):
         rollout, a function of (seed, step, kind, k). Successive micro-batches of a step differ; the k-th
         rollout of every rank shares its s*, so the ranks run the same number of generator passes (FSDP
         gathers weights for each pass in lockstep; the reference shares s* across ranks too)."""
-        seed = self.cfg.seed * 1_000_003 + 10_000 + STREAMS[kind] * 1_000 + k
-        g = torch.Generator().manual_seed(step_seed(seed, self.step))
-        return draw_exit_step(len(self.cfg.causal.denoising_steps), g)
+        return draw_exit_step(len(self.cfg.causal.denoising_steps), self.rollout_draw(10_000, kind, k))
 
     def rollout(
         self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None, frames: int = 0
