@@ -23,12 +23,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from selfforcing.diffusion.flow_matching import x0_from_velocity
 from selfforcing.inference.pipeline import load_pipeline
-from selfforcing.models.causal import block_causal_mask
-from selfforcing.training.ode_init import ode_regression_loss
+from selfforcing.training.ode_init import ode_regression_loss, x0_mse
 from selfforcing.training.ode_pairs import ODEPairs
 
 
@@ -44,9 +41,6 @@ def fit(pipe, folder: Path, batch_size: int, seed: int) -> dict:
         raise SystemExit(f"{folder} holds levels {pairs.sigmas.tolist()}, the student uses {want.tolist()}")
     levels = torch.cat([pairs.sigmas, torch.zeros(1)])
     trajectory, prompts = pairs.trajectory, pairs.prompts  # [N, S + 1, F, C, H, W]
-    f, h, w = model.dit.token_grid(trajectory.shape[2], *trajectory.shape[-2:])
-    c = cfg.causal
-    mask = block_causal_mask(f, h * w, c.frames_per_block, c.window, c.sink)
     per_level = [0.0] * len(pairs.sigmas)
     random_level = 0.0
     g = torch.Generator().manual_seed(seed)
@@ -57,8 +51,7 @@ def fit(pipe, folder: Path, batch_size: int, seed: int) -> dict:
         for j, sigma in enumerate(pairs.sigmas.tolist()):
             x_t = traj[:, j]
             sig = torch.full(x_t.shape[:2], sigma)  # [B, F]: every chunk at level j
-            v = model(x_t, sig, model.encode_text(text), attn_mask=mask)
-            per_level[j] += share * float(F.mse_loss(x0_from_velocity(x_t, v, sig), x0))
+            per_level[j] += share * float(x0_mse(model, x_t, sig, x0, text, cfg))
         random_level += share * float(ode_regression_loss(model, traj, levels, text, cfg, g))
     return {
         "pairs": str(folder),

@@ -39,9 +39,13 @@ def ode_regression_loss(
     model, trajectory: torch.Tensor, levels: torch.Tensor, prompts: list[str], cfg: TrainConfig, g: torch.Generator
 ) -> torch.Tensor:
     """mse(x_t - sigma * v, x0) over the block-causal full sequence, each chunk at its own level."""
+    x_t, sigma = pick_levels(trajectory, levels, cfg.causal.frames_per_block, cfg.ode.include_clean, g)
+    return x0_mse(model, x_t, sigma, trajectory[:, -1], prompts, cfg)
+
+
+def x0_mse(model, x_t: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, prompts: list[str], cfg: TrainConfig):
+    """mse(x_t - sigma * v, x0) of the student under the block-causal mask; x_t, x0: [B, F, C, H, W], sigma: [B, F]."""
     c = cfg.causal
-    x_t, sigma = pick_levels(trajectory, levels, c.frames_per_block, cfg.ode.include_clean, g)
-    x0 = trajectory[:, -1]
     f, h, w = model.dit.token_grid(*x0.shape[1:2], *x0.shape[-2:])
     mask = block_causal_mask(f, h * w, c.frames_per_block, c.window, c.sink).to(x_t.device)
     v = model(x_t, sigma, model.encode_text(prompts), attn_mask=mask)
