@@ -163,3 +163,24 @@ def test_generate_switches_the_prompt_and_starts_from_an_image(tmp_path, capsys)
         with pytest.raises(SystemExit):
             main([*base, *flags])
         assert message in capsys.readouterr().err, flags
+
+
+def test_serve_and_generate_share_the_model_flags(monkeypatch):
+    """`serve --model` takes the same loading flags as `generate --model`, and passes them to load_wan."""
+    from selfforcing import cli
+    from selfforcing.serve import server
+
+    flags = ["--model", "WAN", "--checkpoint", "sf.pt", "--offload-text", "--preview-decoder", "taew.pth", "--compile"]
+    parser = cli.build_parser()
+    for command in (["generate", "--prompt", "x"], ["serve"]):
+        args = parser.parse_args(command + flags)
+        assert cli.wan_options(args) == {"device": "auto", "offload_text_encoder": True, "preview_decoder": "taew.pth"}
+        assert args.compile
+    seen = {}
+    monkeypatch.setattr(server, "wan_source", lambda *a, **kw: seen.update(kw, args=a) or "source")
+    monkeypatch.setattr(server, "serve", lambda source, host, port, **kw: seen.update(kw, source=source))
+    main(["serve", *flags])
+    assert seen["offload_text_encoder"] and seen["preview_decoder"] == "taew.pth" and seen["compile"]
+    assert seen["max_streams"] == 1  # one stream by default on a real model (umT5, DiT and a KV cache)
+    with pytest.raises(SystemExit):
+        main(["serve", "--offload-text"])  # the toy model has no umT5 to offload: a clear error

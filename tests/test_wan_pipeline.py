@@ -175,7 +175,7 @@ def test_serve_streams_a_wan_folder(wan):
     from selfforcing.serve.server import StreamServer, wan_source
 
     folder, ckpt, _ = wan
-    source = wan_source(str(folder), str(ckpt), "cpu", height=32, width=48)
+    source = wan_source(str(folder), str(ckpt), height=32, width=48, device="cpu")
 
     async def scenario():
         async with TestClient(TestServer(StreamServer(source).app())) as client:
@@ -191,4 +191,4 @@ def test_serve_streams_a_wan_folder(wan):
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
     with pytest.raises(ValueError, match="multiples of 16"):
-        wan_source(str(folder), str(ckpt), "cpu", height=30, width=48)
+        wan_source(str(folder), str(ckpt), height=30, width=48, device="cpu")

@@ -112,3 +112,45 @@ def test_embeddings_cached_on_disk_are_computed_once(pipe_dir, tmp_path, capsys)
     other.cache_file("a large red circle moving right").replace(other.cache_file("a red square"))
     with pytest.raises(ValueError, match="holds another prompt's embedding"):
         other(["a red square"])
+
+
+def test_a_prompt_of_special_tokens_is_refused(pipe_dir):
+    enc = load_text_encoder(pipe_dir)
+    for prompt in ["<pad>", "<pad> <pad></s>", "<unk>"]:
+        with pytest.raises(ValueError, match="only the text encoder's special tokens"):
+            enc([prompt])
+    assert enc(["", "a cat <pad>"])[0].isfinite().all()  # the empty (negative) prompt and words are fine
+
+
+def test_offload_goes_back_to_the_cpu_on_error_and_encodes_one_at_a_time(pipe_dir):
+    import threading
+    import time
+
+    enc = load_text_encoder(pipe_dir, offload=True, device="cpu")
+    moves, to = [], enc.encoder.to
+    enc.encoder.to = lambda device: moves.append(str(device)) or to(device)
+    forward = enc.encoder.forward
+
+    def failing(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    enc.encoder.forward = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        enc(["a cat"])
+    assert moves == ["cpu", "cpu"]  # to the device, and back although the encoder failed
+    inside, most = [0], [0]
+
+    def slow(*args, **kw):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        inside[0] -= 1
+        return forward(*args, **kw)
+
+    enc.encoder.forward = slow
+    threads = [threading.Thread(target=enc, args=([f"a cat {w}"],)) for w in ("red", "blue", "green")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and len(enc.cache) == 3  # two streams never run umT5 (or move it) at once

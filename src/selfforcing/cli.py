@@ -127,14 +127,7 @@ def _generate_wan(args: argparse.Namespace) -> None:
 
     if args.analyse:
         raise ValueError("--analyse scores shapes-world videos; it does not apply to a Wan model")
-    pipe = load_wan(
-        args.model,
-        args.checkpoint,
-        weights=args.weights,
-        device=args.device,
-        offload_text_encoder=args.offload_text,
-        preview_decoder=args.preview_decoder,
-    )
+    pipe = load_wan(args.model, args.checkpoint, weights=args.weights, **wan_options(args))
     if args.compile:
         pipe.model.dit.compile_blocks()
     prompts = args.prompt * args.num
@@ -356,10 +349,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.model:
         if not args.checkpoint:
             raise ValueError("--model serves a causal student: pass --checkpoint (e.g. self_forcing_dmd.pt)")
-        source = wan_source(args.model, args.checkpoint, args.device, args.height or 480, args.width or 832)
+        size = (args.height or 480, args.width or 832)
+        source = wan_source(args.model, args.checkpoint, *size, compile=args.compile, **wan_options(args))
     else:
-        source = toy_source(args.checkpoint or "sf_dmd_chunk_toy", str(resolve_device(args.device)))
-    serve(source, args.host, args.port, max_streams=args.max_streams, max_frames=args.max_frames)
+        if args.offload_text or args.preview_decoder:
+            raise ValueError("--offload-text and --preview-decoder apply to a Wan model (--model)")
+        source = toy_source(args.checkpoint or "sf_dmd_chunk_toy", str(resolve_device(args.device)), args.compile)
+    max_streams = args.max_streams or (1 if args.model else 2)
+    serve(source, args.host, args.port, max_streams=max_streams, max_frames=args.max_frames)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -453,11 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--image", default=None, help="causal student: the first frame (an image file of the video's size)")
     g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")
-    g.add_argument("--offload-text", action="store_true", help="Wan: keep umT5 on the CPU between prompts")
-    g.add_argument("--preview-decoder", default=None, help="Wan: decode with TAEW2.1 (taew2_1.pth), not the VAE")
-    g.add_argument(
-        "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
-    )
+    add_model_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="write a Wan DiT checkpoint (any layout) as diffusers, wan or safetensors")
@@ -570,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--height", type=int, default=None, help="Wan: 480")
     sv.add_argument("--width", type=int, default=None, help="Wan: 832")
     sv.add_argument("--device", default="auto")
-    sv.add_argument("--max-streams", type=int, default=2, help="concurrent streams; more connections get 'busy'")
+    sv.add_argument("--max-streams", type=int, default=None, help="concurrent streams (default 2; Wan 1); more: busy")
+    add_model_flags(sv)
     sv.add_argument("--max-frames", type=int, default=0, help="end a stream after this many frames (0: never)")
     sv.set_defaults(func=cmd_serve)
 
@@ -600,6 +594,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """How a model is loaded and run: the flags ``generate`` and ``serve`` share."""
+    p.add_argument("--offload-text", action="store_true", help="Wan: keep umT5 on the CPU between prompts")
+    p.add_argument("--preview-decoder", default=None, help="Wan: decode with TAEW2.1 (taew2_1.pth), not the VAE")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
+    )
+
+
+def wan_options(args: argparse.Namespace) -> dict:
+    """``load_wan``'s keyword arguments from the shared model flags."""
+    return {"device": args.device, "offload_text_encoder": args.offload_text, "preview_decoder": args.preview_decoder}
 
 
 def main(argv: list[str] | None = None) -> None:

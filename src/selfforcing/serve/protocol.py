@@ -9,7 +9,7 @@ Server -> client:
     {"type": "chunk", "index", "start", "frames": [data URL, ...], "prompt", "seconds",
      "first_chunk_ms", "frames_per_second"}  (the last two: since "start", and generation throughput)
     {"type": "switched", "prompt", "mode", "frame", "seconds"}
-    {"type": "stopped", "frames", "reason"}
+    {"type": "stopped", "frames", "reason"}  (also the answer to a stop with nothing running)
     {"type": "busy", "message"}   (every stream slot is taken; try again later)
     {"type": "error", "message"}  (a bad request; the connection stays open and the server keeps serving)
 """
@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -47,6 +48,10 @@ def parse_message(text: str | bytes) -> dict:
         msg = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRequest(f"not a JSON message ({e.msg} at character {e.pos})") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise BadRequest(f"not a JSON message the server can read ({e})") from None
+    except RecursionError:
+        raise BadRequest("not a JSON message the server can read (nested too deeply)") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise BadRequest('a message is a JSON object with a "type": "start", "switch" or "stop"')
     kind = msg["type"]
@@ -81,32 +86,50 @@ def check_prompt(prompt) -> str:
 
 
 def decode_image(data_url: str) -> torch.Tensor:
-    """A ``data:image/...;base64,...`` URL (or bare base64) -> ``[1, 3, H, W]`` in [-1, 1]."""
+    """A ``data:image/...;base64,...`` URL (or bare base64) -> ``[1, 3, H, W]`` in [-1, 1].
+
+    Any failure (bad base64, not an image, a truncated or corrupt file, a header claiming more than
+    ``MAX_IMAGE_PIXELS``) raises ``BadRequest``. The size is checked from the header, before decoding."""
     if not isinstance(data_url, str):
         raise BadRequest("the first image must be a data URL string (data:image/png;base64,...)")
-    payload = data_url.split(",", 1)[1] if data_url.startswith("data:") else data_url
+    if data_url.startswith("data:"):
+        header, comma, payload = data_url.partition(",")
+        if not comma:
+            raise BadRequest("the first image's data URL has no comma: expected data:image/png;base64,<data>")
+    else:
+        payload = data_url
     try:
         raw = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise BadRequest(f"the first image is {im.width}x{im.height}: too large")
-            rgb = np.array(im.convert("RGB"))
     except (binascii.Error, ValueError) as e:
-        if isinstance(e, BadRequest):
-            raise
         raise BadRequest(f"the first image is not valid base64 ({e})") from None
-    except (UnidentifiedImageError, OSError):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise BadRequest(f"the first image is {im.width}x{im.height}: at most {MAX_IMAGE_PIXELS} pixels")
+                rgb = np.array(im.convert("RGB"))
+    except BadRequest:
+        raise
+    except UnidentifiedImageError:
         raise BadRequest("the first image is not an image file (png, jpeg, ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadRequest(f"the first image claims more than {MAX_IMAGE_PIXELS} pixels") from None
+    except Exception as e:  # a truncated or corrupt file: Pillow raises OSError, SyntaxError, zlib.error, ...
+        raise BadRequest(f"the first image could not be decoded ({type(e).__name__}: {e})") from None
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or 0 in rgb.shape:
+        raise BadRequest(f"the first image decoded to an array of shape {rgb.shape}, not an RGB picture")
     return from_uint8(rgb[None])
 
 
+def encode_frame(frame: np.ndarray) -> str:
+    """One frame ``[H, W, 3]`` uint8 -> a data URL (PNG for small frames, JPEG for large ones)."""
+    small = frame.shape[0] * frame.shape[1] <= 128 * 128
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG" if small else "JPEG", quality=90)
+    return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def encode_frames(frames: torch.Tensor) -> list[str]:
-    """Frames ``[F, 3, H, W]`` in [-1, 1] -> one data URL each (PNG for small frames, JPEG for large ones)."""
-    out = []
-    for frame in to_uint8(frames):
-        small = frame.shape[0] * frame.shape[1] <= 128 * 128
-        buf = io.BytesIO()
-        Image.fromarray(frame).save(buf, format="PNG" if small else "JPEG", quality=90)
-        mime = "png" if small else "jpeg"
-        out.append(f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode())
-    return out
+    """Frames ``[F, 3, H, W]`` in [-1, 1] -> one data URL each (see ``encode_frame``)."""
+    return [encode_frame(frame) for frame in to_uint8(frames)]

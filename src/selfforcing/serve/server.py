@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,8 +23,12 @@ from importlib import resources
 
 import torch
 
+from ..data.video_io import to_uint8
+from ..inference.chunks import Chunk
 from ..inference.video_stream import VideoStream
-from .protocol import MAX_MESSAGE_BYTES, BadRequest, decode_image, encode_frames, parse_message
+from .protocol import MAX_MESSAGE_BYTES, BadRequest, decode_image, encode_frame, parse_message
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,48 +43,123 @@ class StreamSource:
     name: str
 
 
-def toy_source(checkpoint: str, device: str = "cpu") -> StreamSource:
+def toy_source(checkpoint: str, device: str = "cpu", compile: bool = False) -> StreamSource:
     """A shapes-world causal student (a run, a checkpoint or a shipped name such as ``sf_dmd_chunk_toy``)."""
     from ..inference.pipeline import load_pipeline
 
     pipe = load_pipeline(checkpoint, device=device)
     if pipe.cfg.causal is None:
         raise ValueError(f"{checkpoint} is a bidirectional model: serve a causal student (e.g. sf_dmd_chunk_toy)")
+    if compile:
+        pipe.model.dit.compile_blocks()
     d = pipe.cfg.data
     return StreamSource(lambda p, s, im: pipe.open_stream([p], s, im), d.height, d.width, 8.0, str(checkpoint))
 
 
-def wan_source(folder: str, checkpoint: str, device: str = "auto", height: int = 480, width: int = 832) -> StreamSource:
-    """A Wan2.1 folder with a Self Forcing checkpoint, at ``height x width`` (16 frames/s)."""
+def wan_source(
+    folder: str, checkpoint: str, height: int = 480, width: int = 832, compile: bool = False, **load_options
+) -> StreamSource:
+    """A Wan2.1 folder with a Self Forcing checkpoint, at ``height x width`` (16 frames/s). ``load_options``
+    go to ``load_wan`` (``device``, ``offload_text_encoder``, ``preview_decoder``, ...)."""
     from ..wan.pipeline import load_wan
 
-    pipe = load_wan(folder, checkpoint, device=device)
+    pipe = load_wan(folder, checkpoint, **load_options)
     pipe.check_size(1, height, width)
+    if compile:
+        pipe.model.dit.compile_blocks()
     return StreamSource(
         lambda p, s, im: pipe.open_stream([p], height, width, s, image=im), height, width, 16.0, str(checkpoint)
     )
 
 
+class Slots:
+    """The server's stream slots, counted in one place: ``take`` when a stream is started, ``give_back``
+    when its generation (worker thread included) has ended, whatever way it ended."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"max_streams must be >= 1, got {limit}")
+        self.limit, self.taken = limit, 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        assert self.taken > 0, "a slot given back twice"
+        self.taken -= 1
+
+
 @dataclass
 class Session:
-    """One connection's generation: its task, the switches waiting for the next chunk boundary."""
+    """One connection's generation: its task, the switches waiting for the next chunk boundary, and the
+    flag its worker thread reads before it starts a chunk."""
 
     task: asyncio.Task | None = None
-    switches: list[tuple[str, str]] = field(default_factory=list)
+    switches: deque[tuple[str, str]] = field(default_factory=deque)
+    stop: threading.Event = field(default_factory=threading.Event)
+    drop: Callable[[], None] = lambda: None  # cuts the connection (a client that stopped reading)
+    holds_slot: bool = False
+
+
+async def settle(future: asyncio.Future | None) -> None:
+    """Wait until a worker thread's ``future`` is done, through any cancellation of the caller."""
+    while future is not None and not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
+
+
+async def until_done(future: asyncio.Future):
+    """Await a worker thread's ``future``. A cancellation first waits for the thread to finish (a thread
+    cannot be interrupted inside a chunk, and its stream must not outlive its slot), then propagates."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await settle(future)
+        raise
+
+
+class ClientTooSlow(Exception):
+    """A chunk could not be sent within ``send_timeout``: the client stopped reading."""
 
 
 class StreamServer:
     """The aiohttp application around a ``StreamSource`` (``app()``), with a limit on concurrent streams.
 
     ``max_frames``: a stream ends after that many frames (0: never, until the client stops it);
-    ``lead``: seconds of video the stream may run ahead of real-time playback."""
+    ``lead``: seconds of video the stream may run ahead of real-time playback; ``send_timeout``: seconds a
+    chunk may wait for a client that stopped reading before the server drops it; ``encoders``: threads that
+    encode frames to JPEG/PNG (next to, not in, the generation path).
 
-    def __init__(self, source: StreamSource, max_streams: int = 2, max_frames: int = 0, lead: float = 1.0):
-        if max_streams < 1:
-            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
-        self.source, self.max_streams, self.max_frames, self.lead = source, max_streams, max_frames, lead
-        self.active = 0  # streams generating now
-        self.executor = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="stream")
+    Each stream's chunks are computed in one worker thread (``next(stream)``: the previous chunk's
+    commit, denoising, decoding). While a chunk is encoded and sent, the worker already computes the next
+    one, unless the stream is more than ``lead`` ahead of playback. A stream's slot is given back only
+    when its worker thread has stopped, so no more than ``max_streams`` KV caches are ever alive."""
+
+    def __init__(
+        self,
+        source: StreamSource,
+        max_streams: int = 2,
+        max_frames: int = 0,
+        lead: float = 1.0,
+        send_timeout: float = 30.0,
+        encoders: int = 4,
+    ):
+        self.slots = Slots(max_streams)
+        self.source, self.max_frames, self.lead, self.send_timeout = source, max_frames, lead, send_timeout
+        self.workers = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="stream")
+        self.encoders = ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="encode")
+
+    @property
+    def max_streams(self) -> int:
+        return self.slots.limit
+
+    @property
+    def active(self) -> int:
+        """Streams holding a slot now (generating, or a worker finishing its chunk)."""
+        return self.slots.taken
 
     def app(self):
         from aiohttp import web
@@ -90,7 +172,8 @@ class StreamServer:
         return app
 
     async def _shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.workers, self.encoders):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def page(self, request):
         from aiohttp import web
@@ -111,7 +194,7 @@ class StreamServer:
 
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=30)
         await ws.prepare(request)
-        session = Session()
+        session = Session(drop=lambda: request.transport and request.transport.abort())
         try:
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -120,11 +203,13 @@ class StreamServer:
                     await self._handle(ws, session, parse_message(msg.data))
                 except BadRequest as e:
                     await ws.send_json({"type": "error", "message": str(e)})
-        finally:  # the client went away (or stopped): stop its generation, free its stream
-            if session.task is not None:
-                session.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await session.task
+                except (ConnectionResetError, ClientTooSlow):
+                    break
+                except Exception as e:  # a bug of ours: say so, log it, keep the connection and the server
+                    log.exception("while handling a client message")
+                    await ws.send_json({"type": "error", "message": f"server error: {type(e).__name__}: {e}"})
+        finally:  # the client went away: stop its generation; the slot comes back when the worker has stopped
+            await self._stop(session)
         return ws
 
     async def _handle(self, ws, session: Session, msg: dict) -> None:
@@ -132,81 +217,136 @@ class StreamServer:
         if msg["type"] == "start":
             if running:
                 raise BadRequest("a stream is already running on this connection: stop it first")
-            if self.active >= self.max_streams:
+            if not self.slots.take():
                 await ws.send_json(
                     {"type": "busy", "message": f"all {self.max_streams} stream slots are in use; try again shortly"}
                 )
                 return
-            image = decode_image(msg["image"]) if msg.get("image") is not None else None
-            self.active += 1
             session.switches.clear()
-            session.task = asyncio.create_task(self._generate(ws, session, msg["prompt"], msg["seed"], image))
+            session.stop, session.holds_slot = threading.Event(), True
+            generation = self._generate(ws, session, msg["prompt"], msg["seed"], msg.get("image"))
+            session.task = asyncio.create_task(generation)
+            session.task.add_done_callback(lambda _: self._give_back(session))  # even if cancelled before it ran
         elif msg["type"] == "switch":
             if not running:
                 raise BadRequest("no stream is running: start one first")
             session.switches.append((msg["prompt"], msg["mode"]))
         elif running:  # stop
-            session.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await session.task
+            await self._stop(session)
             await ws.send_json({"type": "stopped", "reason": "stopped by the client"})
+        else:
+            await ws.send_json({"type": "stopped", "frames": 0, "reason": "no stream was running"})
 
-    async def _generate(self, ws, session: Session, prompt: str, seed: int, image: torch.Tensor | None) -> None:
+    def _give_back(self, session: Session) -> None:
+        if session.holds_slot:
+            session.holds_slot = False
+            self.slots.give_back()
+
+    async def _stop(self, session: Session) -> None:
+        """Stop a session's generation and wait until its worker thread has finished its chunk."""
+        session.stop.set()
+        if session.task is not None and not session.task.done():
+            session.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session.task
+
+    def _step(self, stream: VideoStream, session: Session) -> tuple[list[dict], Chunk] | None:
+        """In the worker thread: apply the switches that arrived, then the next chunk with its frames as
+        uint8 ``[F, H, W, 3]`` on the CPU (``None`` if the stream was stopped before the chunk began)."""
+        if session.stop.is_set():
+            return None
+        events = []
+        while session.switches:
+            new, mode = session.switches.popleft()
+            try:
+                secs = stream.switch_prompt([new], mode)
+            except ValueError as e:  # the stream goes on with the prompt it had
+                events.append({"type": "error", "message": str(e)})
+                continue
+            events.append({"type": "switched", "prompt": new, "mode": mode, "seconds": secs})
+        chunk = next(stream)
+        if not torch.isfinite(chunk.latents).all():
+            raise FloatingPointError("the model produced non-finite values (NaN or inf) for this prompt")
+        chunk.frames = to_uint8(chunk.frames[0])  # on the device, so only bytes cross to the CPU
+        return events, chunk
+
+    async def _send(self, ws, message: dict) -> None:
+        try:
+            await asyncio.wait_for(ws.send_json(message), self.send_timeout)
+        except asyncio.TimeoutError:
+            raise ClientTooSlow(f"a message waited {self.send_timeout:.0f} s for the client to read") from None
+
+    async def _generate(self, ws, session: Session, prompt: str, seed: int, image_url: str | None) -> None:
         """Open the stream, then chunk after chunk until stopped, ``max_frames`` or an error."""
         loop, src = asyncio.get_running_loop(), self.source
         t0 = time.perf_counter()
-        stream, frames, compute, first_ms, reason = None, 0, 0.0, None, "ended"
+        sent, compute, first_ms, t_play, step, final = 0, 0.0, None, t0, None, None
         try:
-            try:
-                stream = await loop.run_in_executor(self.executor, src.open, prompt, seed, image)
-            except ValueError as e:  # unknown words, an image of the wrong size, ...
-                await ws.send_json({"type": "error", "message": str(e)})
-                return
-            fpb = stream.settings.frames_per_block
-            await ws.send_json(
+            image = None
+            if image_url is not None:  # decoded off the event loop: a large image stalls no other client
+                image = await until_done(loop.run_in_executor(self.encoders, decode_image, image_url))
+            stream = await until_done(loop.run_in_executor(self.workers, src.open, prompt, seed, image))
+            await self._send(
+                ws,
                 {"type": "started", "prompt": prompt, "height": src.height, "width": src.width, "fps": src.fps}
-                | {"frames_per_chunk": fpb}
+                | {"frames_per_chunk": stream.settings.frames_per_block},
             )
-            while not self.max_frames or frames < self.max_frames:
-                while session.switches:
-                    new, mode = session.switches.pop(0)
-                    try:
-                        secs = await loop.run_in_executor(self.executor, stream.switch_prompt, [new], mode)
-                    except ValueError as e:  # the stream goes on with the prompt it had
-                        await ws.send_json({"type": "error", "message": str(e)})
-                        continue
-                    await ws.send_json(
-                        {"type": "switched", "prompt": new, "mode": mode, "frame": frames} | {"seconds": secs}
-                    )
-                chunk = await loop.run_in_executor(self.executor, next, stream)
+            made = 0  # frames computed (sent, or being encoded)
+            step = loop.run_in_executor(self.workers, self._step, stream, session)
+            while step is not None:
+                result = await until_done(step)
+                if result is None:
+                    return
+                events, chunk = result
+                for event in events:
+                    await self._send(ws, event | ({"frame": made} if event["type"] == "switched" else {}))
+                images = [loop.run_in_executor(self.encoders, encode_frame, frame) for frame in chunk.frames]
+                made += len(images)
                 compute += chunk.seconds
-                images = await loop.run_in_executor(self.executor, encode_frames, chunk.frames[0].float().cpu())
-                frames += len(images)
+                more = not self.max_frames or made < self.max_frames
+                ahead = made / src.fps - (time.perf_counter() - t_play) if first_ms is not None else 0.0
+                step = None  # the next chunk starts now, beside the encoding, unless far enough ahead
+                if more and ahead <= self.lead:
+                    step = loop.run_in_executor(self.workers, self._step, stream, session)
+                urls = await asyncio.gather(*images)
                 if first_ms is None:
                     first_ms = (time.perf_counter() - t0) * 1000
                     t_play = time.perf_counter()  # playback of frame 0 starts when it arrives
-                await ws.send_json(
-                    {"type": "chunk", "index": chunk.index, "start": frames - len(images), "frames": images}
-                    | {"prompt": chunk.prompts[0], "seconds": chunk.seconds, "first_chunk_ms": first_ms}
-                    | {"frames_per_second": frames / compute if compute > 0 else 0.0}
+                await self._send(
+                    ws,
+                    {"type": "chunk", "index": chunk.index, "start": sent, "frames": urls, "prompt": chunk.prompts[0]}
+                    | {"seconds": chunk.seconds, "first_chunk_ms": first_ms}
+                    | {"frames_per_second": made / max(compute, 1e-9)},
                 )
-                ahead = frames / src.fps - (time.perf_counter() - t_play)
-                if ahead > self.lead:
-                    await asyncio.sleep(ahead - self.lead)
-            reason = f"reached the server's limit of {self.max_frames} frames"
-        except ConnectionResetError:  # the client is gone: nothing to tell it
-            reason = "client gone"
-        except asyncio.CancelledError:
-            reason = "cancelled"
-            raise
+                sent += len(urls)
+                if more and step is None:
+                    ahead = sent / src.fps - (time.perf_counter() - t_play)
+                    await asyncio.sleep(max(0.0, ahead - self.lead))
+                    step = loop.run_in_executor(self.workers, self._step, stream, session)
+            limit = f"reached the server's limit of {self.max_frames} frames"
+            final = {"type": "stopped", "frames": sent, "reason": limit}
+        except (ConnectionResetError, ClientTooSlow) as e:  # the client is gone or stopped reading: drop it
+            log.info("dropping a client: %s", e)
+            session.drop()
+        except ValueError as e:  # a bad first image, or refused by the model: unknown words, a wrong size, ...
+            final = {"type": "error", "message": str(e)}
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            final = {"type": "error", "message": "the GPU has no memory for this stream now: try again when one ends"}
         except Exception as e:  # a failure inside the model: tell the client, keep serving
-            with contextlib.suppress(Exception):
-                await ws.send_json({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
-        finally:
-            self.active -= 1  # the stream (its KV cache) goes with this coroutine's frame
-            if reason.startswith("reached") and not ws.closed:
-                with contextlib.suppress(Exception):
-                    await ws.send_json({"type": "stopped", "frames": frames, "reason": reason})
+            log.exception("generation failed")
+            final = {"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"}
+        finally:  # no chunk starts after this; the one in the worker (if any) ends first, then the slot is free
+            session.stop.set()
+            await settle(step)
+            self._give_back(session)
+        if final is not None:  # after the slot is free: a client told "stopped" may start again at once
+            await self._try_send(ws, final)
+
+    async def _try_send(self, ws, message: dict) -> None:
+        with contextlib.suppress(Exception):
+            await self._send(ws, message)
 
 
 def serve(source: StreamSource, host: str = "127.0.0.1", port: int = 7860, **kw) -> None:

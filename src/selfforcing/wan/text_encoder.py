@@ -17,6 +17,7 @@ import hashlib
 import html
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -87,48 +88,74 @@ class UMT5TextEncoder(TextEncoder):
         self.dim = encoder.config.d_model
         self.cache: dict[str, torch.Tensor] = {}  # cleaned prompt -> [L_real, dim] on the CPU
         self.cache_dir = Path(cache_dir) if cache_dir else None  # the same on disk, one file per prompt
+        self._lock = threading.Lock()  # one encode at a time (the server's streams share the encoder)
 
     def cache_file(self, prompt: str) -> Path:
         """Where a (cleaned) prompt's embedding is kept on disk: a hash of the prompt."""
         return self.cache_dir / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
 
+    def __getstate__(self) -> dict:  # copies and pickles get a lock of their own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
     @torch.no_grad()
     def embed_new(self, prompts: list[str]) -> None:
         """Encode the prompts not seen yet (cleaned) and keep their embeddings (in memory, and in
-        ``cache_dir`` when set, where later runs read them instead of running umT5)."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        if self.cache_dir is not None:
-            for p in [p for p in new if self.cache_file(p).is_file()]:
-                with safe_open(self.cache_file(p), "pt") as f:
-                    if f.metadata().get("prompt") != p:
-                        raise ValueError(f"{self.cache_file(p)} holds another prompt's embedding: clear the cache")
-                    self.cache[p] = f.get_tensor("embedding")
-                new.remove(p)
-        if not new:
-            return
-        run_on = self.device if self.offload else next(self.encoder.parameters()).device
-        if self.offload:
-            self.encoder.to(run_on)
-        tokens = self.tokenizer(
-            new,
-            padding="max_length",
-            max_length=self.text_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        ids, mask = tokens.input_ids.to(run_on), tokens.attention_mask.to(run_on)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        for prompt, h, n in zip(new, hidden, mask.sum(1).tolist(), strict=True):
-            self.cache[prompt] = h[:n].float().cpu()
-            if self.cache_dir is not None:  # written under a temporary name, then renamed: never half a file
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_file(prompt).with_suffix(".tmp")
-                save_file({"embedding": self.cache[prompt].contiguous()}, tmp, metadata={"prompt": prompt})
-                os.replace(tmp, self.cache_file(prompt))
-        if self.offload:
-            self.encoder.to("cpu")
+        ``cache_dir`` when set, where later runs read them instead of running umT5). Thread-safe: two
+        streams of a server encode one after the other, and an offloaded encoder always goes back to the
+        CPU, error or not."""
+        with self._lock:
+            new = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+            if self.cache_dir is not None:
+                for p in [p for p in new if self.cache_file(p).is_file()]:
+                    with safe_open(self.cache_file(p), "pt") as f:
+                        if f.metadata().get("prompt") != p:
+                            raise ValueError(f"{self.cache_file(p)} holds another prompt's embedding: clear the cache")
+                        self.cache[p] = f.get_tensor("embedding")
+                    new.remove(p)
+            if not new:
+                return
+            tokens = self.tokenizer(
+                new,
+                padding="max_length",
+                max_length=self.text_len,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            self._check_words(new, tokens.input_ids, tokens.attention_mask)
+            run_on = self.device if self.offload else next(self.encoder.parameters()).device
+            try:
+                if self.offload:
+                    self.encoder.to(run_on)
+                ids, mask = tokens.input_ids.to(run_on), tokens.attention_mask.to(run_on)
+                hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                hidden = [h[:n].float().cpu() for h, n in zip(hidden, mask.sum(1).tolist(), strict=True)]
+            finally:
+                if self.offload:
+                    self.encoder.to("cpu")
+            for prompt, h in zip(new, hidden, strict=True):
+                self.cache[prompt] = h
+                if self.cache_dir is not None:  # written under a temporary name, then renamed: never half a file
+                    self.cache_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = self.cache_file(prompt).with_suffix(".tmp")
+                    save_file({"embedding": h.contiguous()}, tmp, metadata={"prompt": prompt})
+                    os.replace(tmp, self.cache_file(prompt))
+
+    def _check_words(self, prompts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Refuse a non-empty prompt whose tokens are all special ones (``<pad>``, ``</s>``, ``<unk>``): umT5
+        has nothing to read in it (the empty prompt, CFG's negative, is fine)."""
+        special = torch.tensor(sorted(self.tokenizer.all_special_ids))
+        for prompt, row, m in zip(prompts, ids, mask.bool(), strict=True):
+            if prompt and torch.isin(row[m], special).all():
+                raise ValueError(
+                    f"the prompt {prompt[:60]!r} holds only the text encoder's special tokens "
+                    f"({', '.join(self.tokenizer.all_special_tokens)}): describe the video in words"
+                )
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
         cleaned = [clean_prompt(p) for p in prompts]
