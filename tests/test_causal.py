@@ -26,16 +26,19 @@ def inputs(frames: int, b: int = 2):
     return torch.randn(b, frames, 3, 8, 8), torch.rand(b, frames) * 1000, torch.randn(b, 5, 32)
 
 
-def cached_forward(m, x, t, ctx, fpb, window=0, sink=0):
-    """Chunk by chunk with a KV cache, each chunk committed with its own keys/values."""
+def cached_forward(m, x, t, ctx, fpb, window=0, sink=0, grad=False):
+    """Chunk by chunk with a KV cache, each chunk committed with its own keys/values. Without ``grad`` each
+    layer writes its chunk into the cache's free slots and attends over a view; with it, it concatenates."""
     cache = KVCache.for_model(m, x.shape[0], 4, fpb, window or x.shape[1], sink)
-    ptr = cache.k.data_ptr()
+    ptr, end = cache.k.data_ptr(), cache.k.data_ptr() + cache.k.numel() * cache.k.element_size()
     text_kv = m.text_kv(ctx)
     outs = []
     for s in range(0, x.shape[1], fpb):
-        out, kv = m(
-            x[:, s : s + fpb], t[:, s : s + fpb], text_kv=text_kv, kv_cache=cache, frame_offset=s, return_kv=True
-        )
+        with torch.set_grad_enabled(grad):
+            out, kv = m(
+                x[:, s : s + fpb], t[:, s : s + fpb], text_kv=text_kv, kv_cache=cache, frame_offset=s, return_kv=True
+            )
+        assert (ptr <= kv[0][0].data_ptr() < end) == (not grad)  # in place in the cache's buffer, or a new tensor
         cache.commit(s, kv)
         outs.append(out)
     assert cache.k.data_ptr() == ptr  # preallocated: never reallocated
@@ -55,24 +58,26 @@ def test_frame_visibility():
 
 
 @pytest.mark.parametrize("fpb", [1, 3])
-def test_cached_chunks_equal_masked_full_sequence(fpb):
+@pytest.mark.parametrize("grad", [False, True])
+def test_cached_chunks_equal_masked_full_sequence(fpb, grad):
     m = random_model()
     x, t, ctx = inputs(9)
     full = m(x, t, ctx, attn_mask=block_causal_mask(9, 4, fpb))
-    cached, cache = cached_forward(m, x, t, ctx, fpb)
+    cached, cache = cached_forward(m, x, t, ctx, fpb, grad=grad)
     assert torch.allclose(cached, full, **TOL)
     assert cache.frames == list(range(9 - cache.capacity, 9))  # the last window - fpb frames
     assert not torch.allclose(full, m(x, t, ctx), atol=1e-3)  # the mask matters
 
 
+@pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("fpb,window,sink", [(3, 6, 0), (3, 6, 3), (1, 3, 0), (1, 4, 2), (3, 4, 1), (3, 5, 0)])
-def test_rolling_cache_equals_sliding_window_mask(fpb, window, sink):
+def test_rolling_cache_equals_sliding_window_mask(fpb, window, sink, grad):
     """A sequence 4x longer than the window: eviction keeps exactly the frames the mask shows."""
     m = random_model()
     frames = 24 if fpb == 3 else 16
     x, t, ctx = inputs(frames)
     full = m(x, t, ctx, attn_mask=block_causal_mask(frames, 4, fpb, window, sink))
-    cached, cache = cached_forward(m, x, t, ctx, fpb, window, sink)
+    cached, cache = cached_forward(m, x, t, ctx, fpb, window, sink, grad)
     assert torch.allclose(cached, full, **TOL)
     assert cache.num_frames == cache.capacity == sink + window - fpb
     assert cache.frames[:sink] == list(range(sink))  # sink frames survive
@@ -221,3 +226,19 @@ def test_guided_streaming_combines_the_cond_and_uncond_branches():
     assert not torch.allclose(video(prompts, 12, settings, 3.0), plain, atol=1e-3)
     with pytest.raises(ValueError, match="cache"):
         next(stream_video(t2v, IdentityCodec(), prompts, 3, 8, 8, settings, context="recompute_step", guidance_scale=2))
+
+
+def test_the_cache_is_stored_in_the_dtype_attention_computes_in():
+    """fp32 master weights under bf16 autocast (or FSDP mixed precision) compute attention in bf16: the
+    cache stores bf16 (half the memory of fp32), and streaming with it matches the masked sequence."""
+    m = random_model()
+    assert KVCache.for_model(m, 2, 4, 3, 9).k.dtype == torch.float32
+    x, t, ctx = inputs(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert KVCache.for_model(m, 2, 4, 3, 9).k.dtype == torch.bfloat16
+        full = m(x, t, ctx, attn_mask=block_causal_mask(9, 4, 3))
+        cached, cache = cached_forward(m, x, t, ctx, 3)
+    assert cache.k.dtype == torch.bfloat16 and cache.k.element_size() == 2
+    assert torch.allclose(cached.float(), full.float(), atol=0.05)
+    m.compute_dtype = torch.bfloat16  # what FSDP mixed precision sets on the DiT it shards
+    assert KVCache.for_model(m, 2, 4, 3, 9).k.dtype == torch.bfloat16

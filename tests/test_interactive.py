@@ -194,3 +194,76 @@ def test_bad_requests_name_the_problem():
         stream_video(t2v, IdentityCodec(), [A], 6, 8, 8, settings, image=torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="need context='cache'"):
         stream_video(t2v, IdentityCodec(), [A], 6, 8, 8, settings, context="recompute_step", switches={3: B})
+
+
+def expected_recache_keys(t2v, stream, video, prompt):
+    """Every layer's keys of the frames the cache holds, recomputed under ``prompt`` in one full-sequence
+    pass at their own positions: the held frames of one chunk attend to each other and to those of the
+    chunks before (block-causal by chunk, as when they were first committed)."""
+    held, fpb = stream.cache.frames, stream.settings.frames_per_block
+    run = torch.tensor([f // fpb for f in held])
+    mask = (run[None, :] <= run[:, None]).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    text_kv = t2v.dit.text_kv(*t2v.encode_text([prompt, prompt]))
+    _, kv = t2v.dit(
+        video[:, held],
+        torch.zeros(2, len(held)),
+        text_kv=text_kv,
+        attn_mask=mask,
+        return_kv=True,
+        frame_positions=torch.tensor(held),
+    )
+    return held, kv
+
+
+def assert_cache_holds(stream, held, kv):
+    slot_of = {f: s for s, f in enumerate(stream.cache.frame_of_slot)}
+    for layer, (k, _) in enumerate(kv):
+        for i, f in enumerate(held):
+            s = slot_of[f]
+            assert torch.allclose(stream.cache.k[layer, :, :, s * 4 : (s + 1) * 4], k[:, :, i * 4 : (i + 1) * 4], **TOL)
+
+
+@pytest.mark.parametrize("window,sink", [(5, 0), (4, 1), (7, 2)])
+def test_recache_when_the_window_is_not_a_whole_number_of_chunks(window, sink):
+    """A window of 5 frames with chunks of 3 holds 2 past frames: the roll cuts chunks, and recache must
+    recompute exactly the frames held (parts of chunks), each attending only to what came before it."""
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=window, sink=sink)
+    stream = open_stream(t2v, settings)
+    video = torch.cat([next(stream).latents for _ in range(5)], 1)
+    stream.switch_prompt(B, "recache")
+    held, kv = expected_recache_keys(t2v, stream, video, B)
+    assert len(held) == stream.cache.capacity and any(f % 3 for f in held[sink:])  # a chunk cut by the roll
+    assert_cache_holds(stream, held, kv)
+
+
+def test_the_first_image_is_committed_clean_whatever_the_context_timestep():
+    """With a context timestep above 0, generated chunks are committed re-noised, but the given image is
+    committed as it is, at t = 0 (as the reference's image-to-video does), also after a recache."""
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=12, context_timestep=500.0)
+    image = torch.rand(1, 3, 8, 8) * 2 - 1
+    stream = open_stream(t2v, settings, image=image)
+    first = next(stream)
+    stream.commit()
+    text_kv = t2v.dit.text_kv(*t2v.encode_text([A, A]))
+    _, kv = t2v.dit(first.latents, torch.zeros(2, 1), text_kv=text_kv, return_kv=True)
+    assert_cache_holds(stream, [0], kv)
+    next(stream), next(stream)
+    stream.switch_prompt(B, "recache")
+    _, kv = t2v.dit(first.latents, torch.zeros(2, 1), text_kv=t2v.dit.text_kv(*t2v.encode_text([B, B])), return_kv=True)
+    assert_cache_holds(stream, [0], kv)
+
+
+def test_a_batch_of_distinct_first_images():
+    """Each video of a batch starts from its own image, and continues as if streamed alone."""
+    t2v, settings = tiny_t2v(), CausalConfig(3, window=12)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    stream = open_stream(t2v, settings, image=images)
+    first, second = next(stream), next(stream)
+    assert torch.equal(first.frames[:, 0], images)
+    assert not torch.allclose(second.latents[0], second.latents[1], atol=1e-3)
+    expected = recomputed_next_chunk(t2v, open_stream(t2v, settings, image=images), first.latents, A, [1])
+    assert torch.allclose(second.latents, expected, **TOL)
+    for i in range(2):  # video i alone, from the same noise
+        alone = open_stream(t2v, settings, image=images[i : i + 1].expand(2, -1, -1, -1))
+        next(alone)
+        assert torch.allclose(next(alone).latents[i], second.latents[i], **TOL)

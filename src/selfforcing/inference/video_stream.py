@@ -11,9 +11,10 @@ video), and ``switch_prompt`` changes the text between chunks, in one of three m
              new prompt's cross-attention (the commit inputs are kept for this), then continue
     reset    a hard cut: forget the cache and start a new scene at frame position 0
 
-A first image (``image``) is encoded by the codec and committed to the cache as a one-frame chunk at
-position 0, as CausVid's and Self Forcing's image-to-video do (an independent first frame); it is also
-the stream's first chunk, so a causal VAE's decoder sees it first. Generated chunks then follow at
+A first image (``image``) is encoded by the codec and committed to the cache clean (at t = 0, whatever
+the context timestep) as a one-frame chunk at position 0, as CausVid's and Self Forcing's image-to-video
+do (an independent first frame); it is also the stream's first chunk, so a causal VAE's decoder sees it
+first. Generated chunks then follow at
 positions 1, 1 + f, ... With a rolling cache (``settings.window``) the stream has no end.
 """
 
@@ -83,9 +84,8 @@ class VideoStream:
         p = next(model.dit.parameters())
         _, gh, gw = model.dit.token_grid(settings.frames_per_block, h, w)
         rows = b if guidance_scale == 1.0 else 2 * b
-        self.cache = KVCache.for_model(
-            model.dit, rows, gh * gw, settings.frames_per_block, settings.window, settings.sink, p.dtype, p.device
-        )
+        fpb, window = settings.frames_per_block, settings.window
+        self.cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink)  # the compute dtype
         self.generator = torch.Generator().manual_seed(seed)
         self.sigmas = settings.sigmas().to(p.device)
         self.context_sigma = settings.context_timestep / 1000.0
@@ -96,8 +96,10 @@ class VideoStream:
         self.latent_frames = 0  # latent frames handed out so far (the output video's length)
         self.chunks = 0
         self.switches: list[tuple[int, list[str], str]] = []  # (latent frame, prompts, mode), in order
-        self._pending: tuple[int, torch.Tensor] | None = None  # the last chunk's (position, commit input)
-        self._held: list[tuple[int, torch.Tensor]] = []  # commit inputs of chunks with frames in the cache
+        # the last chunk's (position, commit input, its noise level), and the same for the chunks with frames
+        # in the cache (a recache recomputes them)
+        self._pending: tuple[int, torch.Tensor, float] | None = None
+        self._held: list[tuple[int, torch.Tensor, float]] = []
         self._image = None if image is None else self._encode_image(image)
 
     # -- the stream -------------------------------------------------------------------------------
@@ -110,8 +112,9 @@ class VideoStream:
         latent frames (the image chunk first, if there is one)."""
         t0 = time.perf_counter()
         self.commit()
-        if self._image is not None:
+        if self._image is not None:  # the given first frame: committed as it is, clean
             x0, self._image = self._image, None
+            self._pending = (self.position, x0, 0.0)
         else:
             b, (c, h, w), fpb = self.batch, self.latent_size, self.settings.frames_per_block
             noise = to_device(torch.randn(b, fpb, c, h, w, generator=self.generator), self.sigmas.device)
@@ -125,7 +128,7 @@ class VideoStream:
                 self.generator,
                 guidance=self.guidance,
             )
-        self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator))
+            self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
         frames = self.decode(x0)
         if x0.device.type == "cuda":
             torch.cuda.synchronize(x0.device)
@@ -163,11 +166,11 @@ class VideoStream:
         commit input is kept while the cache holds its frames. A server can call it while the client draws."""
         if self._pending is None:
             return
-        start, x_ctx = self._pending
+        start, x_ctx, sigma = self._pending
         self._pending = None
-        commit_chunk(self.model, self._rows(x_ctx), self.context_sigma, self.text_kv, self.cache, start)
+        commit_chunk(self.model, self._rows(x_ctx), sigma, self.text_kv, self.cache, start)
         held = self.cache.frames
-        self._held = [(s, x) for s, x in [*self._held, (start, x_ctx)] if held_runs(held, s, x.shape[1])]
+        self._held = [h for h in [*self._held, (start, x_ctx, sigma)] if held_runs(held, h[0], h[1].shape[1])]
 
     # -- internals ----------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]):
@@ -184,11 +187,11 @@ class VideoStream:
         held frames attends to the held frames before it, as when it was first committed."""
         held, next_frame = self.cache.frames, self.cache.next_frame
         self.cache.reset()
-        for start, x_ctx in self._held:
+        for start, x_ctx, sigma in self._held:
             for a, b in held_runs(held, start, x_ctx.shape[1]):
                 self.cache.skip_to(a)
                 x = self._rows(x_ctx[:, a - start : b - start])
-                commit_chunk(self.model, x, self.context_sigma, self.text_kv, self.cache, a)
+                commit_chunk(self.model, x, sigma, self.text_kv, self.cache, a)
         self.cache.skip_to(next_frame)
         assert self.cache.frames == held, (self.cache.frames, held)
 

@@ -2,7 +2,8 @@
 
 Both take optional masks; self-attention also takes ``kv_prefix``, keys/values of earlier tokens that
 are attended to before the current ones. A KV cache supplies exactly that: RoPE-rotated keys and
-values of previously generated chunks, so the causal student reuses these layers unchanged.
+values of previously generated chunks (a ``CacheLayer``, which also stores the current ones in place),
+so the causal student reuses these layers unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .rope import apply_rope
+from .kv_cache import CacheLayer
+from .rope import Rope, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +42,7 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def qkv(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries, rotated keys and values, each ``[B, heads, L, head_dim]``."""
         h = self.num_heads
         q = rearrange(self.norm_q(self.q(x)), "b l (h d) -> b h l d", h=h)
@@ -51,20 +53,22 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: torch.Tensor,
+        rope: Rope,
         attn_mask: torch.Tensor | None = None,
-        kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_prefix: tuple[torch.Tensor, torch.Tensor] | CacheLayer | None = None,
         return_kv: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: [B, L, dim]; rope: [L, head_dim // 2] angles at the tokens' absolute positions.
+        """x: [B, L, dim]; rope: ``(cos, sin)``, each [L, head_dim // 2], at the tokens' absolute positions.
 
         attn_mask: bool ``[L, L_kv]`` (True = may attend) or anything SDPA broadcasts, where
-        ``L_kv = L_prefix + L``. kv_prefix: ``(k, v)`` of earlier tokens, ``[B, heads, L_prefix, head_dim]``
-        (a KV cache's context). With ``return_kv`` also returns this call's own rotated ``(k, v)``.
+        ``L_kv = L_prefix + L``. kv_prefix: ``(k, v)`` of earlier tokens, ``[B, heads, L_prefix, head_dim]``,
+        or a KV cache's ``CacheLayer``. With ``return_kv`` also returns this call's own rotated ``(k, v)``.
         """
         q, k, v = self.qkv(x, rope)
         k_all, v_all = k, v
-        if kv_prefix is not None:
+        if isinstance(kv_prefix, CacheLayer):
+            (k_all, v_all), (k, v) = kv_prefix.extend(k, v)
+        elif kv_prefix is not None:
             k_all = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
             v_all = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
         out = self.o(

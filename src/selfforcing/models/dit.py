@@ -16,10 +16,9 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
-from ..device import to_device
 from .attention import CrossAttention, SelfAttention
-from .kv_cache import KV, KVCache, TextKV
-from .rope import rope_3d_angles
+from .kv_cache import KV, CacheLayer, KVCache, TextKV
+from .rope import Rope, rope_3d_angles, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -129,11 +128,11 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         e: torch.Tensor,
-        rope: torch.Tensor,
+        rope: Rope,
         text_kv: KV,
         context_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None = None,
-        kv_prefix: KV | None = None,
+        kv_prefix: KV | CacheLayer | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """x: [B, F, N, C] tokens per frame; e: [B, F, 6, C] per-frame modulation; text_kv: this layer's text K/V.
 
@@ -169,6 +168,7 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gradient_checkpointing = False  # set True to trade compute for activation memory in training
+        self.compute_dtype: torch.dtype | None = None  # set by FSDP mixed precision: what a KV cache stores
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -270,22 +270,27 @@ class VideoDiT(nn.Module):
 
         in_dtype = x.dtype  # e.g. fp32 sampler state with bf16 weights: compute in the weights' dtype
         tokens = self.patch_embedding(rearrange(x.to(self.patch_embedding.weight.dtype), "b f c h w -> b c f h w"))
-        tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
+        tokens = rearrange(tokens, "b d f h w -> b f (h w) d").contiguous()  # the residual stream, dense
         e = self.time_embedding(timestep_embedding(t, self.cfg.freq_dim).to(tokens.dtype))  # [B, f, d]
         e6 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # [B, f, 6, d]
         if frame_positions is not None and (pf != 1 or frame_positions.shape != (nf,)):
             raise ValueError(f"frame_positions must be [F] = [{nf}] with patch_size[0] == 1")
-        rope = rope_3d_angles(f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta, frame_positions)
-        rope = to_device(rope, x.device)
+        # RoPE's cos/sin, built once per forward on the device, in the dtype the queries have (RMSNorm's output)
+        angles = rope_3d_angles(
+            f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta, frame_positions, tokens.device
+        )
+        q_dtype = torch.promote_types(tokens.dtype, self.blocks[0].self_attn.q.weight.dtype)
+        rope = rope_cos_sin(angles, tokens.device, q_dtype)
 
         new_kv, features = [], []
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute blocks in backward
         for i, block in enumerate(self.blocks):
-            prefix = kv_cache.context(i) if kv_cache is not None else None
+            prefix = kv_cache.layer(i) if kv_cache is not None else None
             if checkpointed and prefix is not None:
                 # the backward recomputation must see this cache, but later commits overwrite its slots in
                 # place: hand the block a copy (no more memory than the concatenation attention saves)
-                prefix = (prefix[0].clone(), prefix[1].clone())
+                context = kv_cache.context(i)
+                prefix = None if context is None else (context[0].clone(), context[1].clone())
             args = (tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
             if checkpointed:
                 tokens, kv = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)

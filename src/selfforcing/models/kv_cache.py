@@ -1,15 +1,22 @@
 """KV caches for chunk-by-chunk generation.
 
 ``KVCache`` holds, for every DiT layer, the self-attention keys (already RoPE-rotated at their absolute
-frame positions) and values of the frames committed so far. It is preallocated for
-``sink + window - frames_per_block`` frames: exactly the past frames a chunk may see under the
-block-causal mask of ``selfforcing.models.causal``. When it is full, committing a new frame evicts the
-oldest non-sink frame (rolling mode); the first ``sink`` frames are never evicted.
+frame positions) and values of the frames committed so far. It holds
+``capacity = sink + window - frames_per_block`` frames: exactly the past frames a chunk may see under
+the block-causal mask of ``selfforcing.models.causal``. When it is full, committing a new frame evicts
+the oldest non-sink frame (rolling mode); the first ``sink`` frames are never evicted.
 
 The cache changes only when its owner calls ``commit`` or ``reset``: the DiT reads it, and returns the
 new chunk's keys/values for the caller to commit. Slots are filled in order and reused in place, so
 the valid entries are always the first ``num_frames`` slots; their order does not matter, because
 every cached frame is visible to every token of the current chunk and RoPE is already applied.
+
+The buffers have ``frames_per_block`` slots more than ``capacity``, as the reference's cache of
+``local_attn_size`` frames does: without gradient, a forward writes its chunk's keys/values into the
+free slots just after the held ones and attends over one view of the buffer (``CacheLayer.extend``),
+so no layer copies the whole context, and a commit of that chunk moves at most the frames that evict
+an old one. With gradient (a Self Forcing rollout's exit step) the context is concatenated instead, so
+autograd never sees a buffer that a later step overwrites.
 
 ``TextKV`` is the cross-attention cache: the text keys/values of every layer, computed once per prompt.
 """
@@ -64,7 +71,7 @@ class KVCache:
         self.window = window
         self.sink = sink
         self.capacity = sink + window - frames_per_block  # past frames a chunk can see
-        shape = (num_layers, batch_size, num_heads, self.capacity * tokens_per_frame, head_dim)
+        shape = (num_layers, batch_size, num_heads, (self.capacity + frames_per_block) * tokens_per_frame, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.frame_of_slot = [-1] * self.capacity
@@ -82,7 +89,9 @@ class KVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """An empty cache shaped for ``dit`` (a ``VideoDiT``), in its parameters' dtype and device."""
+        """An empty cache shaped for ``dit`` (a ``VideoDiT``) on its device, in the dtype its attention computes
+        in (``compute_dtype``: the autocast dtype under autocast, FSDP's ``param_dtype`` under mixed precision,
+        else the parameters' dtype)."""
         p = next(dit.parameters())
         c = dit.cfg
         return cls(
@@ -94,7 +103,7 @@ class KVCache:
             frames_per_block,
             window,
             sink,
-            dtype or p.dtype,
+            dtype or compute_dtype(dit),
             device or p.device,
         )
 
@@ -108,6 +117,10 @@ class KVCache:
     def frames(self) -> list[int]:
         """Absolute indices of the held frames, ascending."""
         return sorted(f for f in self.frame_of_slot if f >= 0)
+
+    def layer(self, layer: int) -> CacheLayer:
+        """What one layer's attention reads and writes: see ``CacheLayer``."""
+        return CacheLayer(self, layer)
 
     def context(self, layer: int) -> KV | None:
         """Keys/values of the held frames for one layer, ``[B, heads, num_frames * N, head_dim]``: views of the
@@ -152,8 +165,10 @@ class KVCache:
         with torch.no_grad():  # the cache holds no autograd history
             for layer, (k, v) in enumerate(kv):
                 for slot, i in slots:
-                    self.k[layer, :, :, slot * n : (slot + 1) * n] = k[:, :, i * n : (i + 1) * n]
-                    self.v[layer, :, :, slot * n : (slot + 1) * n] = v[:, :, i * n : (i + 1) * n]
+                    for buf, new in ((self.k, k), (self.v, v)):
+                        dst, src = buf[layer, :, :, slot * n : (slot + 1) * n], new[:, :, i * n : (i + 1) * n]
+                        if dst.data_ptr() != src.data_ptr():  # keys written in place by ``extend`` stay put
+                            dst.copy_(src)
         self.next_frame = frame_offset + num
 
     def reset(self) -> None:
@@ -183,3 +198,41 @@ class KVCache:
         if free:
             return free[0]
         return min(ring, key=lambda s: self.frame_of_slot[s])
+
+
+class CacheLayer:
+    """One layer's view of a ``KVCache`` for a forward of the cache's next chunk."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.index = cache, layer
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[KV, KV]:
+        """Keys/values to attend to, the held frames' then the chunk's ``k, v: [B, heads, F * N, D]``, and the
+        chunk's own keys/values as stored: ``((k_all, v_all), (k, v))``.
+
+        Without gradient the chunk goes into the free slots after the held frames and both are views of the
+        buffers (valid until the next forward or commit on this cache; the cache's state does not change).
+        With gradient, or in a dtype the buffers cannot take without autocast, the context is concatenated."""
+        c, layer = self.cache, self.index
+        a = c.num_frames * c.tokens_per_frame
+        b = a + k.shape[2]
+        same_dtype = k.dtype == c.k.dtype or torch.is_autocast_enabled(k.device.type)
+        if torch.is_grad_enabled() or not same_dtype or b > c.k.shape[3]:
+            if a == 0:
+                return (k, v), (k, v)
+            ks, vs = c.k[layer, :, :, :a].to(k.dtype), c.v[layer, :, :, :a].to(v.dtype)
+            return (torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)), (k, v)
+        c.k[layer, :, :, a:b] = k
+        c.v[layer, :, :, a:b] = v
+        k_all, v_all = c.k[layer, :, :, :b], c.v[layer, :, :, :b]
+        return (k_all, v_all), (k_all[:, :, a:], v_all[:, :, a:])
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module's activations are computed in: the autocast dtype when autocast is on,
+    ``module.compute_dtype`` when set (FSDP mixed precision keeps fp32 master weights), else the
+    dtype of its parameters."""
+    p = next(module.parameters())
+    if torch.is_autocast_enabled(p.device.type):
+        return torch.get_autocast_dtype(p.device.type)
+    return getattr(module, "compute_dtype", None) or p.dtype

@@ -33,17 +33,19 @@ def rope_3d_angles(
     frame_offset: int = 0,
     theta: float = 10000.0,
     frame_positions: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Angles ``[frames * height * width, head_dim // 2]`` for tokens ordered (frame, row, column).
+    """Angles ``[frames * height * width, head_dim // 2]`` (fp64, on ``device``) for tokens ordered (frame,
+    row, column).
 
     ``frame_offset`` gives absolute frame positions, so a chunk generated later gets the same
     rotation as it would inside the full sequence; ``frame_positions [frames]`` gives each frame's
     position explicitly instead (e.g. a clean and a noisy copy of the same frames).
     """
     df, dh, dw = rope_axis_dims(head_dim)
-    dev = torch.device("cpu")
+    dev = torch.device(device)
     if frame_positions is None:
-        frame_positions = torch.arange(frame_offset, frame_offset + frames)
+        frame_positions = torch.arange(frame_offset, frame_offset + frames, device=dev)
     af = rope_angles(frame_positions.to(dev), df, theta)
     ah = rope_angles(torch.arange(height, device=dev), dh, theta)
     aw = rope_angles(torch.arange(width, device=dev), dw, theta)
@@ -58,10 +60,20 @@ def rope_3d_angles(
     return grid.reshape(frames * height * width, head_dim // 2)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x: [B, H, L, D]`` by ``angles: [L, D // 2]``."""
-    cos = torch.cos(angles).to(x.dtype)
-    sin = torch.sin(angles).to(x.dtype)
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of the angles, each [L, head_dim // 2]
+
+
+def rope_cos_sin(angles: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> Rope:
+    """``(cos, sin)`` of ``angles`` (fp64, computed where the angles are) on ``device`` in ``dtype``: computed
+    once per forward, and read by every layer."""
+    return torch.cos(angles).to(device, dtype), torch.sin(angles).to(device, dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope | torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of ``x: [B, H, L, D]`` by ``rope``: ``(cos, sin)``, or the angles, [L, D // 2]."""
+    if isinstance(rope, torch.Tensor):
+        rope = rope_cos_sin(rope, x.device, x.dtype)
+    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2)
