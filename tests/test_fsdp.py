@@ -117,3 +117,107 @@ def test_sharded_checkpoints_resume_exactly_on_two_processes_or_one(teacher, tmp
     resumed = {name: read_checkpoint_weights(checkpoint_path(tmp_path / "two", 3), name) for name in reference}
     assert_same(resumed, reference)
     assert_same(_weights(tmp_path / "one")[0], reference)
+    # one tensor missing from one shard (a rank's half of a weight) is refused and named, not loaded half new
+    from tests.test_training import damaged
+
+    key = "networks.model.dit.blocks.0.self_attn.q.weight"
+    bad = damaged(step2, "half_lost", lambda meta: meta.state_dict_metadata[key].chunks.pop())
+    with pytest.raises(ValueError, match=f"pieces of {key} cover 512 of its 1024 elements"):
+        single("bad", 3).load(bad)
+
+
+def _adam(seed: int = 0):
+    """A small model and its AdamW, the same for a given seed."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _update(model, optimizer) -> list[torch.Tensor]:
+    model(torch.linspace(-1, 1, 12).view(3, 4)).square().sum().backward()
+    optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "full"])
+def test_saving_before_the_first_update_changes_nothing(tmp_path, fmt):
+    """An optimizer saved before its first step (the generator's, during the critic's warm-up) keeps no
+    state, and its checkpoint holds none: its first update, straight on or resumed, is the one of a run
+    that never saved (torch's state-dict API would give it state by a step at lr 0, which Adam counts)."""
+    from selfforcing.training.checkpoint import (
+        checkpoint_path,
+        load_sharded_checkpoint,
+        save_sharded_checkpoint,
+        sharded_keys,
+    )
+    from selfforcing.training.fsdp import load_optimizer_state, load_sharded_state, optimizer_state, sharded_state
+
+    reference = _update(*_adam())
+    model, opt = _adam()
+    if fmt == "sharded":
+        state = sharded_state({"model": model}, {"optimizer": ([model], opt)})
+        save_sharded_checkpoint(tmp_path, 0, state, {}, "", keep=1, is_main=True)
+    else:
+        saved = optimizer_state([model], opt)
+    assert not opt.state and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(_update(model, opt), reference, strict=True))  # bitwise
+    resumed, opt = _adam(seed=1)  # other weights: the checkpoint's replace them
+    if fmt == "sharded":
+        ckpt = checkpoint_path(tmp_path, 0)
+        state = sharded_state({"model": resumed}, {"optimizer": ([resumed], opt)}, saved=sharded_keys(ckpt))
+        load_sharded_checkpoint(ckpt, state)
+        load_sharded_state({"model": resumed}, {"optimizer": ([resumed], opt)}, state)
+    else:
+        resumed.load_state_dict(_adam()[0].state_dict())
+        load_optimizer_state([resumed], opt, saved)
+    assert not opt.state
+    assert all(torch.equal(a, b) for a, b in zip(_update(resumed, opt), reference, strict=True))
+
+
+def test_a_sharded_checkpoint_before_the_generators_first_update_leaves_the_run_unchanged(teacher, tmp_path):
+    """The critic warms up for a step, a sharded checkpoint is written, then the generator takes its first
+    update: the run, and the run resumed from that checkpoint, equal the one that never saved then."""
+    from tests.test_self_forcing import sf_cfg
+
+    def run(name: str, *extra: str) -> None:
+        flags = ("checkpoint_format=sharded", "distill.critic_warmup_steps=1", "num_threads=1")
+        SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"name={name}", *flags, *extra)).train()
+
+    run("straight", "steps=2", "ckpt_every=1000")  # saves at its end only
+    run("saved", "steps=2", "ckpt_every=1")  # saves at step 1, before the generator's first update
+    run("resumed", "steps=1", "ckpt_every=1")
+    run("resumed", "steps=2", "ckpt_every=1")
+    from selfforcing.training.checkpoint import latest_checkpoint, read_checkpoint_weights
+
+    def weights(name: str) -> dict:
+        ckpt = latest_checkpoint(tmp_path / name)
+        return {net: read_checkpoint_weights(ckpt, net) for net in ("model", "ema", "critic")}
+
+    straight = weights("straight")
+    assert_same(weights("saved"), straight, atol=0)
+    assert_same(weights("resumed"), straight, atol=0)
+
+
+def test_fsdp_mixed_precision_streams_its_kv_cache_in_bf16(tmp_path):
+    """Sharded with bf16 mixed precision, the DiT keeps fp32 master weights but computes in bf16: a rollout's
+    KV cache is allocated in bf16 (half the memory), not in the master dtype."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from selfforcing.models import ShapesTextEncoder, VideoDiT, dit_config
+from selfforcing.models.kv_cache import KVCache
+from selfforcing.models.t2v import TextToVideo
+from selfforcing.training.fsdp import shard_text_to_video
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+model = TextToVideo(ShapesTextEncoder(["red", "circle"], dim=32), VideoDiT(dit_config("tiny")))
+shard_text_to_video(model, init_device_mesh("cpu", (1,)), "bf16")
+assert next(model.dit.parameters()).dtype == torch.float32
+print(KVCache.for_model(model.dit, 1, 4, 3, 6).k.dtype)
+dist.destroy_process_group()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "torch.bfloat16"

@@ -125,3 +125,31 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_a_rolling_cache(fp
         grads.append(torch.autograd.grad((video * weights).sum(), list(t2v.dit.parameters())))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_a_chunk_straddling_the_grad_window_is_trained():
+    """grad_frames=4 of 9 frames in chunks of 3: the window starts inside the second chunk, which is trained
+    (its last frame is in the window); the first is not. A loss on the last 4 frames gets exactly the
+    gradient of a rollout in which every chunk carries gradient, and the first chunk gives the generator none."""
+    t2v = tiny_t2v()
+    shape = (2, 9, 3, 8, 8)
+
+    def rollout(grad_frames: int | None) -> torch.Tensor:
+        text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+        return self_forcing_rollout(
+            t2v, text_kv, shape, CausalConfig(3), 2, torch.Generator().manual_seed(0), grad_frames
+        )
+
+    calls, handle = grad_enabled_calls(t2v)
+    video = rollout(4)
+    handle.remove()
+    assert calls == [False, False, False] + [False, True, False] + [False, True]  # chunks 2 and 3 trained
+    params = list(t2v.dit.parameters())
+    first = torch.autograd.grad(video[:, :3].sum(), params, retain_graph=True, allow_unused=True)
+    assert all(g is None or not g.any() for g in first)  # the untrained first chunk
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    weights[:, :5] = 0  # the loss sees frames 5..8: the straddling chunk's last frame and the last chunk
+    got = torch.autograd.grad((video * weights).sum(), params)
+    want = torch.autograd.grad((rollout(None) * weights).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)

@@ -227,6 +227,42 @@ def test_a_long_rollout_is_scored_on_its_last_frames_only(teacher, tmp_path, los
     assert seen["critic"].shape[1] == 6
 
 
+def test_a_chunk_straddling_the_scored_window_is_trained_and_scored_on_its_frames_in_it(teacher, tmp_path, monkeypatch):
+    """rollout_frames=9, score_frames=4 in chunks of 3: the scored window (frames 5..8) starts inside the
+    second chunk. The generator's loss reaches exactly frames 5..8 of its rollout, the second and third
+    chunks carry gradient, the first none, and the gradient is that of a rollout in which every chunk
+    carries it: nothing is lost at the window's edge."""
+    import selfforcing.training.self_forcing as sf
+
+    t = SelfForcingTrainer(sf_cfg(teacher, tmp_path, "distill.rollout_frames=9", "distill.score_frames=4"))
+    rollouts = []
+    rollout = t.rollout
+
+    def keep(*args):  # the whole rollout, its gradient kept
+        video = rollout(*args)
+        video.retain_grad()
+        rollouts.append(video)
+        return video
+
+    t.rollout = keep
+    calls = []
+    t.model.dit.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    t.step = 0
+    t.generator_micro_loss(0)[0].backward()
+    exit_step, video = t.exit_step("generator", 0), rollouts[0]
+    chunk = [False] * (exit_step - 1)
+    assert calls == (chunk + [False, False]) + (chunk + [True, False]) + (chunk + [True])
+    per_frame = video.grad.abs().flatten(2).sum(-1)  # [B, 9]
+    assert video.shape[1] == 9 and not per_frame[:, :5].any() and (per_frame[:, 5:] > 0).all()
+    got = [p.grad.clone() for p in t.model.dit.parameters()]
+    t.model.zero_grad(set_to_none=True)
+    every_chunk = sf.self_forcing_rollout
+    monkeypatch.setattr(sf, "self_forcing_rollout", lambda *a, grad_frames, **kw: every_chunk(*a, **kw))
+    t.generator_micro_loss(0)[0].backward()
+    for a, p in zip(got, t.model.dit.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, atol=1e-7, rtol=1e-6)
+
+
 def test_a_random_score_window_rolls_out_to_a_random_chunk_boundary(teacher, tmp_path):
     """score_window=random (Self-Forcing++): each rollout stops at a chunk boundary drawn from
     score_frames..rollout_frames (deterministic per step and micro-batch), and the losses see its last

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,63 @@ def test_a_sharded_checkpoint_loads_gathers_and_reports_damage(tiny_cfg, capsys)
         TeacherTrainer(tiny_cfg("name=sharded", "steps=3", "sample_every=1000", "checkpoint_format=sharded")).train()
     with pytest.raises(ConfigError, match="checkpoint_format must be full or sharded, got 'dcp'"):
         tiny_cfg("checkpoint_format=dcp")
+
+
+def damaged(ckpt: Path, name: str, edit) -> Path:
+    """A copy of a sharded checkpoint (``name`` beside it) whose index (``sharded/.metadata``) ``edit`` changed."""
+    import pickle
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    copy = ckpt.parent / name
+    shutil.copytree(ckpt, copy)
+    meta = FileSystemReader(str(copy / "sharded")).read_metadata()
+    edit(meta)
+    (copy / "sharded" / ".metadata").write_bytes(pickle.dumps(meta))
+    return copy
+
+
+def test_a_sharded_checkpoint_missing_one_tensor_is_refused_with_its_name(tiny_cfg):
+    """One tensor (a weight, or one optimizer moment of one weight) gone from the shards, its index entry, or
+    its shard file cut short: resuming or reading the network refuses it and names the tensor (a lost
+    optimizer moment used to be left at zeros, a lost piece of a weight at the new run's values)."""
+    t = TeacherTrainer(tiny_cfg("name=sharded", "steps=1", "sample_every=1000", "checkpoint_format=sharded"))
+    ckpt = latest_checkpoint(t.train())
+    weight = "networks.model.dit.blocks.0.self_attn.q.weight"
+    moment = "optimizers.optimizer.state.0.dit.blocks.0.self_attn.q.weight.exp_avg_sq"
+
+    def lose_piece(key):
+        def edit(meta):
+            meta.state_dict_metadata[key].chunks.pop()  # its only piece: one process wrote it whole
+
+        return edit
+
+    def forget(key):
+        return lambda meta: meta.state_dict_metadata.pop(key)
+
+    def unindex(key):
+        return lambda meta: meta.storage_data.pop(next(i for i in meta.storage_data if i.fqn == key))
+
+    cases = [
+        (lose_piece(weight), f"pieces of {weight} cover 0 of its"),
+        (lose_piece(moment), f"pieces of {moment} cover 0 of its"),
+        (forget(weight), f"lacks 1 tensors this run holds: {weight}"),
+        (forget(moment), f"lacks 1 tensors this run holds: {moment}"),
+        (unindex(moment), f"the piece of {moment} at \\(0, 0\\) is in no shard file"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        bad = damaged(ckpt, f"bad_{i}", edit)
+        with pytest.raises(ValueError, match=message):
+            TeacherTrainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(bad)
+    with pytest.raises(ValueError, match=f"pieces of {weight} cover 0"):
+        read_checkpoint_weights(damaged(ckpt, "bad_read", lose_piece(weight)), "model")
+    cut = damaged(ckpt, "cut", lambda meta: None)
+    shard = next((cut / "sharded").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"the shard file {shard.name} holding .* is truncated"):
+        TeacherTrainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(cut)
+    TeacherTrainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(ckpt)  # the intact one loads
 
 
 def test_checkpoint_roundtrip_gives_the_same_videos(tiny_cfg):

@@ -38,6 +38,7 @@ def tiny_overrides(folder, tmp_path, name) -> list[str]:
         f"name={name}",
         f"out_dir={tmp_path}",
         f"model.wan={folder}",
+        f"model.text_cache={tmp_path / 'umt5_cache'}",  # not the recipe's runs/umt5_cache: tiny umT5 embeddings
         "init_from=''",  # the folder's own DiT starts the causal student
         f"data.prompts={tmp_path / 'prompts.txt'}",
         "data.frames=21",  # 6 latent frames: two chunks of 3
@@ -281,3 +282,46 @@ def test_wan_ode_pairs_initialise_the_student_that_self_forcing_starts_from(wan_
     sf = SelfForcingTrainer(recipe(wan_folder, tmp_path, "sf", "distributed=ddp", f"init_from={run}"))
     for k, v in sf.model.dit.state_dict().items():
         assert torch.equal(v, ema[f"dit.{k}"]), k
+
+
+def test_a_text_cache_of_every_prompt_spares_loading_umt5(wan_folder, tmp_path, monkeypatch):
+    """Training reads umT5's embeddings from model.text_cache and never loads umT5 (~23 GB in fp32, on every
+    GPU) when the cache holds every prompt of the run; a prompt it lacks loads umT5 once, in bf16 (Wan's own
+    dtype), kept on the CPU between new prompts on CUDA, and the embeddings are the same either way."""
+    import selfforcing.wan.text_encoder as wan_text
+    from selfforcing.inference.pipeline import LazyUMT5, wan_text_encoder
+
+    load = wan_text.load_text_encoder
+    cache = tmp_path / "umt5"
+    prompts = ["a red circle moving right", "the cat walks on grass", "a small blue triangle"]  # the run's
+    reference = load(wan_folder, dtype=torch.bfloat16, cache_dir=cache)
+    expected = reference([*prompts, WAN_NEGATIVE_PROMPT])[0]  # what `selfforcing encode-prompts` writes
+
+    def refuse(*args, **kw):
+        raise AssertionError("umT5 was loaded")
+
+    monkeypatch.setattr(wan_text, "load_text_encoder", refuse)
+    wan_text_encoder.cache_clear()
+    t = SelfForcingTrainer(
+        recipe(wan_folder, tmp_path, "cached", "distributed=ddp", "steps=1", f"model.text_cache={cache}")
+    )
+    t.train()
+    umt5 = t.model.text_encoder.shared
+    assert isinstance(umt5, LazyUMT5) and not umt5.loaded
+    assert torch.equal(t.model.encode_text([*prompts, WAN_NEGATIVE_PROMPT])[0], expected)
+
+    loads = []
+    monkeypatch.setattr(wan_text, "load_text_encoder", lambda *a, **kw: loads.append((a, kw)) or load(*a, **kw))
+    new = ["a green square", "two dogs on a beach"]
+    uncached = load(wan_folder, dtype=torch.bfloat16)  # runs umT5 on every prompt
+    assert torch.equal(umt5([new[0], prompts[0]])[0], uncached([new[0], prompts[0]])[0])
+    assert torch.equal(umt5(new)[0], uncached(new)[0])
+    assert umt5.loaded and len(loads) == 1 and loads[0][0][1] == torch.bfloat16  # once, in bf16
+    lazy = LazyUMT5(wan_folder, t.model.dit.cfg.text_dim, cache)
+    lazy.place(torch.device("cuda"))  # never run on CUDA here: the load's placement is what is checked
+    monkeypatch.setattr(wan_text, "load_text_encoder", lambda *a, **kw: loads.append((a, kw)) or refuse())
+    with pytest.raises(AssertionError, match="umT5 was loaded"):
+        lazy(["a purple star"])
+    folder, dtype, device, offload = loads[1][0]
+    assert (dtype, device, offload) == (torch.bfloat16, torch.device("cuda"), True)  # on the CPU between prompts
+    wan_text_encoder.cache_clear()

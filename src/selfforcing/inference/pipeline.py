@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -47,12 +49,67 @@ def wan_vae(folder: str) -> Codec:
     return load_vae(folder)
 
 
+class LazyUMT5(TextEncoder):
+    """The Wan folder's umT5 (``wan.text_encoder.UMT5TextEncoder``: ``forward(prompts) -> (embeddings
+    [B, 512, dim], None)``), loaded only when a prompt's embedding is not in ``cache_dir`` already: with a
+    text cache that holds every prompt of a run (``selfforcing encode-prompts``), umT5-XXL (~11 GB in
+    bf16) is never loaded. It loads at most once, in ``dtype`` (bf16: Wan's own), on the CPU when
+    ``offload`` (``place``), and then encodes (and caches) the missing prompts as ``UMT5TextEncoder`` does."""
+
+    def __init__(self, folder: str | Path, dim: int, cache_dir: str | Path | None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        from ..wan.text_encoder import UMT5TextEncoder
+
+        self.folder, self.dim, self.dtype = folder, dim, dtype
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        # reads cached embeddings only: a placeholder encoder of the right width, no tokenizer
+        stub = SimpleNamespace(config=SimpleNamespace(d_model=dim))
+        self.encoder: UMT5TextEncoder = UMT5TextEncoder(stub, None, cache_dir=self.cache_dir)
+        self.loaded = False
+        self._lock = threading.Lock()  # one load, even with several threads encoding
+
+    def place(self, device: torch.device | str) -> None:
+        """Return embeddings on ``device``; on CUDA umT5 stays on the CPU and visits the GPU only to encode
+        new prompts (``offload``)."""
+        device = torch.device(device)
+        self.encoder.device, self.encoder.offload = device, device.type == "cuda"
+        if self.loaded:
+            self.encoder.encoder.to("cpu" if self.encoder.offload else device)
+
+    def missing(self, prompts: list[str]) -> list[str]:
+        """The (cleaned) prompts whose embedding is neither in memory nor in ``cache_dir``."""
+        from ..wan.text_encoder import clean_prompt
+
+        cleaned = [clean_prompt(p) for p in prompts]
+        on_disk = self.cache_dir is not None
+        return [
+            p for p in cleaned if p not in self.encoder.cache and not (on_disk and self.encoder.cache_file(p).is_file())
+        ]
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+        with self._lock:
+            if not self.loaded and self.missing(prompts):
+                self.load()
+        return self.encoder(prompts)
+
+    def load(self) -> None:
+        """Load umT5 in place of the cache reader, keeping what was read, where ``place`` said."""
+        from ..wan.text_encoder import load_text_encoder
+
+        reader = self.encoder
+        encoder = load_text_encoder(self.folder, self.dtype, reader.device, reader.offload, cache_dir=self.cache_dir)
+        encoder.cache.update(reader.cache)
+        self.encoder, self.loaded = encoder, True
+
+
 @functools.cache
 def wan_text_encoder(folder: str, text_cache: str = "") -> TextEncoder:
-    """The Wan folder's umT5, loaded once per process (frozen and shared; see ``FrozenTextEncoder``)."""
-    from ..wan.text_encoder import FrozenTextEncoder, load_text_encoder
+    """The Wan folder's umT5, loaded once per process, and only if a prompt is missing from ``text_cache``
+    (``LazyUMT5``; frozen and shared: see ``FrozenTextEncoder``)."""
+    from ..wan.dit_weights import folder_config
+    from ..wan.text_encoder import FrozenTextEncoder
 
-    return FrozenTextEncoder(load_text_encoder(folder, cache_dir=text_cache or None))
+    return FrozenTextEncoder(LazyUMT5(folder, folder_config(folder).text_dim, text_cache or None))
 
 
 def wan_model(cfg: TrainConfig, dit_weights: str | Path) -> TextToVideo:

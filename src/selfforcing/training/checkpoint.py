@@ -15,6 +15,7 @@ own shards: nothing is gathered, so it scales to any model size), under the keys
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import warnings
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from .distributed import barrier
 
@@ -120,9 +121,15 @@ def save_sharded_checkpoint(
 
 def load_sharded_checkpoint(ckpt: Path, state: dict, partial: bool = False) -> None:
     """Fill ``state`` (this process's tensors, shards or whole) from ``ckpt/sharded`` in place, whatever
-    the number of processes that wrote it. ``partial``: entries of ``state`` the checkpoint lacks are kept
-    (e.g. optimizer state of a parameter that never had a gradient)."""
-    _sharded_tensors(ckpt)  # a damaged checkpoint fails here, with its name
+    the number of processes that wrote it. A tensor of ``state`` the checkpoint lacks is an error naming
+    it, unless ``partial`` (then it is kept as it is)."""
+    tensors = _sharded_tensors(ckpt)  # a damaged checkpoint fails here, with its name
+    missing = [k for k in _tensor_keys(state) if k not in tensors]
+    if missing and not partial:
+        raise ValueError(
+            f"the sharded checkpoint {Path(ckpt) / SHARDED} lacks {len(missing)} tensors this run holds: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (it is damaged, or from another model)"
+        )
     with _single_process_ok():
         dcp.load(
             state,
@@ -132,12 +139,57 @@ def load_sharded_checkpoint(ckpt: Path, state: dict, partial: bool = False) -> N
         )
 
 
-def _sharded_tensors(ckpt: Path) -> dict[str, TensorStorageMetadata]:
+def _tensor_keys(state: dict, prefix: str = "") -> list[str]:
+    """The keys torch.distributed.checkpoint gives the tensors of a nested state dict (``a.b.0.c``)."""
+    keys = []
+    for k, v in state.items() if isinstance(state, dict) else enumerate(state):
+        if isinstance(v, torch.Tensor):
+            keys.append(f"{prefix}{k}")
+        elif isinstance(v, dict | list):
+            keys += _tensor_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def sharded_keys(ckpt: Path) -> set[str]:
+    """Every key (tensor or not) of a sharded checkpoint, e.g. ``optimizers.optimizer.state.<param>.step``."""
+    return set(_sharded_metadata(ckpt).state_dict_metadata)
+
+
+def _sharded_metadata(ckpt: Path) -> Metadata:
     try:
-        meta = FileSystemReader(str(Path(ckpt) / SHARDED)).read_metadata()
+        return FileSystemReader(str(Path(ckpt) / SHARDED)).read_metadata()
     except Exception as e:  # a missing or damaged .metadata file
         raise ValueError(f"cannot read the sharded checkpoint {Path(ckpt) / SHARDED}: {e}") from e
-    return {k: m for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def _sharded_tensors(ckpt: Path) -> dict[str, TensorStorageMetadata]:
+    """The checkpoint's tensors, checked whole: the stored pieces of each cover it, and each piece is in a
+    shard file that is there and long enough. A ValueError names the first tensor that is not."""
+    folder = Path(ckpt) / SHARDED
+    meta = _sharded_metadata(ckpt)
+    tensors = {k: m for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    sizes: dict[str, int] = {}  # shard file -> bytes
+    for name, m in tensors.items():
+        covered = 0
+        for chunk in m.chunks:
+            if any(o < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, m.size, strict=True)):
+                raise ValueError(f"{folder}: a piece of {name} lies outside its shape {tuple(m.size)}: damaged")
+            covered += math.prod(chunk.sizes)
+            where = meta.storage_data.get(MetadataIndex(name, chunk.offsets)) if meta.storage_data else None
+            if where is None:
+                raise ValueError(f"{folder}: the piece of {name} at {tuple(chunk.offsets)} is in no shard file")
+            file = folder / where.relative_path
+            if file.name not in sizes:
+                sizes[file.name] = file.stat().st_size if file.is_file() else -1
+            if sizes[file.name] < where.offset + where.length:
+                state = "missing" if sizes[file.name] < 0 else "truncated"
+                raise ValueError(f"{folder}: the shard file {file.name} holding {name} is {state}")
+        if covered != math.prod(m.size):
+            raise ValueError(
+                f"{folder}: the stored pieces of {name} cover {covered} of its {math.prod(m.size)} elements "
+                f"(shape {tuple(m.size)}): a shard of it is missing, the checkpoint is damaged"
+            )
+    return tensors
 
 
 def _sharded_networks(ckpt: Path) -> list[str]:

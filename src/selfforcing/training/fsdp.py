@@ -49,6 +49,7 @@ def shard_text_to_video(model: nn.Module, mesh: DeviceMesh, precision: str) -> n
         register_fsdp_forward_method(block, "text_kv")
     fully_shard(model.dit, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model.dit, "text_kv")
+    model.dit.compute_dtype = compute  # a KV cache stores keys/values in it, not in the fp32 master dtype
     if any(True for _ in model.text_encoder.parameters()):
         fully_shard(model.text_encoder, mesh=mesh, mp_policy=policy)
     return model
@@ -110,20 +111,54 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state keyed by parameter name (a collective)."""
-    return get_optimizer_state_dict(nn.ModuleList(modules), optimizer, options=FULL)
+    """The optimizer's whole state keyed by parameter name (a collective). Changes nothing (``_optimizer_state``)."""
+    return _optimizer_state(modules, optimizer, FULL)
 
 
-def sharded_state(networks: dict[str, nn.Module], optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]]):
+def _optimizer_state(
+    modules: list[nn.Module], optimizer: torch.optim.Optimizer, options: StateDictOptions | None = None
+) -> dict:
+    """``get_optimizer_state_dict``, without its side effect: it gives an optimizer that has not stepped yet
+    state by a step at lr 0, which for Adam counts (``step`` 1, so the first real update would be
+    bias-corrected as the second, ~1.4x too large). Such an optimizer is left without state, as it was, and
+    its state dict holds none, so saving never changes the training (resuming restores no state either)."""
+    fresh = not optimizer.state
+    osd = get_optimizer_state_dict(nn.ModuleList(modules), optimizer, options=options)
+    if fresh:
+        optimizer.state.clear()
+        osd = {**osd, "state": {}}
+    return osd
+
+
+def sharded_state(
+    networks: dict[str, nn.Module],
+    optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]],
+    saved: set[str] | None = None,
+) -> dict:
     """``{"networks": {name: state dict}, "optimizers": {name: state dict}}`` as this process holds them
     (DTensor shards under FSDP, whole tensors otherwise; optimizer state keyed by parameter name), for
-    torch.distributed.checkpoint. An optimizer without state yet gets it (zeros) so that it can be loaded into."""
-    return {
-        "networks": {name: get_model_state_dict(net) for name, net in networks.items()},
-        "optimizers": {
-            name: get_optimizer_state_dict(nn.ModuleList(modules), opt) for name, (modules, opt) in optimizers.items()
-        },
-    }
+    torch.distributed.checkpoint. To save (``saved`` None) nothing is changed: an optimizer that has not
+    stepped yet has no state. To load, ``saved`` holds the checkpoint's keys (``checkpoint.sharded_keys``):
+    every optimizer is given state (zeros) for the checkpoint to fill, for exactly the parameters the
+    checkpoint holds state of (``load_sharded_state`` then drops the rest)."""
+    state = {"networks": {name: get_model_state_dict(net) for name, net in networks.items()}, "optimizers": {}}
+    for name, (modules, opt) in optimizers.items():
+        if saved is None:
+            state["optimizers"][name] = _optimizer_state(modules, opt)
+            continue
+        osd = get_optimizer_state_dict(nn.ModuleList(modules), opt)  # state zeros if it had none
+        prefix = f"optimizers.{name}.state."
+        held = {k.removeprefix(prefix).rsplit(".", 1)[0] for k in saved if k.startswith(prefix)}  # param names
+        state["optimizers"][name] = {**osd, "state": {p: s for p, s in osd["state"].items() if p in held}}
+    return state
+
+
+def drop_unsaved_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Forget the optimizer state of every parameter not in ``saved`` (a state dict's ``"state"``, keyed by
+    parameter name): one that had not stepped when the checkpoint was written has none now either."""
+    for name, param in nn.ModuleList(modules).named_parameters():
+        if name not in saved:
+            optimizer.state.pop(param, None)
 
 
 def load_sharded_state(
@@ -133,11 +168,15 @@ def load_sharded_state(
     for name, net in networks.items():
         set_model_state_dict(net, state["networks"][name], options=StateDictOptions(strict=True))
     for name, (modules, opt) in optimizers.items():
-        set_optimizer_state_dict(nn.ModuleList(modules), opt, state["optimizers"][name])
+        osd = state["optimizers"][name]
+        set_optimizer_state_dict(nn.ModuleList(modules), opt, osd, options=StateDictOptions(strict=False))
+        drop_unsaved_state(modules, opt, osd["state"])
 
 
 def load_optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Scatter ``optimizer_state``'s output back. Not strict: a parameter that never had a gradient (the
-    critic's output head under the GAN loss) has no state, in the checkpoint as in the optimizer."""
+    critic's output head under the GAN loss), or any before the optimizer's first step, has no state, in
+    the checkpoint as in the optimizer."""
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(nn.ModuleList(modules), optimizer, state, options=options)
+    drop_unsaved_state(modules, optimizer, state["state"])

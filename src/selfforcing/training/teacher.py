@@ -44,6 +44,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     save_sharded_checkpoint,
+    sharded_keys,
 )
 from .distributed import barrier, init_distributed, no_sync, wrap_loss
 from .ema import EMA
@@ -163,9 +164,9 @@ class TeacherTrainer:
         if cfg.model.wan:  # a Wan DiT in any layout (a Self Forcing / ODE-init .pt, ...), else the folder's own
             self.model = wan_model(cfg, cfg.init_from or cfg.model.wan).to(self.device)
             self.model.dit.requires_grad_(True)
-            umt5 = self.model.text_encoder.shared  # shared and frozen, like the VAE: both run on this device
-            umt5.to(self.device)
-            umt5.device = self.device
+            # umT5 is shared and frozen; in bf16, loaded only for prompts missing from model.text_cache, and on
+            # CUDA kept on the CPU between them (inference.pipeline.LazyUMT5). The VAE runs on this device.
+            self.model.text_encoder.shared.place(self.device)
             self.codec.vae.to(self.device)
         else:
             self.model = build_model(cfg).to(self.device)
@@ -252,10 +253,10 @@ class TeacherTrainer:
         """Resume from ``ckpt`` in either format, whatever the number of processes that wrote it."""
         state = torch.load(ckpt / "training_state.pt", map_location=self.device, weights_only=True)
         if (ckpt / SHARDED).is_dir():
-            tensors = sharded_state(self.networks(), self.optimizer_owners())
-            load_sharded_checkpoint(ckpt, {"networks": tensors["networks"]})  # strict: every weight is there
-            # partial: a parameter that never had a gradient (the GAN critic's output head) has no saved state
-            load_sharded_checkpoint(ckpt, {"optimizers": tensors["optimizers"]}, partial=True)
+            # optimizer state for exactly the parameters that have it in the checkpoint: none before an
+            # optimizer's first step, none for one that never had a gradient (the GAN critic's output head)
+            tensors = sharded_state(self.networks(), self.optimizer_owners(), saved=sharded_keys(ckpt))
+            load_sharded_checkpoint(ckpt, tensors)  # strict: a tensor the checkpoint lacks is an error
             load_sharded_state(self.networks(), self.optimizer_owners(), tensors)
         elif self.sharded:  # every rank reads the full files and keeps its shards
             for name, module in self.networks().items():
