@@ -242,3 +242,30 @@ def test_the_cache_is_stored_in_the_dtype_attention_computes_in():
     assert torch.allclose(cached.float(), full.float(), atol=0.05)
     m.compute_dtype = torch.bfloat16  # what FSDP mixed precision sets on the DiT it shards
     assert KVCache.for_model(m, 2, 4, 3, 9).k.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fpb,window,sink", [(3, 6, 0), (1, 4, 2)])
+def test_an_fp8_cache_holds_the_same_frames_in_a_byte_with_a_scale_per_frame(fpb, window, sink):
+    """``kv_cache: fp8``: the rolling cache keeps the same frames, one byte per value (half of bf16, a quarter
+    of fp32) with one scale per frame and head, and the video stays close to the exact cache's."""
+    from selfforcing.models.kv_cache import FP8KVCache
+
+    m = random_model()
+    x, t, ctx = inputs(12)
+    exact, exact_cache = cached_forward(m, x, t, ctx, fpb, window, sink)
+    fp8 = KVCache.for_model(m, 2, 4, fpb, window, sink, torch.float8_e4m3fn)
+    assert isinstance(fp8, FP8KVCache) and fp8.k.element_size() == 1
+    assert fp8.k.shape[3] == fp8.capacity * 4  # no in-place slots for the chunk: it is concatenated
+    text_kv, outs = m.text_kv(ctx), []
+    with torch.no_grad():
+        for s in range(0, 12, fpb):
+            out, kv = m(
+                x[:, s : s + fpb], t[:, s : s + fpb], text_kv=text_kv, kv_cache=fp8, frame_offset=s, return_kv=True
+            )
+            fp8.commit(s, kv)
+            outs.append(out)
+    assert fp8.frames == exact_cache.frames
+    k8, k = fp8.context(0)[0], exact_cache.context(0)[0]
+    assert k8.dtype == torch.float32 and (k8 - k).abs().max() <= 0.07 * k.abs().max()  # e4m3: 3 mantissa bits
+    err = (torch.cat(outs, 1) - exact).norm() / exact.norm()
+    assert 0 < err < 0.05, err

@@ -45,15 +45,28 @@ def test_each_prompt_is_encoded_once(pipe_dir):
     torch.testing.assert_close(b[0], a[1])
 
 
-def test_offloaded_encoder_visits_the_device_only_to_encode(pipe_dir):
-    enc = load_text_encoder(pipe_dir, offload=True, device="cpu")
+def spy_moves(enc) -> list[tuple[str, str]]:
+    """Record (module, device) for every ``.to`` of umT5's blocks, final norm and whole stack."""
     moves = []
-    to = enc.encoder.to
-    enc.encoder.to = lambda device: moves.append(str(device)) or to(device)
+    stack = enc.encoder.encoder
+    named = {f"block{i}": b for i, b in enumerate(stack.block)} | {"norm": stack.final_layer_norm, "stack": stack}
+    for name, module in named.items():
+        to = module.to
+        module.to = lambda device, name=name, to=to: moves.append((name, str(device))) or to(device)
+    return moves
+
+
+def test_offloaded_encoder_visits_the_device_a_block_at_a_time(pipe_dir):
+    plain = load_text_encoder(pipe_dir)
+    enc = load_text_encoder(pipe_dir, offload=True, device="cpu")
+    moves = spy_moves(enc)
     emb, _ = enc(["a cat"])
-    assert moves == ["cpu", "cpu"]  # to the device (here the CPU) for the new prompt, then back to the CPU
+    torch.testing.assert_close(emb, plain(["a cat"])[0])  # the same embeddings
+    # each block (then the final norm) goes to the device (here the CPU) and back before the next arrives
+    blocks = [(f"block{i}", d) for i in range(2) for d in ("cpu", "cpu")] + [("norm", "cpu"), ("norm", "cpu")]
+    assert moves == [*blocks, ("stack", "cpu")]
     enc(["a cat"])
-    assert len(moves) == 2  # a known prompt moves nothing
+    assert len(moves) == len(blocks) + 1  # a known prompt moves nothing
     assert next(enc.encoder.parameters()).device.type == "cpu" and emb.device.type == "cpu"
 
 
@@ -127,17 +140,18 @@ def test_offload_goes_back_to_the_cpu_on_error_and_encodes_one_at_a_time(pipe_di
     import time
 
     enc = load_text_encoder(pipe_dir, offload=True, device="cpu")
-    moves, to = [], enc.encoder.to
-    enc.encoder.to = lambda device: moves.append(str(device)) or to(device)
+    moves = spy_moves(enc)
     forward = enc.encoder.forward
 
     def failing(*args, **kw):
         raise RuntimeError("out of memory")
 
-    enc.encoder.forward = failing
+    block_forward = enc.encoder.encoder.block[1].forward
+    enc.encoder.encoder.block[1].forward = failing
     with pytest.raises(RuntimeError, match="out of memory"):
         enc(["a cat"])
-    assert moves == ["cpu", "cpu"]  # to the device, and back although the encoder failed
+    assert moves[-1] == ("stack", "cpu")  # block 1 went to the device and failed there: all back to the CPU
+    enc.encoder.encoder.block[1].forward = block_forward
     inside, most = [0], [0]
 
     def slow(*args, **kw):

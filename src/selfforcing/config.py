@@ -113,12 +113,31 @@ class CausalConfig:
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])  # before warping
     shift: float = 5.0  # warp of the step list
     context_timestep: float = 0.0  # t_ctx of the cache-commit pass, in [0, 1000)
-    window: int = 0  # attention window in latent frames incl. the current chunk; 0 = unlimited
-    sink: int = 0  # first latent frames always attended to (never evicted from a rolling cache)
+    # A chunk attends to the last `window` latent frames up to its end (itself included) and to the first
+    # `sink` frames: at most sink + window frames. Unset (null) = 0; window 0 = unlimited.
+    window: int | None = None
+    sink: int | None = None  # first latent frames always attended to (never evicted from a rolling cache)
+    # The same, under the names of the official Self Forcing / LongLive / Reward Forcing configs:
+    # local_attn_size = frames attended in all, the sink and the current chunk included (-1 = unlimited),
+    # sink_size = sink. They become window = local_attn_size - sink_size and sink = sink_size (then null):
+    # LongLive's local_attn_size 12, sink_size 3 is window 9, sink 3 (docs/interactive.md).
+    local_attn_size: int | None = None
+    sink_size: int | None = None
+    # how the KV cache stores keys/values: "auto" in the dtype attention computes in (bf16 on GPUs), "fp8"
+    # in e4m3 with one scale per frame and head (half the memory; its cost in docs/streaming.md)
+    kv_cache: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.window, self.sink = official_window(self)
+        self.local_attn_size = self.sink_size = None  # resolved: window and sink are the settings from here on
 
     def sigmas(self) -> torch.Tensor:
         """The warped few-step noise levels ``[S]``, e.g. [1.0, 0.9375, 0.8333, 0.625]."""
         return warp_timesteps(list(self.denoising_steps), self.shift) / 1000.0
+
+    def cache_dtype(self) -> torch.dtype | None:
+        """What ``KVCache.for_model`` stores in: None (the compute dtype) or fp8."""
+        return KV_CACHE_DTYPES[self.kv_cache]
 
     def validate(self, num_frames: int | None = None) -> None:
         """Raise a ValueError naming the problem (``num_frames``: latent frames to generate)."""
@@ -126,11 +145,53 @@ class CausalConfig:
         if not 0 <= self.context_timestep < 1000:
             raise ValueError(f"causal.context_timestep must be in [0, 1000), got {self.context_timestep}")
         self.sigmas()  # raises on a bad step list
+        if self.kv_cache not in KV_CACHE_DTYPES:
+            raise ValueError(f"causal.kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}")
         if num_frames is not None and num_frames % self.frames_per_block:
             raise ValueError(
                 f"{num_frames} latent frames is not a whole number of chunks of {self.frames_per_block}: "
                 "use a multiple of causal.frames_per_block"
             )
+
+
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+
+
+def official_window(c: CausalConfig) -> tuple[int, int]:
+    """``(window, sink)`` of a causal config that may use the official names ``local_attn_size`` / ``sink_size``
+    (see ``CausalConfig``); a ConfigError names both keys and the mapping when they contradict ``window``/``sink``."""
+    sink = c.sink
+    if c.sink_size is not None:
+        if sink is not None and sink != c.sink_size:
+            raise ConfigError(
+                f"causal.sink={sink} and causal.sink_size={c.sink_size} disagree: both are the number of first "
+                "frames always attended to (sink_size is the official name); give one"
+            )
+        sink = c.sink_size
+    sink = sink or 0
+    if c.local_attn_size is None:
+        return c.window or 0, sink
+    size, fpb = c.local_attn_size, c.frames_per_block
+    if size == -1:
+        window = 0  # unlimited: the official cache never evicts, so the sink changes nothing
+    elif size < 1:
+        raise ConfigError(f"causal.local_attn_size must be -1 (unlimited) or >= 1 frames, got {size}")
+    else:
+        window = size - sink
+        if window < fpb:
+            raise ConfigError(
+                f"causal.local_attn_size={size} with sink_size={sink} leaves window = local_attn_size - sink_size = "
+                f"{window} frames, less than a chunk (frames_per_block={fpb}): a chunk must see itself; use "
+                f"local_attn_size >= sink_size + frames_per_block = {sink + fpb}, or -1 (unlimited)"
+            )
+    if c.window is not None and c.window != window:
+        raise ConfigError(
+            f"causal.window={c.window} and causal.local_attn_size={size} disagree: local_attn_size (the official "
+            "Self Forcing / LongLive name) counts the sink frames and the current chunk, window counts the current "
+            f"chunk but not the sink, so window = local_attn_size - sink_size = {size} - {sink} = {window} here "
+            "(local_attn_size -1 is window 0, unlimited); give one of them"
+        )
+    return window, sink
 
 
 @dataclass

@@ -151,7 +151,9 @@ def _recomputed_chunks(
     _, gh, gw = model.dit.token_grid(fpb, h, w)
     n = gh * gw
     window = settings.window or f
-    cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink) if rebuild_cache else None
+    cache = None
+    if rebuild_cache:
+        cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, settings.cache_dtype())
     sigmas = settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far

@@ -85,7 +85,8 @@ class VideoStream:
         _, gh, gw = model.dit.token_grid(settings.frames_per_block, h, w)
         rows = b if guidance_scale == 1.0 else 2 * b
         fpb, window = settings.frames_per_block, settings.window
-        self.cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink)  # the compute dtype
+        layout = (rows, gh * gw, fpb, window, settings.sink)
+        self.cache = KVCache.for_model(model.dit, *layout, settings.cache_dtype())
         self.generator = torch.Generator().manual_seed(seed)
         self.sigmas = settings.sigmas().to(p.device)
         self.context_sigma = settings.context_timestep / 1000.0

@@ -18,6 +18,9 @@ so no layer copies the whole context, and a commit of that chunk moves at most t
 an old one. With gradient (a Self Forcing rollout's exit step) the context is concatenated instead, so
 autograd never sees a buffer that a later step overwrites.
 
+``FP8KVCache`` (opt-in: ``dtype=torch.float8_e4m3fn``) stores the same in fp8 with one scale per frame
+and head: half of bf16's memory; every layer dequantises its context when it reads it.
+
 ``TextKV`` is the cross-attention cache: the text keys/values of every layer, computed once per prompt.
 """
 
@@ -50,6 +53,8 @@ class KVCache:
     N = tokens per frame. ``frame_of_slot[i]`` is the absolute frame index held in slot i (-1 = empty).
     """
 
+    in_place = True  # a forward may write its chunk after the held frames (``CacheLayer.extend``)
+
     def __init__(
         self,
         num_layers: int,
@@ -71,7 +76,8 @@ class KVCache:
         self.window = window
         self.sink = sink
         self.capacity = sink + window - frames_per_block  # past frames a chunk can see
-        shape = (num_layers, batch_size, num_heads, (self.capacity + frames_per_block) * tokens_per_frame, head_dim)
+        slots = self.capacity + (frames_per_block if self.in_place else 0)
+        shape = (num_layers, batch_size, num_heads, slots * tokens_per_frame, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.frame_of_slot = [-1] * self.capacity
@@ -91,9 +97,12 @@ class KVCache:
     ) -> KVCache:
         """An empty cache shaped for ``dit`` (a ``VideoDiT``) on its device, in the dtype its attention computes
         in (``compute_dtype``: the autocast dtype under autocast, FSDP's ``param_dtype`` under mixed precision,
-        else the parameters' dtype)."""
+        else the parameters' dtype), or in ``dtype``: ``torch.float8_e4m3fn`` gives an ``FP8KVCache``."""
         p = next(dit.parameters())
         c = dit.cfg
+        if dtype == FP8 and cls is KVCache:
+            layout = (batch_size, tokens_per_frame, frames_per_block, window, sink)
+            return FP8KVCache.for_model(dit, *layout, device=device)
         return cls(
             c.num_layers,
             batch_size,
@@ -165,11 +174,16 @@ class KVCache:
         with torch.no_grad():  # the cache holds no autograd history
             for layer, (k, v) in enumerate(kv):
                 for slot, i in slots:
-                    for buf, new in ((self.k, k), (self.v, v)):
-                        dst, src = buf[layer, :, :, slot * n : (slot + 1) * n], new[:, :, i * n : (i + 1) * n]
-                        if dst.data_ptr() != src.data_ptr():  # keys written in place by ``extend`` stay put
-                            dst.copy_(src)
+                    self._store(layer, slot, k[:, :, i * n : (i + 1) * n], v[:, :, i * n : (i + 1) * n])
         self.next_frame = frame_offset + num
+
+    def _store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One frame's keys/values ``[B, heads, N, D]`` into ``slot``."""
+        n = self.tokens_per_frame
+        for buf, new in ((self.k, k), (self.v, v)):
+            dst = buf[layer, :, :, slot * n : (slot + 1) * n]
+            if dst.data_ptr() != new.data_ptr():  # keys written in place by ``extend`` stay put
+                dst.copy_(new)
 
     def reset(self) -> None:
         """Forget every frame (the buffers are kept)."""
@@ -217,10 +231,11 @@ class CacheLayer:
         a = c.num_frames * c.tokens_per_frame
         b = a + k.shape[2]
         same_dtype = k.dtype == c.k.dtype or torch.is_autocast_enabled(k.device.type)
-        if torch.is_grad_enabled() or not same_dtype or b > c.k.shape[3]:
-            if a == 0:
+        if torch.is_grad_enabled() or not (c.in_place and same_dtype) or b > c.k.shape[3]:
+            context = c.context(layer)
+            if context is None:
                 return (k, v), (k, v)
-            ks, vs = c.k[layer, :, :, :a].to(k.dtype), c.v[layer, :, :, :a].to(v.dtype)
+            ks, vs = context[0].to(k.dtype), context[1].to(v.dtype)
             return (torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)), (k, v)
         c.k[layer, :, :, a:b] = k
         c.v[layer, :, :, a:b] = v
@@ -236,3 +251,47 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     if torch.is_autocast_enabled(p.device.type):
         return torch.get_autocast_dtype(p.device.type)
     return getattr(module, "compute_dtype", None) or p.dtype
+
+
+FP8 = torch.float8_e4m3fn
+
+
+class FP8KVCache(KVCache):
+    """A ``KVCache`` in fp8 (e4m3): keys and values scaled per frame and head into [-448, 448], stored in
+    one byte, and dequantised to ``compute_dtype`` per layer when a forward reads them. Half of bf16's
+    memory (and no in-place slots for the current chunk: it is concatenated to the dequantised context).
+    Scales: ``k_scale, v_scale: [layers, B, heads, capacity]`` (fp32)."""
+
+    in_place = False
+
+    def __init__(self, *args, compute_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        kwargs["dtype"] = FP8
+        super().__init__(*args, **kwargs)
+        self.compute_dtype = compute_dtype
+        layers, b, heads = self.k.shape[:3]
+        self.k_scale = torch.ones(layers, b, heads, self.capacity, device=self.k.device)
+        self.v_scale = torch.ones_like(self.k_scale)
+
+    @classmethod
+    def for_model(cls, dit, batch_size, tokens_per_frame, frames_per_block, window, sink=0, dtype=None, device=None):
+        p, c = next(dit.parameters()), dit.cfg
+        shape = (c.num_layers, batch_size, c.num_heads, c.head_dim, tokens_per_frame, frames_per_block, window, sink)
+        return cls(*shape, device=device or p.device, compute_dtype=compute_dtype(dit))
+
+    def context(self, layer: int) -> KV | None:
+        """The held frames' keys/values, dequantised: new tensors ``[B, heads, num_frames * N, D]``."""
+        frames, n = self.num_frames, self.tokens_per_frame
+        if frames == 0:
+            return None
+        out = []
+        for buf, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = buf[layer, :, :, : frames * n].unflatten(2, (frames, n)).to(self.compute_dtype)
+            out.append((x * scale[layer, :, :, :frames, None, None].to(self.compute_dtype)).flatten(2, 3))
+        return out[0], out[1]
+
+    def _store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = self.tokens_per_frame
+        for buf, scale, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            s = new.float().abs().amax(dim=(-2, -1)).clamp(min=1e-12) / torch.finfo(FP8).max  # [B, heads]
+            scale[layer, :, :, slot] = s
+            buf[layer, :, :, slot * n : (slot + 1) * n] = (new.float() / s[..., None, None]).to(FP8)
