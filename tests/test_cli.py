@@ -168,6 +168,7 @@ def test_generate_switches_the_prompt_and_starts_from_an_image(tmp_path, capsys)
 def test_serve_and_generate_share_the_model_flags(monkeypatch):
     """`serve --model` takes the same loading flags as `generate --model`, and passes them to load_wan."""
     from selfforcing import cli
+    from selfforcing.config import CausalConfig
     from selfforcing.serve import server
 
     flags = ["--model", "WAN", "--checkpoint", "sf.pt", "--offload-text", "--preview-decoder", "taew.pth", "--compile"]
@@ -182,5 +183,11 @@ def test_serve_and_generate_share_the_model_flags(monkeypatch):
     main(["serve", *flags])
     assert seen["offload_text_encoder"] and seen["preview_decoder"] == "taew.pth" and seen["compile"]
     assert seen["max_streams"] == 1  # one stream by default on a real model (umT5, DiT and a KV cache)
+    assert seen["kv_cache"] is None  # the checkpoint's own
+    seen.clear()
+    main(["serve", "--model", "WAN", "--checkpoint", "sf.pt", "--low-memory"])
+    assert seen["offload_text_encoder"] and seen["kv_cache"] == "fp8"
+    args = parser.parse_args(["generate", "--prompt", "x", "--kv-cache", "compact"])
+    assert cli._causal_overrides(CausalConfig(3, window=6), args).kv_cache == "compact"
     with pytest.raises(SystemExit):
         main(["serve", "--offload-text"])  # the toy model has no umT5 to offload: a clear error

@@ -110,3 +110,13 @@ def test_tae_errors(taew2_1, tmp_path):
         load_tae(tmp_path / "cut.pth")
     with pytest.raises(NotImplementedError, match="encode with the Wan VAE"):
         load_tae(taew2_1[0]).encode(torch.zeros(1, 5, 3, 16, 16))
+
+
+def test_the_stream_decoder_runs_one_latent_frame_at_a_time(taew2_1):
+    """A third of the working memory for a chunk of 3 latent frames: the decoder sees one at a time."""
+    codec = load_tae(taew2_1[0])
+    seen = []
+    codec.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    decode = codec.stream_decoder()
+    decode(torch.randn(1, 3, 16, 4, 6)), decode(torch.randn(1, 3, 16, 4, 6))
+    assert seen == [1] * 6

@@ -110,6 +110,7 @@ def _causal_overrides(settings, args: argparse.Namespace):
         "context_timestep": args.context_timestep,
         "window": args.window,
         "sink": args.sink,
+        "kv_cache": kv_cache_kind(args),
     }
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
     settings.validate()
@@ -350,11 +351,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not args.checkpoint:
             raise ValueError("--model serves a causal student: pass --checkpoint (e.g. self_forcing_dmd.pt)")
         size = (args.height or 480, args.width or 832)
-        source = wan_source(args.model, args.checkpoint, *size, compile=args.compile, **wan_options(args))
+        run = {"compile": args.compile, "kv_cache": kv_cache_kind(args)}
+        source = wan_source(args.model, args.checkpoint, *size, **run, **wan_options(args))
     else:
         if args.offload_text or args.preview_decoder:
             raise ValueError("--offload-text and --preview-decoder apply to a Wan model (--model)")
-        source = toy_source(args.checkpoint or "sf_dmd_chunk_toy", str(resolve_device(args.device)), args.compile)
+        device = str(resolve_device(args.device))
+        source = toy_source(args.checkpoint or "sf_dmd_chunk_toy", device, args.compile, kv_cache_kind(args))
     max_streams = args.max_streams or (1 if args.model else 2)
     serve(source, args.host, args.port, max_streams=max_streams, max_frames=args.max_frames)
 
@@ -605,9 +608,28 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+    p.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=["auto", "compact", "fp8"],
+        help="KV cache storage: auto (in place, fastest), compact (no slots for the chunk), fp8 (half of compact)",
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="the least GPU memory: umT5 offloaded block by block, an fp8 KV cache (docs/streaming.md, memory)",
+    )
+
+
 def wan_options(args: argparse.Namespace) -> dict:
     """``load_wan``'s keyword arguments from the shared model flags."""
-    return {"device": args.device, "offload_text_encoder": args.offload_text, "preview_decoder": args.preview_decoder}
+    offload = args.offload_text or args.low_memory
+    return {"device": args.device, "offload_text_encoder": offload, "preview_decoder": args.preview_decoder}
+
+
+def kv_cache_kind(args: argparse.Namespace) -> str | None:
+    """``causal.kv_cache`` from --kv-cache, or fp8 under --low-memory (None: the model's own setting)."""
+    return args.kv_cache or ("fp8" if args.low_memory else None)
 
 
 def main(argv: list[str] | None = None) -> None:

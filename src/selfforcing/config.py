@@ -123,8 +123,10 @@ class CausalConfig:
     # LongLive's local_attn_size 12, sink_size 3 is window 9, sink 3 (docs/interactive.md).
     local_attn_size: int | None = None
     sink_size: int | None = None
-    # how the KV cache stores keys/values: "auto" in the dtype attention computes in (bf16 on GPUs), "fp8"
-    # in e4m3 with one scale per frame and head (half the memory; its cost in docs/streaming.md)
+    # how the KV cache stores keys/values: "auto" in the dtype attention computes in (bf16 on GPUs), with
+    # slots for the current chunk written in place; "compact" without those slots (the chunk is concatenated
+    # per layer: less memory, a copy per layer); "fp8" in e4m3 with one scale per frame and head (half of
+    # compact's memory; its cost in docs/streaming.md)
     kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
@@ -135,9 +137,9 @@ class CausalConfig:
         """The warped few-step noise levels ``[S]``, e.g. [1.0, 0.9375, 0.8333, 0.625]."""
         return warp_timesteps(list(self.denoising_steps), self.shift) / 1000.0
 
-    def cache_dtype(self) -> torch.dtype | None:
-        """What ``KVCache.for_model`` stores in: None (the compute dtype) or fp8."""
-        return KV_CACHE_DTYPES[self.kv_cache]
+    def cache_options(self) -> dict:
+        """``KVCache.for_model``'s storage options for ``kv_cache``."""
+        return dict(KV_CACHE_KINDS[self.kv_cache])
 
     def validate(self, num_frames: int | None = None) -> None:
         """Raise a ValueError naming the problem (``num_frames``: latent frames to generate)."""
@@ -145,8 +147,8 @@ class CausalConfig:
         if not 0 <= self.context_timestep < 1000:
             raise ValueError(f"causal.context_timestep must be in [0, 1000), got {self.context_timestep}")
         self.sigmas()  # raises on a bad step list
-        if self.kv_cache not in KV_CACHE_DTYPES:
-            raise ValueError(f"causal.kv_cache must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache!r}")
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"causal.kv_cache must be one of {list(KV_CACHE_KINDS)}, got {self.kv_cache!r}")
         if num_frames is not None and num_frames % self.frames_per_block:
             raise ValueError(
                 f"{num_frames} latent frames is not a whole number of chunks of {self.frames_per_block}: "
@@ -154,7 +156,7 @@ class CausalConfig:
             )
 
 
-KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+KV_CACHE_KINDS = {"auto": {}, "compact": {"in_place": False}, "fp8": {"dtype": torch.float8_e4m3fn}}
 
 
 def official_window(c: CausalConfig) -> tuple[int, int]:

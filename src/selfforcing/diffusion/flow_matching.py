@@ -67,14 +67,15 @@ def warp_timesteps(timesteps: list[float] | torch.Tensor, shift: float) -> torch
     ``[1000, 750, 500, 250]`` with shift 5 gives ``[1000, 937.5, 833.3, 625]``: each t is read as
     sigma = t / 1000 on the unshifted grid and mapped to its shifted noise level.
     """
-    t = torch.as_tensor(timesteps, dtype=torch.float64)
-    if t.dim() != 1 or len(t) == 0:
+    values = torch.as_tensor(timesteps, dtype=torch.float64).tolist() if torch.is_tensor(timesteps) else timesteps
+    if not isinstance(values, list | tuple) or not values or any(isinstance(v, list) for v in values):
         raise ValueError("timesteps must be a non-empty 1-D list")
-    if (t <= 0).any() or (t > NUM_TRAIN_TIMESTEPS).any():
-        raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {t.tolist()}")
-    if (t[1:] >= t[:-1]).any():
-        raise ValueError(f"timesteps must be strictly decreasing, got {t.tolist()}")
-    sigma = shift_sigma(t / NUM_TRAIN_TIMESTEPS, shift)
+    values = [float(v) for v in values]  # checked as numbers, before any tensor exists
+    if any(v <= 0 or v > NUM_TRAIN_TIMESTEPS for v in values):
+        raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {values}")
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"timesteps must be strictly decreasing, got {values}")
+    sigma = shift_sigma(torch.tensor(values, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS, shift)
     return (sigma * NUM_TRAIN_TIMESTEPS).float()
 
 

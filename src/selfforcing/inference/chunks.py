@@ -119,7 +119,7 @@ def causal_chunks(
     _, gh, gw = model.dit.token_grid(fpb, h, w)
     window = window or settings.window or f
     rows = b if guidance == 1.0 else 2 * b
-    cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink, settings.cache_dtype())
+    cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink, **settings.cache_options())
     sigmas = settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     first_trained = 0 if grad_frames is None else f - grad_frames

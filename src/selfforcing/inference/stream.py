@@ -153,7 +153,7 @@ def _recomputed_chunks(
     window = settings.window or f
     cache = None
     if rebuild_cache:
-        cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, settings.cache_dtype())
+        cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, **settings.cache_options())
     sigmas = settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far

@@ -86,7 +86,7 @@ class VideoStream:
         rows = b if guidance_scale == 1.0 else 2 * b
         fpb, window = settings.frames_per_block, settings.window
         layout = (rows, gh * gw, fpb, window, settings.sink)
-        self.cache = KVCache.for_model(model.dit, *layout, settings.cache_dtype())
+        self.cache = KVCache.for_model(model.dit, *layout, **settings.cache_options())
         self.generator = torch.Generator().manual_seed(seed)
         self.sigmas = settings.sigmas().to(p.device)
         self.context_sigma = settings.context_timestep / 1000.0

@@ -53,8 +53,6 @@ class KVCache:
     N = tokens per frame. ``frame_of_slot[i]`` is the absolute frame index held in slot i (-1 = empty).
     """
 
-    in_place = True  # a forward may write its chunk after the held frames (``CacheLayer.extend``)
-
     def __init__(
         self,
         num_layers: int,
@@ -67,6 +65,7 @@ class KVCache:
         sink: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        in_place: bool = True,
     ):
         check_layout(frames_per_block, window, sink)
         if window == 0:
@@ -76,6 +75,7 @@ class KVCache:
         self.window = window
         self.sink = sink
         self.capacity = sink + window - frames_per_block  # past frames a chunk can see
+        self.in_place = in_place  # slots after the held frames for a forward's chunk (``CacheLayer.extend``)
         slots = self.capacity + (frames_per_block if self.in_place else 0)
         shape = (num_layers, batch_size, num_heads, slots * tokens_per_frame, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -94,10 +94,12 @@ class KVCache:
         sink: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        in_place: bool = True,
     ) -> KVCache:
         """An empty cache shaped for ``dit`` (a ``VideoDiT``) on its device, in the dtype its attention computes
         in (``compute_dtype``: the autocast dtype under autocast, FSDP's ``param_dtype`` under mixed precision,
-        else the parameters' dtype), or in ``dtype``: ``torch.float8_e4m3fn`` gives an ``FP8KVCache``."""
+        else the parameters' dtype), or in ``dtype``: ``torch.float8_e4m3fn`` gives an ``FP8KVCache``.
+        ``in_place=False``: no slots for the current chunk (``frames_per_block`` frames less memory)."""
         p = next(dit.parameters())
         c = dit.cfg
         if dtype == FP8 and cls is KVCache:
@@ -114,6 +116,7 @@ class KVCache:
             sink,
             dtype or compute_dtype(dit),
             device or p.device,
+            in_place,
         )
 
     # -- reading -------------------------------------------------------------------------------
@@ -262,10 +265,8 @@ class FP8KVCache(KVCache):
     memory (and no in-place slots for the current chunk: it is concatenated to the dequantised context).
     Scales: ``k_scale, v_scale: [layers, B, heads, capacity]`` (fp32)."""
 
-    in_place = False
-
     def __init__(self, *args, compute_dtype: torch.dtype = torch.bfloat16, **kwargs):
-        kwargs["dtype"] = FP8
+        kwargs["dtype"], kwargs["in_place"] = FP8, False
         super().__init__(*args, **kwargs)
         self.compute_dtype = compute_dtype
         layers, b, heads = self.k.shape[:3]
@@ -273,10 +274,18 @@ class FP8KVCache(KVCache):
         self.v_scale = torch.ones_like(self.k_scale)
 
     @classmethod
-    def for_model(cls, dit, batch_size, tokens_per_frame, frames_per_block, window, sink=0, dtype=None, device=None):
+    def for_model(cls, dit, *layout: int, dtype=None, device=None, in_place=False) -> FP8KVCache:
+        """``layout``: batch_size, tokens_per_frame, frames_per_block, window, sink (as ``KVCache.for_model``)."""
         p, c = next(dit.parameters()), dit.cfg
-        shape = (c.num_layers, batch_size, c.num_heads, c.head_dim, tokens_per_frame, frames_per_block, window, sink)
-        return cls(*shape, device=device or p.device, compute_dtype=compute_dtype(dit))
+        return cls(
+            c.num_layers,
+            *layout[:1],
+            c.num_heads,
+            c.head_dim,
+            *layout[1:],
+            device=device or p.device,
+            compute_dtype=compute_dtype(dit),
+        )
 
     def context(self, layer: int) -> KV | None:
         """The held frames' keys/values, dequantised: new tensors ``[B, heads, num_frames * N, D]``."""

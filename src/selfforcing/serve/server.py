@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 import torch
@@ -43,32 +43,51 @@ class StreamSource:
     name: str
 
 
-def toy_source(checkpoint: str, device: str = "cpu", compile: bool = False) -> StreamSource:
-    """A shapes-world causal student (a run, a checkpoint or a shipped name such as ``sf_dmd_chunk_toy``)."""
-    from ..inference.pipeline import load_pipeline
+def toy_source(
+    checkpoint: str, device: str = "cpu", compile: bool = False, kv_cache: str | None = None
+) -> StreamSource:
+    """A shapes-world causal student (a run, a checkpoint or a shipped name such as ``sf_dmd_chunk_toy``);
+    ``kv_cache``: ``causal.kv_cache`` for its streams (None: the model's)."""
+    from ..inference.pipeline import load_pipeline, stream_settings
 
     pipe = load_pipeline(checkpoint, device=device)
     if pipe.cfg.causal is None:
         raise ValueError(f"{checkpoint} is a bidirectional model: serve a causal student (e.g. sf_dmd_chunk_toy)")
     if compile:
         pipe.model.dit.compile_blocks()
+    settings = stream_settings(pipe.cfg)
+    settings = replace(settings, kv_cache=kv_cache or settings.kv_cache)
     d = pipe.cfg.data
-    return StreamSource(lambda p, s, im: pipe.open_stream([p], s, im), d.height, d.width, 8.0, str(checkpoint))
+    return StreamSource(
+        lambda p, s, im: pipe.open_stream([p], s, im, settings), d.height, d.width, 8.0, str(checkpoint)
+    )
 
 
 def wan_source(
-    folder: str, checkpoint: str, height: int = 480, width: int = 832, compile: bool = False, **load_options
+    folder: str,
+    checkpoint: str,
+    height: int = 480,
+    width: int = 832,
+    compile: bool = False,
+    kv_cache: str | None = None,
+    **load_options,
 ) -> StreamSource:
     """A Wan2.1 folder with a Self Forcing checkpoint, at ``height x width`` (16 frames/s). ``load_options``
-    go to ``load_wan`` (``device``, ``offload_text_encoder``, ``preview_decoder``, ...)."""
+    go to ``load_wan`` (``device``, ``offload_text_encoder``, ``preview_decoder``, ...); ``kv_cache``:
+    ``causal.kv_cache`` for its streams (None: the checkpoint's)."""
     from ..wan.pipeline import load_wan
 
     pipe = load_wan(folder, checkpoint, **load_options)
     pipe.check_size(1, height, width)
     if compile:
         pipe.model.dit.compile_blocks()
+    settings = replace(pipe.causal, kv_cache=kv_cache or pipe.causal.kv_cache)
     return StreamSource(
-        lambda p, s, im: pipe.open_stream([p], height, width, s, image=im), height, width, 16.0, str(checkpoint)
+        lambda p, s, im: pipe.open_stream([p], height, width, s, settings, image=im),
+        height,
+        width,
+        16.0,
+        str(checkpoint),
     )
 
 

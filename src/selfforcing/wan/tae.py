@@ -10,8 +10,9 @@ are dropped (so 1 + 4k frames come out of 1 + k latents, as from the Wan VAE), a
 [0, 1] (mapped here to [-1, 1]). It reads the DiT's latents as they are: no mean/std normalisation.
 
 Loads ``taew2_1.pth`` / ``taew2_1.safetensors`` (its ``decoder.*`` keys; the encoder is not used).
-The streaming decoder processes a chunk's frames in parallel, feeding each ``MemBlock`` the last
-frame it saw in the previous chunk, so a stream decodes exactly as the whole video does.
+The streaming decoder runs one latent frame at a time (its 4 video frames in parallel), feeding each
+``MemBlock`` the last frame it saw before, so a stream decodes exactly as the whole video does, and a
+chunk of 3 latent frames at 832x480 needs a third of the working memory of decoding it at once.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ class TAEW21(Codec):
             if latents.dim() != 5 or latents.shape[2] != self.latent_channels:
                 raise ValueError(f"expected latents [B, f, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
             p = next(self.decoder.parameters())
-            frames = self.decoder(latents.to(p.device, p.dtype), memory) * 2 - 1
+            z = latents.to(p.device, p.dtype)
+            frames = torch.cat([self.decoder(z[:, i : i + 1], memory) for i in range(z.shape[1])], 1) * 2 - 1
             skip = self.trim if done[0] == 0 else 0
             done[0] += latents.shape[1]
             return frames[:, skip:]
