@@ -269,3 +269,56 @@ def test_an_fp8_cache_holds_the_same_frames_in_a_byte_with_a_scale_per_frame(fpb
     assert k8.dtype == torch.float32 and (k8 - k).abs().max() <= 0.07 * k.abs().max()  # e4m3: 3 mantissa bits
     err = (torch.cat(outs, 1) - exact).norm() / exact.norm()
     assert 0 < err < 0.05, err
+
+
+def test_committing_a_chunk_written_in_place_copies_nothing(monkeypatch):
+    """Until the cache rolls, a chunk's keys/values already sit in the slots a commit gives them."""
+    m = random_model()
+    x, t, ctx = inputs(6, b=1)
+    cache = KVCache.for_model(m, 1, 4, 3, 9)
+    copies = []
+    copy = torch.Tensor.copy_
+    with torch.no_grad():
+        for s in (0, 3):
+            _, kv = m(x[:, s : s + 3], t[:, s : s + 3], ctx, kv_cache=cache, frame_offset=s, return_kv=True)
+            monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(1) or copy(self, src))
+            cache.commit(s, kv)
+            monkeypatch.setattr(torch.Tensor, "copy_", copy)
+    assert copies == [] and cache.frames == list(range(6))
+
+
+@pytest.mark.parametrize("options", [{}, {"in_place": False}, {"dtype": torch.float8_e4m3fn}])
+def test_a_commit_pass_stores_each_layer_as_it_goes(options):
+    """``commit=True``: every layer stores its chunk's keys/values once its attention is done, so the pass
+    never holds all layers' keys/values; the cache ends exactly as with ``return_kv`` + ``commit``."""
+    m = random_model()
+    x, t, ctx = inputs(15)
+    a = KVCache.for_model(m, 2, 4, 3, 6, 1, **options)
+    b = KVCache.for_model(m, 2, 4, 3, 6, 1, **options)
+    text_kv = m.text_kv(ctx)
+    with torch.no_grad():
+        for s in range(0, 15, 3):  # rolls from the third chunk on, keeping the sink frame
+            chunk = (x[:, s : s + 3], t[:, s : s + 3])
+            _, kv = m(*chunk, text_kv=text_kv, kv_cache=a, frame_offset=s, return_kv=True)
+            a.commit(s, kv)
+            m(*chunk, text_kv=text_kv, kv_cache=b, frame_offset=s, commit=True)
+            assert a.frames == b.frames and a.next_frame == b.next_frame == s + 3
+            assert torch.equal(a.k.float(), b.k.float()) and torch.equal(a.v.float(), b.v.float())
+    assert b.frames[0] == 0 and len(b.frames) == b.capacity
+    with pytest.raises(ValueError, match="commit=True is the cache-commit pass"):
+        m(*chunk, text_kv=text_kv, kv_cache=b, frame_offset=15, commit=True)  # with gradient
+
+
+def test_rope_is_built_once_a_forward_and_the_residual_stream_is_dense(monkeypatch):
+    """cos/sin of the RoPE angles once per forward (not in every layer), and the tokens that enter every
+    block are a contiguous tensor (not the transposed view the patch embedding leaves)."""
+    m = VideoDiT(dit_config("tiny", num_layers=4)).eval()
+    x, t, ctx = inputs(3)
+    calls, dense = [], []
+    cos = torch.cos
+    monkeypatch.setattr(torch, "cos", lambda a: calls.append(a.shape) or cos(a))
+    for block in m.blocks:
+        block.register_forward_pre_hook(lambda mod, args: dense.append(args[0].is_contiguous()))
+    m(x, t, ctx)
+    rope_calls = [s for s in calls if s[-1] == m.cfg.head_dim // 2]
+    assert len(rope_calls) == 1 and dense == [True] * 4

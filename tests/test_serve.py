@@ -38,13 +38,13 @@ def run(server: StreamServer, scenario) -> None:
     asyncio.run(main())
 
 
-async def receive(ws, kind: str, limit: int = 50) -> dict:
-    """The next message of type ``kind`` (chunks before it are skipped)."""
+async def receive(ws, kind: str, limit: int = 200) -> dict:
+    """The next message of type ``kind`` (chunks before it are skipped; an unexpected error or busy fails)."""
     for _ in range(limit):
         msg = await ws.receive_json()
         if msg["type"] == kind:
             return msg
-        if msg["type"] == "error" and kind != "error":
+        if msg["type"] in ("error", "busy") and kind not in ("error", "busy"):
             raise AssertionError(msg)
     raise AssertionError(f"no {kind!r} message")
 

@@ -20,11 +20,10 @@ from PIL import Image
 
 pytest.importorskip("aiohttp")
 
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
-
 from selfforcing.inference.chunks import Chunk  # noqa: E402
 from selfforcing.serve import server as server_module  # noqa: E402
 from selfforcing.serve.server import StreamServer, StreamSource  # noqa: E402
+from tests.test_serve import receive, run  # noqa: E402
 
 
 class FakeStream:
@@ -64,24 +63,6 @@ def fake_source(log: list, **kw) -> StreamSource:
         return FakeStream(log, nan=prompt == "nan", **kw)
 
     return StreamSource(open_stream, 16, 16, 8.0, "fake")
-
-
-def run(server: StreamServer, scenario) -> None:
-    async def main():
-        async with TestClient(TestServer(server.app())) as client:
-            await asyncio.wait_for(scenario(client), timeout=60)
-
-    asyncio.run(main())
-
-
-async def receive(ws, kind: str, limit: int = 200) -> dict:
-    for _ in range(limit):
-        msg = await ws.receive_json()
-        if msg["type"] == kind:
-            return msg
-        if msg["type"] in ("error", "busy") and kind not in ("error", "busy"):
-            raise AssertionError(msg)
-    raise AssertionError(f"no {kind!r} message")
 
 
 async def until(condition, seconds: float = 10.0) -> None:
@@ -132,8 +113,11 @@ class RawClient:
         data, mask = text.encode(), os.urandom(4)
         n = len(data)
         head = bytes([0x81]) + (
-            bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
-            if n < 1 << 16 else bytes([0x80 | 127]) + struct.pack(">Q", n)
+            bytes([0x80 | n])
+            if n < 126
+            else bytes([0x80 | 126]) + struct.pack(">H", n)
+            if n < 1 << 16
+            else bytes([0x80 | 127]) + struct.pack(">Q", n)
         )
         self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
@@ -321,3 +305,31 @@ def test_images_are_decoded_off_the_event_loop(monkeypatch):
         await ws.close()
 
     run(server, scenario)
+
+
+def test_the_next_chunk_is_computed_while_the_last_one_is_encoded(monkeypatch):
+    """Encoding a chunk's frames (JPEG/PNG, in the encoder threads) overlaps the worker's next chunk
+    (its commit, denoising and decoding), instead of running on the generation path between them."""
+    log: list = []
+    server = StreamServer(fake_source(log, seconds=0.2), max_streams=1, lead=1e9)
+    encoded = []
+    encode = server_module.encode_frame
+
+    def slow_encode(frame):
+        time.sleep(0.2)
+        encoded.append(time.perf_counter())
+        return encode(frame)
+
+    monkeypatch.setattr(server_module, "encode_frame", slow_encode)
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.send_json({"type": "start", "prompt": "a"})
+        for _ in range(3):
+            await receive(ws, "chunk")
+        await ws.close()
+
+    run(server, scenario)
+    begins = [t for kind, t, _ in log if kind == "begin"]
+    # chunk 1 began before chunk 0's frames were encoded (they take 0.2 s, after chunk 0 ended)
+    assert begins[1] < encoded[0], (begins, encoded)

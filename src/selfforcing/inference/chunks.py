@@ -82,12 +82,12 @@ def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Genera
 def commit_chunk(
     model: TextToVideo, x_ctx: torch.Tensor, context_sigma: float, text_kv: TextKV, cache: KVCache, start: int
 ) -> None:
-    """Run the model once on the chunk at the context level (without gradient) and store its keys/values."""
+    """Run the model once on the chunk at the context level (without gradient), each layer storing its
+    keys/values in the cache as it goes."""
     b, f = x_ctx.shape[:2]
     sig = frame_sigma(context_sigma, b, f, x_ctx)
     with torch.no_grad():
-        _, kv = model.dit(x_ctx, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start, return_kv=True)
-    cache.commit(start, kv)
+        model.dit(x_ctx, sig * 1000, text_kv=text_kv, kv_cache=cache, frame_offset=start, commit=True)
 
 
 def causal_chunks(

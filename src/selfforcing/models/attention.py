@@ -74,6 +74,8 @@ class SelfAttention(nn.Module):
         out = self.o(
             rearrange(F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask), "b h l d -> b l (h d)")
         )
+        if isinstance(kv_prefix, CacheLayer):
+            kv_prefix.attended(k, v)
         return (out, (k, v)) if return_kv else out
 
 

@@ -235,6 +235,7 @@ class VideoDiT(nn.Module):
         return_kv: bool = False,
         frame_positions: torch.Tensor | None = None,
         taps: tuple[int, ...] = (),
+        commit: bool = False,
     ) -> torch.Tensor | tuple:
         """Predict the velocity.
 
@@ -247,6 +248,8 @@ class VideoDiT(nn.Module):
         of x's tokens, ``[B, heads, F * N, head_dim]``, for ``kv_cache.commit``. frame_positions: [F]
         RoPE position of every latent frame (instead of frame_offset + 0..F-1; patch_size[0] must be 1).
         taps: block indices whose output tokens ``[B, F * N, dim]`` are also returned, as a list (last).
+        commit: the cache-commit pass: each layer stores x's keys/values in ``kv_cache`` as soon as its
+        attention is done (no layer's keys/values wait for the whole pass), and the cache then holds x.
         """
         b, nf, c, hh, ww = x.shape
         if c != self.cfg.in_channels:
@@ -265,6 +268,8 @@ class VideoDiT(nn.Module):
             if kv_cache.tokens_per_frame != h * w:
                 raise ValueError(f"the cache holds {kv_cache.tokens_per_frame} tokens per frame, x has {h * w}")
             kv_cache.check_next(frame_offset, nf)
+        if commit and (kv_cache is None or torch.is_grad_enabled()):
+            raise ValueError("commit=True is the cache-commit pass: pass a kv_cache and run it without gradient")
         t = t if t.dim() == 2 else t[:, None].expand(b, nf)
         t = t[:, ::pf]  # one timestep per token frame
 
@@ -283,9 +288,10 @@ class VideoDiT(nn.Module):
         rope = rope_cos_sin(angles, tokens.device, q_dtype)
 
         new_kv, features = [], []
+        slots = kv_cache.slots_for(frame_offset, nf) if commit else None
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute blocks in backward
         for i, block in enumerate(self.blocks):
-            prefix = kv_cache.layer(i) if kv_cache is not None else None
+            prefix = kv_cache.layer(i, slots) if kv_cache is not None else None
             if checkpointed and prefix is not None:
                 # the backward recomputation must see this cache, but later commits overwrite its slots in
                 # place: hand the block a copy (no more memory than the concatenation attention saves)
@@ -300,6 +306,8 @@ class VideoDiT(nn.Module):
                 new_kv.append(kv)
             if i in taps:
                 features.append(tokens.flatten(1, 2))
+        if commit:
+            kv_cache.take_slots(frame_offset, nf)  # the bookkeeping: every layer has stored its keys/values
         out = self.head(tokens, e)  # [B, f, h*w, pf*ph*pw*c_out]
         out = rearrange(out, "b f (h w) (pf ph pw c) -> b (f pf) c (h ph) (w pw)", h=h, w=w, pf=pf, ph=ph, pw=pw)
         out = out.to(in_dtype)

@@ -130,9 +130,10 @@ class KVCache:
         """Absolute indices of the held frames, ascending."""
         return sorted(f for f in self.frame_of_slot if f >= 0)
 
-    def layer(self, layer: int) -> CacheLayer:
-        """What one layer's attention reads and writes: see ``CacheLayer``."""
-        return CacheLayer(self, layer)
+    def layer(self, layer: int, commit: list[tuple[int, int]] | None = None) -> CacheLayer:
+        """What one layer's attention reads and writes: see ``CacheLayer``; ``commit``: the slots
+        (``slots_for``) that layer stores its chunk in once its attention is done."""
+        return CacheLayer(self, layer, commit)
 
     def context(self, layer: int) -> KV | None:
         """Keys/values of the held frames for one layer, ``[B, heads, num_frames * N, head_dim]``: views of the
@@ -163,7 +164,13 @@ class KVCache:
         non-sink frames when full. Recommitting the latest chunk overwrites it.
         """
         n = self.tokens_per_frame
-        num = kv[0][0].shape[2] // n
+        slots = self.take_slots(frame_offset, kv[0][0].shape[2] // n)
+        for layer, (k, v) in enumerate(kv):
+            self.store(layer, slots, k, v)
+
+    def take_slots(self, frame_offset: int, num: int) -> list[tuple[int, int]]:
+        """Give frames ``frame_offset .. + num`` their slots (evicting the oldest non-sink frames when full):
+        the bookkeeping of a commit. Returns ``(slot, i)`` for each stored frame i of the chunk."""
         if frame_offset < self.next_frame == frame_offset + num:  # recommit: overwrite the latest chunk
             self._forget(range(frame_offset, frame_offset + num))
             self.next_frame = frame_offset
@@ -174,18 +181,30 @@ class KVCache:
             if slot is not None:
                 self.frame_of_slot[slot] = frame_offset + i
                 slots.append((slot, i))
-        with torch.no_grad():  # the cache holds no autograd history
-            for layer, (k, v) in enumerate(kv):
-                for slot, i in slots:
-                    self._store(layer, slot, k[:, :, i * n : (i + 1) * n], v[:, :, i * n : (i + 1) * n])
         self.next_frame = frame_offset + num
+        return slots
+
+    def slots_for(self, frame_offset: int, num: int) -> list[tuple[int, int]]:
+        """The slots ``take_slots`` would give, the cache left as it is."""
+        state = list(self.frame_of_slot), self.next_frame
+        try:
+            return self.take_slots(frame_offset, num)
+        finally:
+            self.frame_of_slot, self.next_frame = state
+
+    @torch.no_grad()  # the cache holds no autograd history
+    def store(self, layer: int, slots: list[tuple[int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's keys/values of a chunk, ``[B, heads, F * N, D]``, into ``slots`` (from ``take_slots``)."""
+        n = self.tokens_per_frame
+        for slot, i in slots:
+            self._store(layer, slot, k[:, :, i * n : (i + 1) * n], v[:, :, i * n : (i + 1) * n])
 
     def _store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One frame's keys/values ``[B, heads, N, D]`` into ``slot``."""
         n = self.tokens_per_frame
         for buf, new in ((self.k, k), (self.v, v)):
             dst = buf[layer, :, :, slot * n : (slot + 1) * n]
-            if dst.data_ptr() != new.data_ptr():  # keys written in place by ``extend`` stay put
+            if not dst.is_set_to(new):  # keys written in place by ``extend`` (the same view) stay put
                 dst.copy_(new)
 
     def reset(self) -> None:
@@ -220,8 +239,15 @@ class KVCache:
 class CacheLayer:
     """One layer's view of a ``KVCache`` for a forward of the cache's next chunk."""
 
-    def __init__(self, cache: KVCache, layer: int):
-        self.cache, self.index = cache, layer
+    def __init__(self, cache: KVCache, layer: int, commit: list[tuple[int, int]] | None = None):
+        self.cache, self.index, self.commit_slots = cache, layer, commit
+
+    def attended(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Called by the attention once it has read the cache: in a commit pass, store the chunk's keys/values
+        ``[B, heads, F * N, D]`` in their slots now (the next layers read other layers' slots), so no layer's
+        keys/values wait for the whole pass."""
+        if self.commit_slots is not None:
+            self.cache.store(self.index, self.commit_slots, k, v)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[KV, KV]:
         """Keys/values to attend to, the held frames' then the chunk's ``k, v: [B, heads, F * N, D]``, and the
