@@ -5,6 +5,7 @@ begins and ends, so the tests can see what the worker thread does."""
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -260,7 +261,7 @@ def test_malformed_messages_get_an_error_reply_and_the_connection_stays():
         (json.dumps({"type": "start", "prompt": "a", "image": url(png_bytes(20, 16))}), "the first image is 20x16"),
         (json.dumps({"type": "start", "prompt": "a", "seed": 1.5}), "seed"),
         (json.dumps({"type": "start", "prompt": "nan"}), "non-finite"),
-        (json.dumps({"type": "start", "prompt": "too big"}), "no memory"),
+        (json.dumps({"type": "start", "prompt": "too big"}), "ran out of memory"),
         (json.dumps({"type": "stop"}), "no stream was running"),
     ]
 
@@ -333,3 +334,36 @@ def test_the_next_chunk_is_computed_while_the_last_one_is_encoded(monkeypatch):
     begins = [t for kind, t, _ in log if kind == "begin"]
     # chunk 1 began before chunk 0's frames were encoded (they take 0.2 s, after chunk 0 ended)
     assert begins[1] < encoded[0], (begins, encoded)
+
+
+def test_a_stream_the_gpu_has_no_room_for_is_refused_before_it_opens():
+    log: list = []
+    full = ["no GPU memory for another stream: it needs about 9.3 GiB, 2.0 GiB are free; try again later"]
+    source = dataclasses.replace(fake_source(log), room=lambda: full[0] if full else None)
+    server = StreamServer(source, max_streams=2)
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.send_json({"type": "start", "prompt": "a"})
+        assert (await receive(ws, "error"))["message"] == full[0]
+        assert server.active == 0 and log == []  # nothing was opened or computed
+        full.clear()  # a stream ended elsewhere: room again
+        await ws.close()
+        await still_serves(client, server)
+
+    run(server, scenario)
+
+
+def test_a_streams_memory_estimate_counts_its_kv_cache_exactly():
+    """``stream_bytes``: the KV cache a stream allocates, computed on the meta device (nothing allocated)."""
+    from selfforcing.inference.pipeline import load_pipeline, stream_settings
+    from selfforcing.serve.server import stream_bytes
+
+    pipe = load_pipeline("sf_dmd_frame_toy")
+    d = pipe.cfg.data
+    for kind in ("auto", "compact", "fp8"):
+        settings = dataclasses.replace(stream_settings(pipe.cfg), kv_cache=kind)
+        stream = pipe.open_stream(["a large red circle moving right"], 0, None, settings)
+        held = [t for t in vars(stream.cache).values() if torch.is_tensor(t)]
+        exact = sum(t.numel() * t.element_size() for t in held)
+        assert stream_bytes(pipe.model, pipe.codec, settings, d.height, d.width) == exact > 0

@@ -34,13 +34,49 @@ log = logging.getLogger(__name__)
 @dataclass
 class StreamSource:
     """What the server streams: ``open(prompt, seed, image) -> VideoStream`` (image ``[1, 3, H, W]`` or None)
-    and the video's size, playback rate and a name for the page."""
+    and the video's size, playback rate and a name for the page. ``room()``: why a new stream cannot be
+    opened now (not enough free GPU memory), or None."""
 
     open: Callable[[str, int, torch.Tensor | None], VideoStream]
     height: int
     width: int
     fps: float
     name: str
+    room: Callable[[], str | None] = lambda: None
+
+
+# GPU bytes a stream's decoder holds and works in, per video pixel, besides the KV cache: the Wan VAE's causal
+# state and its working memory for one latent frame (1.76 + 2.0 GiB at 832x480), TAEW2.1's (0.74 GiB);
+# measured by benchmarks/memory.py (docs/streaming.md#memory)
+DECODER_BYTES_PER_PIXEL = {"WanVAE": 3.76 * 2**30 / (480 * 832), "TAEW21": 0.74 * 2**30 / (480 * 832)}
+
+
+def gpu_room(needed: int, device: torch.device) -> str | None:
+    """A refusal if ``device`` (CUDA) has less than ``needed`` bytes free, counting what PyTorch's cache holds."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if needed <= free:
+        return None
+    return (
+        f"no GPU memory for another stream: it needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are "
+        "free; try again when a stream ends (or start the server with --low-memory)"
+    )
+
+
+def stream_bytes(model, codec, settings, height: int, width: int) -> int:
+    """About the GPU bytes one more stream takes: its KV cache (exactly: built on the meta device, which
+    allocates nothing) and its decoder's state and working memory (``DECODER_BYTES_PER_PIXEL``)."""
+    from ..models.kv_cache import KVCache
+
+    _, _, h, w = codec.latent_shape(1, height, width)
+    _, gh, gw = model.dit.token_grid(settings.frames_per_block, h, w)
+    layout = (1, gh * gw, settings.frames_per_block, settings.window, settings.sink)
+    cache = KVCache.for_model(model.dit, *layout, device="meta", **settings.cache_options())
+    tensors = [t for t in vars(cache).values() if torch.is_tensor(t)]
+    decoder = DECODER_BYTES_PER_PIXEL.get(type(codec).__name__, 0.0) * height * width
+    return sum(t.numel() * t.element_size() for t in tensors) + int(decoder)
 
 
 def toy_source(
@@ -75,19 +111,23 @@ def wan_source(
     """A Wan2.1 folder with a Self Forcing checkpoint, at ``height x width`` (16 frames/s). ``load_options``
     go to ``load_wan`` (``device``, ``offload_text_encoder``, ``preview_decoder``, ...); ``kv_cache``:
     ``causal.kv_cache`` for its streams (None: the checkpoint's)."""
-    from ..wan.pipeline import load_wan
+    from ..wan.pipeline import RELEASED_CAUSAL, load_wan
 
     pipe = load_wan(folder, checkpoint, **load_options)
     pipe.check_size(1, height, width)
     if compile:
         pipe.model.dit.compile_blocks()
     settings = replace(pipe.causal, kv_cache=kv_cache or pipe.causal.kv_cache)
+    settings = replace(settings, window=settings.window or RELEASED_CAUSAL.window)
+    needed = stream_bytes(pipe.model, pipe.codec, settings, height, width)
+    device = next(pipe.model.dit.parameters()).device
     return StreamSource(
         lambda p, s, im: pipe.open_stream([p], height, width, s, settings, image=im),
         height,
         width,
         16.0,
         str(checkpoint),
+        room=lambda: gpu_room(needed, device),
     )
 
 
@@ -304,6 +344,9 @@ class StreamServer:
             image = None
             if image_url is not None:  # decoded off the event loop: a large image stalls no other client
                 image = await until_done(loop.run_in_executor(self.encoders, decode_image, image_url))
+            refusal = src.room()
+            if refusal:
+                raise torch.OutOfMemoryError(refusal)
             stream = await until_done(loop.run_in_executor(self.workers, src.open, prompt, seed, image))
             await self._send(
                 ws,
@@ -349,10 +392,12 @@ class StreamServer:
             session.drop()
         except ValueError as e:  # a bad first image, or refused by the model: unknown words, a wrong size, ...
             final = {"type": "error", "message": str(e)}
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            final = {"type": "error", "message": "the GPU has no memory for this stream now: try again when one ends"}
+            refused = str(e).startswith("no GPU memory")  # by ``room``, before anything was allocated
+            message = str(e) if refused else "the GPU ran out of memory for this stream; try again when a stream ends"
+            final = {"type": "error", "message": message}
         except Exception as e:  # a failure inside the model: tell the client, keep serving
             log.exception("generation failed")
             final = {"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"}
