@@ -110,10 +110,15 @@ def test_embeddings_cached_on_disk_are_computed_once(pipe_dir, tmp_path, capsys)
     (tmp_path / "prompts.txt").write_text("\n".join(prompts))
     cache = tmp_path / "umt5"
     main(["encode-prompts", "--model", str(pipe_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(cache)])
-    assert "2 prompts, 2 encoded now" in capsys.readouterr().out  # the third is the first, cleaned
-    assert len(list(cache.glob("*.safetensors"))) == 2
-    main(["encode-prompts", "--model", str(pipe_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(cache)])
-    assert "0 encoded now, 2 already" in capsys.readouterr().out
+    # the third is the first, cleaned; and Wan's negative prompt, which the Wan recipes' real score reads
+    assert "3 prompts, 3 encoded now" in capsys.readouterr().out
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    from selfforcing.wan.pipeline import WAN_NEGATIVE_PROMPT
+
+    assert load_text_encoder(pipe_dir, cache_dir=cache).cache_file(clean_prompt(WAN_NEGATIVE_PROMPT)).is_file()
+    args = ["--prompts", str(tmp_path / "prompts.txt"), "--out", str(cache), "--negative-prompt", "none"]
+    main(["encode-prompts", "--model", str(pipe_dir), *args])
+    assert "2 prompts, 0 encoded now, 2 already" in capsys.readouterr().out
     cached = load_text_encoder(pipe_dir, cache_dir=cache)
     calls = []
     cached.encoder.register_forward_hook(lambda *_: calls.append(1))

@@ -218,19 +218,27 @@ def cmd_gather_checkpoint(args: argparse.Namespace) -> None:
         print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
 
 
+WAN_NEGATIVE_PROMPT_FLAG = "wan"  # encode-prompts' default: Wan's own negative prompt
+
+
 def cmd_encode_prompts(args: argparse.Namespace) -> None:
     """umT5 embeddings of a prompt file into a cache folder, once (a rerun skips what is there)."""
     from tqdm.auto import tqdm
 
     from .data.prompts import PromptFile
     from .device import resolve_device
-    from .wan.pipeline import default_dtype
+    from .wan.pipeline import WAN_NEGATIVE_PROMPT, default_dtype
     from .wan.text_encoder import clean_prompt, load_text_encoder
 
+    if args.negative_prompt == WAN_NEGATIVE_PROMPT_FLAG:
+        args.negative_prompt = WAN_NEGATIVE_PROMPT
+    elif args.negative_prompt == "none":
+        args.negative_prompt = None
     device = resolve_device(args.device)
     dtype = default_dtype(device)
     encoder = load_text_encoder(args.model, dtype=dtype, device=device, cache_dir=args.out)
-    prompts = list(dict.fromkeys(clean_prompt(p) for p in PromptFile(args.prompts).prompts))
+    negative = [] if args.negative_prompt is None else [args.negative_prompt]  # the recipes' CFG prompt too
+    prompts = list(dict.fromkeys(clean_prompt(p) for p in [*PromptFile(args.prompts).prompts, *negative]))
     todo = [p for p in prompts if not encoder.cache_file(p).is_file()]
     for i in tqdm(range(0, len(todo), args.batch_size), desc="umT5", unit="batch"):
         encoder.embed_new(todo[i : i + args.batch_size])
@@ -474,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--out", required=True, help="the cache folder (one .safetensors per prompt; reruns resume)")
     ep.add_argument("--batch-size", type=int, default=16)
     ep.add_argument("--device", default="auto")
+    ep.add_argument(
+        "--negative-prompt",
+        default=WAN_NEGATIVE_PROMPT_FLAG,
+        help="also cache this prompt (default: Wan's negative prompt, the Wan recipes' distill.negative_prompt, so "
+        "training never loads umT5 for it; 'none': skip)",
+    )
     ep.set_defaults(func=cmd_encode_prompts)
 
     ev = sub.add_parser("encode-videos", help="encode a video folder once with the Wan VAE (data.source=latents)")
