@@ -620,8 +620,6 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT's blocks (faster on GPUs after ~1 min warm-up)"
     )
-
-
     p.add_argument(
         "--kv-cache",
         default=None,

@@ -100,30 +100,22 @@ class KVCache:
         in (``compute_dtype``: the autocast dtype under autocast, FSDP's ``param_dtype`` under mixed precision,
         else the parameters' dtype), or in ``dtype``: ``torch.float8_e4m3fn`` gives an ``FP8KVCache``.
         ``in_place=False``: no slots for the current chunk (``frames_per_block`` frames less memory)."""
-        p = next(dit.parameters())
-        c = dit.cfg
-        if dtype == FP8 and cls is KVCache:
-            layout = (batch_size, tokens_per_frame, frames_per_block, window, sink)
-            return FP8KVCache.for_model(dit, *layout, device=device)
-        return cls(
-            c.num_layers,
-            batch_size,
-            c.num_heads,
-            c.head_dim,
-            tokens_per_frame,
-            frames_per_block,
-            window,
-            sink,
-            dtype or compute_dtype(dit),
-            device or p.device,
-            in_place,
-        )
+        c, device = dit.cfg, device or next(dit.parameters()).device
+        shape = (c.num_layers, batch_size, c.num_heads, c.head_dim, tokens_per_frame, frames_per_block, window, sink)
+        if dtype == FP8:
+            return FP8KVCache(*shape, device=device, compute_dtype=compute_dtype(dit))
+        return cls(*shape, dtype or compute_dtype(dit), device, in_place)
 
     # -- reading -------------------------------------------------------------------------------
     @property
     def num_frames(self) -> int:
         """Frames currently held (the first ``num_frames`` slots)."""
         return sum(f >= 0 for f in self.frame_of_slot)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the cache's tensors hold (keys, values and any scales)."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if torch.is_tensor(t))
 
     @property
     def frames(self) -> list[int]:
@@ -260,7 +252,7 @@ class CacheLayer:
         a = c.num_frames * c.tokens_per_frame
         b = a + k.shape[2]
         same_dtype = k.dtype == c.k.dtype or torch.is_autocast_enabled(k.device.type)
-        if torch.is_grad_enabled() or not (c.in_place and same_dtype) or b > c.k.shape[3]:
+        if torch.is_grad_enabled() or not (c.in_place and same_dtype):
             context = c.context(layer)
             if context is None:
                 return (k, v), (k, v)
@@ -298,20 +290,6 @@ class FP8KVCache(KVCache):
         layers, b, heads = self.k.shape[:3]
         self.k_scale = torch.ones(layers, b, heads, self.capacity, device=self.k.device)
         self.v_scale = torch.ones_like(self.k_scale)
-
-    @classmethod
-    def for_model(cls, dit, *layout: int, dtype=None, device=None, in_place=False) -> FP8KVCache:
-        """``layout``: batch_size, tokens_per_frame, frames_per_block, window, sink (as ``KVCache.for_model``)."""
-        p, c = next(dit.parameters()), dit.cfg
-        return cls(
-            c.num_layers,
-            *layout[:1],
-            c.num_heads,
-            c.head_dim,
-            *layout[1:],
-            device=device or p.device,
-            compute_dtype=compute_dtype(dit),
-        )
 
     def context(self, layer: int) -> KV | None:
         """The held frames' keys/values, dequantised: new tensors ``[B, heads, num_frames * N, D]``."""

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import resources
 
+import numpy as np
 import torch
 
 from ..data.video_io import to_uint8
@@ -74,9 +75,7 @@ def stream_bytes(model, codec, settings, height: int, width: int) -> int:
     _, gh, gw = model.dit.token_grid(settings.frames_per_block, h, w)
     layout = (1, gh * gw, settings.frames_per_block, settings.window, settings.sink)
     cache = KVCache.for_model(model.dit, *layout, device="meta", **settings.cache_options())
-    tensors = [t for t in vars(cache).values() if torch.is_tensor(t)]
-    decoder = DECODER_BYTES_PER_PIXEL.get(type(codec).__name__, 0.0) * height * width
-    return sum(t.numel() * t.element_size() for t in tensors) + int(decoder)
+    return cache.nbytes + int(DECODER_BYTES_PER_PIXEL.get(type(codec).__name__, 0.0) * height * width)
 
 
 def toy_source(
@@ -309,9 +308,9 @@ class StreamServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await session.task
 
-    def _step(self, stream: VideoStream, session: Session) -> tuple[list[dict], Chunk] | None:
-        """In the worker thread: apply the switches that arrived, then the next chunk with its frames as
-        uint8 ``[F, H, W, 3]`` on the CPU (``None`` if the stream was stopped before the chunk began)."""
+    def _step(self, stream: VideoStream, session: Session) -> tuple[list[dict], Chunk, np.ndarray] | None:
+        """In the worker thread: apply the switches that arrived, then the next chunk and its frames as uint8
+        ``[F, H, W, 3]`` on the CPU (``None`` if the stream was stopped before the chunk began)."""
         if session.stop.is_set():
             return None
         events = []
@@ -326,8 +325,7 @@ class StreamServer:
         chunk = next(stream)
         if not torch.isfinite(chunk.latents).all():
             raise FloatingPointError("the model produced non-finite values (NaN or inf) for this prompt")
-        chunk.frames = to_uint8(chunk.frames[0])  # on the device, so only bytes cross to the CPU
-        return events, chunk
+        return events, chunk, to_uint8(chunk.frames[0])  # converted on the device: only bytes cross to the CPU
 
     async def _send(self, ws, message: dict) -> None:
         try:
@@ -359,10 +357,10 @@ class StreamServer:
                 result = await until_done(step)
                 if result is None:
                     return
-                events, chunk = result
+                events, chunk, frames = result
                 for event in events:
                     await self._send(ws, event | ({"frame": made} if event["type"] == "switched" else {}))
-                images = [loop.run_in_executor(self.encoders, encode_frame, frame) for frame in chunk.frames]
+                images = [loop.run_in_executor(self.encoders, encode_frame, frame) for frame in frames]
                 made += len(images)
                 compute += chunk.seconds
                 more = not self.max_frames or made < self.max_frames
