@@ -63,6 +63,28 @@ def recipe(folder, tmp_path, name, *extra):
     return load_config(RECIPE, [*tiny_overrides(folder, tmp_path, name), *extra])
 
 
+def test_the_bf16_recipe_trains_its_critic_under_fsdp_with_checkpointing(wan_folder, tmp_path):
+    """FSDP2 records which parameters train at a root's first forward. The critic first runs frozen (inside
+    the generator's DMD loss), so unless the trainer finishes FSDP's set-up at sharding time, its first
+    update hands bf16 gradients to its fp32 shards and the step fails: the recipe's own setting (bf16,
+    fsdp). Two ranks of a fake process group in this process (no collective moves data: the values are
+    not what is checked; a real two-process bf16 run is the same step). The critic recomputes its blocks
+    in backward as the generator does (``gradient_checkpointing``): it trains on whole videos, and without
+    it the 1.3B recipe's critic update alone holds ~90 GiB of activations (benchmarks/memory.py --training)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        overrides = ["precision=bf16", "distributed=fsdp", "gradient_checkpointing=true"]
+        t = SelfForcingTrainer(recipe(wan_folder, tmp_path, "bf16", *overrides))
+        assert t.sharded and t.model.dit.gradient_checkpointing and t.critic.dit.gradient_checkpointing
+        stats = t.train_step()  # a generator update, then the critic's
+        assert "generator_loss" in stats and "critic_grad_norm" in stats
+    finally:
+        dist.destroy_process_group()
+
+
 def stream(wan_folder, checkpoint, out):
     """``selfforcing generate --model WAN --checkpoint CHECKPOINT --stream`` at the tiny size."""
     size = ["--frames", "21", "--height", "32", "--width", "48"]

@@ -50,14 +50,24 @@ def shard_text_to_video(model: nn.Module, mesh: DeviceMesh, precision: str) -> n
     fully_shard(model.dit, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model.dit, "text_kv")
     model.dit.compute_dtype = compute  # a KV cache stores keys/values in it, not in the fp32 master dtype
+    initialise(model.dit)
     if any(True for _ in model.text_encoder.parameters()):
         fully_shard(model.text_encoder, mesh=mesh, mp_policy=policy)
     return model
 
 
+def initialise(root: nn.Module) -> None:
+    """Finish FSDP2's set-up of a root unit now, with ``requires_grad`` as it stands. FSDP does it at the
+    root's first forward, and records then which parameters train and so the dtypes their gradients are
+    reduced in. The critic first runs frozen (inside the generator's loss), so it would record none and
+    its later updates would hand bf16 gradients to fp32 shards (the step fails under bf16)."""
+    fully_shard.state(root)._lazy_init()  # what the root's first forward calls
+
+
 def shard_module(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Shard a small module as one unit (e.g. the GAN's discriminator head)."""
     fully_shard(module, mesh=mesh)
+    initialise(module)
     return module
 
 

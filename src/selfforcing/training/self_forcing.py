@@ -38,6 +38,8 @@ class SelfForcingTrainer(TeacherTrainer):
         self.teacher = self.load_teacher().eval().requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).train()
         self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
+        for score in (self.teacher, self.critic):  # the critic trains on whole videos: recompute its blocks too
+            score.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.discriminator = None
         if d.loss == "gan":  # the critic's backbone + a small head
             n = self.critic.dit.cfg.num_layers
