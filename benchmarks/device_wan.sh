@@ -2,7 +2,7 @@
 # Every GPU check of the Wan pipeline in one run, for a lent GPU machine (see docs/streaming.md):
 # the parity tests on CUDA-capable code paths, benchmarks/wan_streaming.py at 832x480 in bf16, eager and
 # compiled (and 2 streams in turn, compiled), the peak memory of every row of benchmarks/memory.py measured with torch.cuda.max_memory_allocated
-# beside its FakeTensorMode figure, then one Self Forcing + DMD and one Teacher Forcing + DMD training step
+# beside its FakeTensorMode figure (and the 1-GPU Self Forcing + DMD training step's), then one Self Forcing + DMD and one Teacher Forcing + DMD training step
 # cycle of the 1.3B recipes (benchmarks/training_step.py --wan 1.3b). Results go to $OUT (or
 # benchmarks/results). About 6 minutes on an H200 for the streaming part; the training part writes a
 # random 1.3B folder first.
@@ -24,9 +24,12 @@ python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --rep
     --out "$OUT/wan_streaming_1.3b_cuda.json"
 python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile \
     --out "$OUT/wan_streaming_1.3b_cuda_compile.json"
+python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile --overlap-decode \
+    --lengths 1 --out "$OUT/wan_streaming_1.3b_cuda_compile_overlap.json"
 python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile --decoder tae \
     --out "$OUT/wan_streaming_1.3b_tae_cuda_compile.json"
 python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 1 --compile --streams 2 \
     --lengths 1 --out "$OUT/wan_streaming_1.3b_cuda_compile_2streams.json"
 python3 benchmarks/memory.py --device cuda --out "$OUT/memory_cuda.json"
+python3 benchmarks/memory.py --training --device cuda --out "$OUT/memory_training_cuda.json"
 python3 benchmarks/training_step.py --wan 1.3b --device cuda --cycles 1 --out "$OUT/training_step_wan1.3b_cuda.json"

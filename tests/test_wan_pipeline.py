@@ -62,6 +62,28 @@ def test_a_wan_stream_starts_from_an_image_through_the_vae_and_switches_prompts(
     assert [c.prompts for c in chunks][1:] == [["a red circle moving right"], ["a cat"]]
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/device_wan.sh)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_an_overlapped_decode_gives_the_same_frames(wan, device):
+    """``overlap_decode``: on CUDA each chunk is decoded on a stream of its own while the next one is
+    committed and denoised, so chunks are handed over before their frames are ready (here three are
+    queued before any is read); once waited for, they equal a stream decoded in line, as uint8 on the
+    host too. On the CPU the option changes nothing."""
+    folder, ckpt, _ = wan
+    pipe = load_wan(folder, ckpt, device=device)
+    plain = pipe.open_stream(["a red circle moving right"], **SIZE)
+    lapped = pipe.open_stream(["a red circle moving right"], overlap_decode=True, **SIZE)
+    inline = [next(plain) for _ in range(3)]
+    overlapped = [next(lapped) for _ in range(3)]
+    for a, b in zip(inline, overlapped, strict=True):
+        assert a.ready is None and (b.ready is not None) == (device == "cuda")
+        assert (b.uint8_frames() == a.uint8_frames()).all()
+        torch.testing.assert_close(b.wait().frames, a.frames)
+        assert b.uint8_frames().shape == (b.frames.shape[1], 32, 48, 3)
+
+
 def test_the_original_wan_layout_streams_the_same_video(wan, tmp_path):
     """config.json + diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth and
     google/umt5-xxl/: the same weights as the diffusers folder, so the same video."""

@@ -12,10 +12,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[F, 3, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
+def uint8_on_device(video: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] in [-1, 1] -> [..., H, W, 3] uint8, where ``video`` is."""
     x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return x.movedim(-3, -1)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[F, 3, H, W] in [-1, 1] -> [F, H, W, 3] uint8 on the host."""
+    return uint8_on_device(video).cpu().numpy()
 
 
 def from_uint8(frames: np.ndarray) -> torch.Tensor:

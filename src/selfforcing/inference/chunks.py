@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import CausalConfig
+from ..data.video_io import to_uint8
 from ..device import cpu_randn_like, to_device
 from ..diffusion.flow_matching import add_noise
 from ..diffusion.samplers import sample_few_step
@@ -25,7 +27,11 @@ from ..models.t2v import TextToVideo
 
 @dataclass
 class Chunk:
-    """One streamed chunk. frames: [B, f, 3, H, W] in [-1, 1]; latents: [B, f_latent, C, h, w]."""
+    """One streamed chunk. frames: [B, f, 3, H, W] in [-1, 1]; latents: [B, f_latent, C, h, w].
+
+    With ``VideoStream(..., overlap_decode=True)`` on CUDA the frames are decoded on a stream of their
+    own, and the chunk is handed over as soon as that decoding is queued: ``frames`` may be read only
+    once ``ready`` has completed (``wait()``), and ``uint8`` holds them on the host by then."""
 
     index: int
     start: int  # first latent frame
@@ -33,6 +39,20 @@ class Chunk:
     frames: torch.Tensor
     seconds: float  # wall-clock since the previous chunk was handed over (previous commit, denoising, decoding)
     prompts: list[str] | None = None  # the prompts in effect (an interactive stream's, after its switches)
+    ready: torch.cuda.Event | None = None  # an overlapped decode's completion (None: the frames are ready)
+    uint8: torch.Tensor | None = None  # [B, f, H, W, 3] in pinned host memory, with ``ready``
+
+    def wait(self) -> Chunk:
+        """Block until the frames are decoded (a no-op unless the decode was overlapped)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self
+
+    def uint8_frames(self, video: int = 0) -> np.ndarray:
+        """Video ``video``'s frames as ``[f, H, W, 3]`` uint8 on the host, waiting for them if needed."""
+        if self.uint8 is not None:
+            return self.wait().uint8[video].numpy()
+        return to_uint8(self.frames[video])
 
 
 def frame_sigma(sigma: torch.Tensor | float, b: int, f: int, ref: torch.Tensor) -> torch.Tensor:

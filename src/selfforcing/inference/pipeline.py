@@ -165,12 +165,17 @@ class Pipeline:
         settings: CausalConfig | None = None,
         height: int | None = None,
         width: int | None = None,
+        overlap_decode: bool = False,
     ) -> VideoStream:
         """An open-ended, interactive stream of this causal model (``VideoStream``: iterate it, switch its
-        prompt between chunks), at the training size, its cache rolling past the training length."""
+        prompt between chunks), at the training size, its cache rolling past the training length.
+        ``overlap_decode``: on CUDA, decode each chunk beside the next one's denoising (``Chunk``)."""
         settings = settings or stream_settings(self.cfg)
         h, w = height or self.cfg.data.height, width or self.cfg.data.width
-        return VideoStream(self.model, self.codec, prompts, h, w, settings, seed, stream_guidance(self.cfg), image)
+        guidance = stream_guidance(self.cfg)
+        return VideoStream(
+            self.model, self.codec, prompts, h, w, settings, seed, guidance, image, overlap_decode=overlap_decode
+        )
 
 
 def load_pipeline(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> Pipeline:

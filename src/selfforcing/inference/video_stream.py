@@ -25,6 +25,7 @@ import time
 import torch
 
 from ..config import CausalConfig
+from ..data.video_io import uint8_on_device
 from ..device import to_device
 from ..models.codec import Codec
 from ..models.kv_cache import KVCache
@@ -64,6 +65,7 @@ class VideoStream:
         guidance_scale: float = 1.0,
         image: torch.Tensor | None = None,
         negative_prompt: str = "",
+        overlap_decode: bool = False,
     ):
         if not prompts:
             raise ValueError("a stream needs at least one prompt")
@@ -93,6 +95,8 @@ class VideoStream:
         self.text_kv = self._encode(prompts)
         self.prompts = list(prompts)
         self.decode = codec.stream_decoder()  # a causal VAE keeps its cache from chunk to chunk
+        self.overlap_decode = overlap_decode  # on CUDA: decode on a stream of its own (see Chunk)
+        self._decode_stream: torch.cuda.Stream | None = None
         self.position = 0  # the model's frame position of the next chunk (back to 0 after a reset)
         self.latent_frames = 0  # latent frames handed out so far (the output video's length)
         self.chunks = 0
@@ -130,10 +134,11 @@ class VideoStream:
                 guidance=self.guidance,
             )
             self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
-        frames = self.decode(x0)
-        if x0.device.type == "cuda":
+        frames, ready, host = self._decode(x0)
+        if x0.device.type == "cuda" and ready is None:
             torch.cuda.synchronize(x0.device)
-        chunk = Chunk(self.chunks, self.latent_frames, x0, frames, time.perf_counter() - t0, list(self.prompts))
+        seconds = time.perf_counter() - t0
+        chunk = Chunk(self.chunks, self.latent_frames, x0, frames, seconds, list(self.prompts), ready, host)
         self.position += x0.shape[1]
         self.latent_frames += x0.shape[1]
         self.chunks += 1
@@ -174,6 +179,24 @@ class VideoStream:
         self._held = [h for h in [*self._held, (start, x_ctx, sigma)] if held_runs(held, h[0], h[1].shape[1])]
 
     # -- internals ----------------------------------------------------------------------------------
+    def _decode(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:
+        """``(frames, ready, uint8 on the host)``: decoded here, or with ``overlap_decode`` on CUDA queued on
+        the decoder's own CUDA stream, where it runs beside the next chunk's commit and denoising; the
+        uint8 copy for the host is queued there too, and ``ready`` marks both done."""
+        if not (self.overlap_decode and x0.device.type == "cuda"):
+            return self.decode(x0), None, None
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(x0.device)
+        side = self._decode_stream
+        side.wait_stream(torch.cuda.current_stream(x0.device))  # x0 is written on the main stream
+        with torch.cuda.stream(side):
+            frames = self.decode(x0)
+            pixels = uint8_on_device(frames)
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+        x0.record_stream(side)  # its memory is not reused before the decoder has read it
+        return frames, side.record_event(), host
+
     def _encode(self, prompts: list[str]):
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be strings, got {prompts!r}")

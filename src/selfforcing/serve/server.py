@@ -21,10 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import resources
 
-import numpy as np
 import torch
 
-from ..data.video_io import to_uint8
 from ..inference.chunks import Chunk
 from ..inference.video_stream import VideoStream
 from .protocol import MAX_MESSAGE_BYTES, BadRequest, decode_image, encode_frame, parse_message
@@ -94,7 +92,11 @@ def toy_source(
     settings = replace(settings, kv_cache=kv_cache or settings.kv_cache)
     d = pipe.cfg.data
     return StreamSource(
-        lambda p, s, im: pipe.open_stream([p], s, im, settings), d.height, d.width, 8.0, str(checkpoint)
+        lambda p, s, im: pipe.open_stream([p], s, im, settings, overlap_decode=True),
+        d.height,
+        d.width,
+        8.0,
+        str(checkpoint),
     )
 
 
@@ -121,7 +123,7 @@ def wan_source(
     needed = stream_bytes(pipe.model, pipe.codec, settings, height, width)
     device = next(pipe.model.dit.parameters()).device
     return StreamSource(
-        lambda p, s, im: pipe.open_stream([p], height, width, s, settings, image=im),
+        lambda p, s, im: pipe.open_stream([p], height, width, s, settings, image=im, overlap_decode=True),
         height,
         width,
         16.0,
@@ -308,9 +310,10 @@ class StreamServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await session.task
 
-    def _step(self, stream: VideoStream, session: Session) -> tuple[list[dict], Chunk, np.ndarray] | None:
-        """In the worker thread: apply the switches that arrived, then the next chunk and its frames as uint8
-        ``[F, H, W, 3]`` on the CPU (``None`` if the stream was stopped before the chunk began)."""
+    def _step(self, stream: VideoStream, session: Session) -> tuple[list[dict], Chunk] | None:
+        """In the worker thread: apply the switches that arrived, then the next chunk (``None`` if the stream
+        was stopped before the chunk began). On CUDA its decoding may still run (``Chunk.ready``): the
+        encoder threads wait for it while this thread goes on to the next chunk."""
         if session.stop.is_set():
             return None
         events = []
@@ -325,7 +328,7 @@ class StreamServer:
         chunk = next(stream)
         if not torch.isfinite(chunk.latents).all():
             raise FloatingPointError("the model produced non-finite values (NaN or inf) for this prompt")
-        return events, chunk, to_uint8(chunk.frames[0])  # converted on the device: only bytes cross to the CPU
+        return events, chunk
 
     async def _send(self, ws, message: dict) -> None:
         try:
@@ -357,18 +360,19 @@ class StreamServer:
                 result = await until_done(step)
                 if result is None:
                     return
-                events, chunk, frames = result
+                events, chunk = result
                 for event in events:
                     await self._send(ws, event | ({"frame": made} if event["type"] == "switched" else {}))
-                images = [loop.run_in_executor(self.encoders, encode_frame, frame) for frame in frames]
-                made += len(images)
+                made += chunk.frames.shape[1]
                 compute += chunk.seconds
                 more = not self.max_frames or made < self.max_frames
                 ahead = made / src.fps - (time.perf_counter() - t_play) if first_ms is not None else 0.0
                 step = None  # the next chunk starts now, beside the encoding, unless far enough ahead
                 if more and ahead <= self.lead:
                     step = loop.run_in_executor(self.workers, self._step, stream, session)
-                urls = await asyncio.gather(*images)
+                # uint8 on the device, then only bytes cross to the CPU (waiting for an overlapped decode)
+                frames = await until_done(loop.run_in_executor(self.encoders, chunk.uint8_frames, 0))
+                urls = await asyncio.gather(*[loop.run_in_executor(self.encoders, encode_frame, f) for f in frames])
                 if first_ms is None:
                     first_ms = (time.perf_counter() - t0) * 1000
                     t_play = time.perf_counter()  # playback of frame 0 starts when it arrives

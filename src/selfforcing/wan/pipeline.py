@@ -101,14 +101,18 @@ class WanPipeline:
         seed: int = 0,
         settings: CausalConfig | None = None,
         image: torch.Tensor | None = None,
+        overlap_decode: bool = False,
     ) -> VideoStream:
         """An open-ended, interactive stream (``VideoStream``: iterate it, switch its prompt between chunks);
-        the cache rolls past its window (21 latent frames unless the settings say otherwise)."""
+        the cache rolls past its window (21 latent frames unless the settings say otherwise).
+        ``overlap_decode``: on CUDA, decode each chunk beside the next one's denoising (``Chunk``)."""
         self._check_causal()
         self.check_size(1, height, width)
         settings = settings or self.causal
         settings = replace(settings, window=settings.window or RELEASED_CAUSAL.window)
-        return VideoStream(self.model, self.codec, prompts, height, width, settings, seed, image=image)
+        return VideoStream(
+            self.model, self.codec, prompts, height, width, settings, seed, image=image, overlap_decode=overlap_decode
+        )
 
     def _check_causal(self) -> None:
         if self.causal is None:
