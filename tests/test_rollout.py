@@ -8,6 +8,7 @@ import torch
 from selfforcing.config import CausalConfig
 from selfforcing.inference.stream import stream_video
 from selfforcing.models.codec import IdentityCodec
+from selfforcing.models.kv_cache import KVCache
 from selfforcing.training.rollout import draw_exit_step, self_forcing_rollout
 from tests.test_causal import tiny_t2v
 
@@ -125,6 +126,38 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_a_rolling_cache(fp
         grads.append(torch.autograd.grad((video * weights).sum(), list(t2v.dit.parameters())))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_a_rollout_that_fits_keeps_views_and_an_append_only_cache_refuses_to_overwrite():
+    """A rollout whose frames all fit its window marks its cache append-only, so a checkpointed exit step
+    keeps views of the context instead of copying it (the test above: the same gradients); such a cache
+    raises rather than overwrite a frame a view may still read in backward."""
+    t2v = tiny_t2v()
+    text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+    clones = []
+
+    class CountClones(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            clones.append(func is torch.ops.aten.clone.default)
+            return func(*args, **(kwargs or {}))
+
+    def copies(window: int, checkpointing: bool) -> int:
+        t2v.dit.gradient_checkpointing = checkpointing
+        clones.clear()
+        with CountClones():
+            self_forcing_rollout(t2v, text_kv, (2, 12, 3, 8, 8), CausalConfig(3, window=window), 2, torch.Generator())
+        return sum(clones)
+
+    plain = copies(0, checkpointing=False)
+    assert copies(0, checkpointing=True) == plain  # the whole video fits: views, no copy of the context
+    assert copies(6, checkpointing=True) > plain  # a rolling window: each trained chunk copies its context
+    cache = KVCache(1, 1, 1, 1, 1, 1, 2)
+    cache.append_only = True
+    kv = [(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))]
+    cache.commit(0, kv)
+    for overwrite in (lambda: cache.commit(0, kv), lambda: cache.commit(1, kv), cache.reset):
+        with pytest.raises(RuntimeError, match="append-only"):
+            overwrite()  # a recommit, an eviction (capacity 1), a reset
 
 
 def test_a_chunk_straddling_the_grad_window_is_trained():

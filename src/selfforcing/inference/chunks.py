@@ -140,6 +140,9 @@ def causal_chunks(
     window = window or settings.window or f
     rows = b if guidance == 1.0 else 2 * b
     cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink, **settings.cache_options())
+    # every chunk but the last is committed; when they all fit no frame is overwritten, so a checkpointed
+    # exit-step forward keeps views of the cache instead of copies (the whole context, per chunk and layer)
+    cache.append_only = f - fpb <= cache.capacity
     sigmas = settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     first_trained = 0 if grad_frames is None else f - grad_frames

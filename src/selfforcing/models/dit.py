@@ -293,10 +293,12 @@ class VideoDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             prefix = kv_cache.layer(i, slots) if kv_cache is not None else None
             if checkpointed and prefix is not None:
-                # the backward recomputation must see this cache, but later commits overwrite its slots in
-                # place: hand the block a copy (no more memory than the concatenation attention saves)
-                context = kv_cache.context(i)
-                prefix = None if context is None else (context[0].clone(), context[1].clone())
+                # the backward recomputation must see this cache as it is now: views of it when nothing can
+                # overwrite its frames (``append_only``: a rollout that fits), else a copy (later commits
+                # may evict in place; no more memory than the concatenation attention saves)
+                prefix = kv_cache.context(i)
+                if prefix is not None and not kv_cache.append_only:
+                    prefix = (prefix[0].clone(), prefix[1].clone())
             args = (tokens, e6, rope, text_kv.layers[i], text_kv.mask, attn_mask, prefix)
             if checkpointed:
                 tokens, kv = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)

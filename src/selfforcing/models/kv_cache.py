@@ -82,6 +82,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.frame_of_slot = [-1] * self.capacity
         self.next_frame = 0  # the absolute index of the next frame to be generated
+        # set by an owner whose frames all fit (a training rollout): a held frame is never overwritten (an
+        # eviction, a recommit or a reset raises), so a checkpointed forward may keep views of the context
+        self.append_only = False
 
     @classmethod
     def for_model(
@@ -164,6 +167,7 @@ class KVCache:
         """Give frames ``frame_offset .. + num`` their slots (evicting the oldest non-sink frames when full):
         the bookkeeping of a commit. Returns ``(slot, i)`` for each stored frame i of the chunk."""
         if frame_offset < self.next_frame == frame_offset + num:  # recommit: overwrite the latest chunk
+            self._check_append_only(f"recommitting frames {frame_offset}..{frame_offset + num - 1}")
             self._forget(range(frame_offset, frame_offset + num))
             self.next_frame = frame_offset
         self.check_next(frame_offset)
@@ -201,6 +205,7 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every frame (the buffers are kept)."""
+        self._check_append_only("a reset")
         self.frame_of_slot = [-1] * self.capacity
         self.next_frame = 0
 
@@ -225,7 +230,15 @@ class KVCache:
         free = [s for s in ring if self.frame_of_slot[s] < 0]
         if free:
             return free[0]
+        self._check_append_only(f"frame {frame} evicting the oldest frame")
         return min(ring, key=lambda s: self.frame_of_slot[s])
+
+    def _check_append_only(self, what: str) -> None:
+        if self.append_only:
+            raise RuntimeError(
+                f"{what} would overwrite a held frame of an append-only KV cache, whose views a checkpointed "
+                "forward may still read in backward: make the window hold the whole video, or leave append_only off"
+            )
 
 
 class CacheLayer:
