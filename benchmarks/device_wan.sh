@@ -7,6 +7,9 @@
 # benchmarks/results). About 6 minutes on an H200 for the streaming part; the training part writes a
 # random 1.3B folder first.
 #
+# DRY=1 runs every step on the CPU at a tiny size instead (the same scripts; a few minutes on 2 cores):
+# what a session without a GPU runs to show the script works end to end.
+#
 # The machine has torch, transformers, accelerate, tokenizers and sentencepiece but not diffusers,
 # omegaconf, ftfy or imageio-ffmpeg: carry them as wheels in .whl/ (pip download --no-deps ... -d .whl).
 set -euo pipefail
@@ -18,18 +21,20 @@ else
     export PYTHONPATH=src
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [ "${DRY:-0}" = 1 ]; then  # the CPU, tiny models: every script end to end
+    W="--size tiny --device cpu --dtype fp32 --repeats 1"; C=""; M="--check"; T="--wan tiny --device cpu"
+    echo "dry run on the CPU" | tee "$OUT/gpu.txt"
+else
+    W="--size 1.3b --device cuda --dtype bf16 --repeats 2"; C="--compile"; M="--device cuda"; T="--wan 1.3b --device cuda"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+S=$([ "${DRY:-0}" = 1 ] && echo tiny_cpu || echo 1.3b_cuda)
 python3 -m pytest -q -p no:cacheprovider tests/test_wan_*.py 2>&1 | tail -3
-python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 \
-    --out "$OUT/wan_streaming_1.3b_cuda.json"
-python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile \
-    --out "$OUT/wan_streaming_1.3b_cuda_compile.json"
-python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile --overlap-decode \
-    --lengths 1 --out "$OUT/wan_streaming_1.3b_cuda_compile_overlap.json"
-python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 2 --compile --decoder tae \
-    --out "$OUT/wan_streaming_1.3b_tae_cuda_compile.json"
-python3 benchmarks/wan_streaming.py --size 1.3b --device cuda --dtype bf16 --repeats 1 --compile --streams 2 \
-    --lengths 1 --out "$OUT/wan_streaming_1.3b_cuda_compile_2streams.json"
-python3 benchmarks/memory.py --device cuda --out "$OUT/memory_cuda.json"
-python3 benchmarks/memory.py --training --device cuda --out "$OUT/memory_training_cuda.json"
-python3 benchmarks/training_step.py --wan 1.3b --device cuda --cycles 1 --out "$OUT/training_step_wan1.3b_cuda.json"
+python3 benchmarks/wan_streaming.py $W --out "$OUT/wan_streaming_$S.json"
+python3 benchmarks/wan_streaming.py $W $C --out "$OUT/wan_streaming_${S}_compile.json"
+python3 benchmarks/wan_streaming.py $W $C --overlap-decode --lengths 1 --out "$OUT/wan_streaming_${S}_compile_overlap.json"
+python3 benchmarks/wan_streaming.py $W $C --decoder tae --out "$OUT/wan_streaming_${S}_tae_compile.json"
+python3 benchmarks/wan_streaming.py $W $C --streams 2 --lengths 1 --out "$OUT/wan_streaming_${S}_compile_2streams.json"
+python3 benchmarks/memory.py $M --out "$OUT/memory_$S.json"
+python3 benchmarks/memory.py --training $M --out "$OUT/memory_training_$S.json"
+python3 benchmarks/training_step.py $T --cycles 1 --out "$OUT/training_step_wan_$S.json"

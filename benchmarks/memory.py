@@ -9,6 +9,10 @@ peak is what ``torch.cuda.max_memory_allocated`` reports on a GPU.
     python benchmarks/memory.py                 # the table: 1.3B and 14B, every option (~10 min on 2 cores)
     python benchmarks/memory.py --check         # the same code at a small size, fake vs a real allocation
     python benchmarks/memory.py --device cuda   # on a GPU: each row for real, beside the stored fake figure
+    python benchmarks/memory.py --training      # one SF + DMD training step per GPU at 1, 8, 64 GPUs (FSDP2)
+
+``--training`` (benchmarks/memory_training.py) runs the 1.3B recipe's own trainer for one step as rank 0
+of a fake process group, with ``--check`` and ``--device cuda`` as for the streaming rows.
 
 Rows: the Wan VAE or the TAEW2.1 preview decoder; umT5 resident on the GPU or offloaded (on the CPU,
 its blocks visiting the GPU one at a time to encode a prompt); the KV cache in bf16 or fp8; 1 or 2
@@ -30,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import memory_training
 import torch
 from report import print_table, save
 
@@ -128,8 +133,8 @@ def stream_chunks(dit, codec, text, row: Row, chunks: int, on_chunk=None) -> Non
 
 def peak_tracker():
     """PyTorch's MemTracker, counting the tensors of every op (its peak is what we read), without its
-    per-module snapshots: those deep-copy a snapshot at every module call (thousands a chunk) and make a
-    row take many minutes. The weights are registered with ``track_external``."""
+    per-module snapshots: those deep-copy a snapshot at every module call (thousands a chunk; forward and
+    backward) and make a row take many minutes. The weights are registered with ``track_external``."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class PeakTracker(MemTracker):
@@ -137,6 +142,12 @@ def peak_tracker():
             pass
 
         def _post_fw_hook(self, module, inputs, outputs) -> None:
+            pass
+
+        def _pre_bw_hook(self, module, grad_outputs) -> None:
+            pass
+
+        def _post_bw_hook(self, module, grad_inputs) -> None:
             pass
 
     return PeakTracker()
@@ -252,11 +263,24 @@ def main(argv: list[str] | None = None) -> dict:
         help="chunks per stream (default: 7 with the preview decoder, whose peak comes when the cache is full; 3 "
         "with the VAE, whose decoding peaks from the second chunk on, above any DiT step)",
     )
+    p.add_argument("--training", action="store_true", help="(c): one SF + DMD training step of the 1.3B recipe")
+    p.add_argument("--gpus", type=int, nargs="+", default=None, help="with --training: GPU counts (1 8 64)")
     p.add_argument("--out", default=None)
     p.add_argument("--real-cpu", default=None, help=argparse.SUPPRESS)  # --check's measuring subprocess
+    p.add_argument("--training-step", default=None, help=argparse.SUPPRESS)  # --training's subprocess
     args = p.parse_args(argv)
     if args.real_cpu:
         return _real_cpu(Row(**json.loads(args.real_cpu)), args.chunks)
+    if args.training_step:
+        return memory_training.one_step(args.training_step)
+    if args.training:
+        results, cols = memory_training.table(args.check, args.device, args.gpus)
+        print_table(results, cols)
+        meta = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+        meta["settings"] = "configs/wan/sf_dmd_1.3b.yaml as it is (bf16, FSDP2, gradient checkpointing), batch 1 a GPU"
+        name = f"memory_training{'_check' if args.check else ''}{'_cuda' if args.device == 'cuda' else ''}.json"
+        path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
+        return save(path, "memory.py", argv, meta, results)
     if args.check:
         rows = [Row("small", d, "resident", kv, 1, **SMALL) for d in ("vae", "tae") for kv in ("auto", "fp8")]
     else:

@@ -85,6 +85,29 @@ def test_the_bf16_recipe_trains_its_critic_under_fsdp_with_checkpointing(wan_fol
         dist.destroy_process_group()
 
 
+def test_the_training_memory_benchmark_counts_a_real_step_of_the_recipe(tmp_path):
+    """``benchmarks/memory.py --training`` at a tiny size: the recipe's own step runs under fake tensors (in a
+    subprocess: it patches the weight reader), and what stays allocated after it is exactly the weights,
+    the gradients and the Adam state; two FSDP ranks of a fake process group hold about half of each."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_training
+
+    folder = memory_training.write_folder("tiny", tmp_path / "wan")
+    one, two = (memory_training.run_row("tiny", n, folder, fake=True, device="cpu")["bytes"] for n in (1, 2))
+    for row in (one, two):
+        state = row["weights"] + row["grads"] + row["optimizer"]
+        assert state <= row["between_steps"] <= 1.01 * state, row  # plus at most a few small host tensors
+        assert row["peak"] > row["between_steps"]  # the rollouts' activations and caches come and go
+    # Adam: two moments per trained parameter, and a step count per parameter tensor
+    assert 0 < 2 * one["grads"] < one["optimizer"] < 2 * one["grads"] + 4096
+    # weights: 4 DiTs (generator, EMA, teacher, critic) and the VAE; gradients: 2 DiTs (generator, critic)
+    vae = one["weights"] - 2 * one["grads"]
+    assert vae > 0 and two["weights"] - 2 * two["grads"] == vae  # the VAE is not sharded, the DiTs are
+    assert 0.45 < two["optimizer"] / one["optimizer"] < 0.55
+
+
 def stream(wan_folder, checkpoint, out):
     """``selfforcing generate --model WAN --checkpoint CHECKPOINT --stream`` at the tiny size."""
     size = ["--frames", "21", "--height", "32", "--width", "48"]
