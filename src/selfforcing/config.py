@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data.shapes import ShapesWorldConfig
-from .diffusion.flow_matching import warp_timesteps
+from .diffusion.flow_matching import step_sigmas
 from .models.causal import check_layout
 from .models.dit import DIT_PRESETS, DiTConfig, dit_config
 
@@ -111,7 +111,11 @@ class CausalConfig:
 
     frames_per_block: int = 3  # latent frames per chunk: 3 = chunk-wise, 1 = frame-wise
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])  # before warping
+    # the first generated chunk's own step list (Causal Forcing++: 4 steps for the first chunk, then 2 or 1);
+    # null = denoising_steps. Streaming only: training draws its exit step from one list
+    first_chunk_steps: list[float] | None = None
     shift: float = 5.0  # warp of the step list
+    warp_steps: bool = True  # false: the steps are sigma * 1000 as given, not warped (CausVid's [1000, 757, 522])
     context_timestep: float = 0.0  # t_ctx of the cache-commit pass, in [0, 1000)
     # A chunk attends to the last `window` latent frames up to its end (itself included) and to the first
     # `sink` frames: at most sink + window frames. Unset (null) = 0; window 0 = unlimited.
@@ -133,9 +137,12 @@ class CausalConfig:
         self.window, self.sink = official_window(self)
         self.local_attn_size = self.sink_size = None  # resolved: window and sink are the settings from here on
 
-    def sigmas(self) -> torch.Tensor:
-        """The warped few-step noise levels ``[S]``, e.g. [1.0, 0.9375, 0.8333, 0.625]."""
-        return warp_timesteps(list(self.denoising_steps), self.shift) / 1000.0
+    def sigmas(self, chunk: int | None = None) -> torch.Tensor:
+        """The few-step noise levels ``[S]`` of generated chunk ``chunk`` (0 = the first; None = any chunk but
+        the first), e.g. [1.0, 0.9375, 0.8333, 0.625]: ``first_chunk_steps`` for chunk 0 when set, else
+        ``denoising_steps``, warped by ``shift`` unless ``warp_steps`` is off."""
+        steps = self.first_chunk_steps if chunk == 0 and self.first_chunk_steps else self.denoising_steps
+        return step_sigmas(list(steps), self.shift, self.warp_steps)
 
     def cache_options(self) -> dict:
         """``KVCache.for_model``'s storage options for ``kv_cache``."""
@@ -146,7 +153,7 @@ class CausalConfig:
         check_layout(self.frames_per_block, self.window, self.sink)
         if not 0 <= self.context_timestep < 1000:
             raise ValueError(f"causal.context_timestep must be in [0, 1000), got {self.context_timestep}")
-        self.sigmas()  # raises on a bad step list
+        self.sigmas(), self.sigmas(0)  # raise on a bad step list
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"causal.kv_cache must be one of {list(KV_CACHE_KINDS)}, got {self.kv_cache!r}")
         if num_frames is not None and num_frames % self.frames_per_block:
@@ -387,6 +394,12 @@ class TrainConfig:
                 self.causal.validate(self.data.frames)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+            if self.causal.first_chunk_steps:
+                raise ConfigError(
+                    "causal.first_chunk_steps is a streaming setting (Causal Forcing++'s first chunk): training "
+                    "draws every chunk's exit step from causal.denoising_steps. Remove it from the training "
+                    "config and give it to the stream (CausalConfig(first_chunk_steps=...))"
+                )
         dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
         pf, ph, pw = dit.patch_size
         if self.data.frames % pf or self.data.height % ph or self.data.width % pw:

@@ -61,22 +61,36 @@ def sampling_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
+def _step_list(timesteps: list[float] | torch.Tensor) -> list[float]:
+    """A few-step list checked as numbers, before any tensor exists: 1-D, in (0, 1000], strictly decreasing."""
+    values = torch.as_tensor(timesteps, dtype=torch.float64).tolist() if torch.is_tensor(timesteps) else timesteps
+    if not isinstance(values, list | tuple) or not values or any(isinstance(v, list) for v in values):
+        raise ValueError("timesteps must be a non-empty 1-D list")
+    values = [float(v) for v in values]
+    if any(v <= 0 or v > NUM_TRAIN_TIMESTEPS for v in values):
+        raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {values}")
+    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"timesteps must be strictly decreasing, got {values}")
+    return values
+
+
 def warp_timesteps(timesteps: list[float] | torch.Tensor, shift: float) -> torch.Tensor:
     """Warp a few-step list through the shifted schedule.
 
     ``[1000, 750, 500, 250]`` with shift 5 gives ``[1000, 937.5, 833.3, 625]``: each t is read as
     sigma = t / 1000 on the unshifted grid and mapped to its shifted noise level.
     """
-    values = torch.as_tensor(timesteps, dtype=torch.float64).tolist() if torch.is_tensor(timesteps) else timesteps
-    if not isinstance(values, list | tuple) or not values or any(isinstance(v, list) for v in values):
-        raise ValueError("timesteps must be a non-empty 1-D list")
-    values = [float(v) for v in values]  # checked as numbers, before any tensor exists
-    if any(v <= 0 or v > NUM_TRAIN_TIMESTEPS for v in values):
-        raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {values}")
-    if any(b >= a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError(f"timesteps must be strictly decreasing, got {values}")
-    sigma = shift_sigma(torch.tensor(values, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS, shift)
+    sigma = shift_sigma(torch.tensor(_step_list(timesteps), dtype=torch.float64) / NUM_TRAIN_TIMESTEPS, shift)
     return (sigma * NUM_TRAIN_TIMESTEPS).float()
+
+
+def step_sigmas(timesteps: list[float] | torch.Tensor, shift: float, warp: bool = True) -> torch.Tensor:
+    """The noise levels ``[S]`` of a few-step list: warped through the shift (``warp_timesteps``, Self
+    Forcing's lists), or read as they are, sigma = t / 1000 (CausVid's [1000, 757, 522], timesteps already
+    on its shifted schedule)."""
+    if warp:
+        return warp_timesteps(timesteps, shift) / NUM_TRAIN_TIMESTEPS
+    return torch.tensor(_step_list(timesteps), dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
 
 
 def sample_training_sigmas(

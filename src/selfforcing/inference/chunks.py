@@ -143,13 +143,14 @@ def causal_chunks(
     # every chunk but the last is committed; when they all fit no frame is overwritten, so a checkpointed
     # exit-step forward keeps views of the cache instead of copies (the whole context, per chunk and layer)
     cache.append_only = f - fpb <= cache.capacity
-    sigmas = settings.sigmas().to(p.device)
+    first_sigmas, sigmas = settings.sigmas(0).to(p.device), settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     first_trained = 0 if grad_frames is None else f - grad_frames
     for start in range(0, f, fpb):
         trained = grad and start + fpb > first_trained
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=generator), p.device)
-        x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, generator, exit_step, trained, guidance)
+        levels = first_sigmas if start == 0 else sigmas
+        x0 = denoise_chunk(model, noise, levels, text_kv, cache, start, generator, exit_step, trained, guidance)
         if start + fpb == f:  # the last chunk: no later chunk reads its keys/values, so no commit
             yield start, x0
             return

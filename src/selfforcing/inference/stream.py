@@ -154,10 +154,11 @@ def _recomputed_chunks(
     cache = None
     if rebuild_cache:
         cache = KVCache.for_model(model.dit, b, n, fpb, window, settings.sink, **settings.cache_options())
-    sigmas = settings.sigmas().to(p.device)
+    first_sigmas, later_sigmas = settings.sigmas(0).to(p.device), settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
     history = torch.zeros(b, 0, c, h, w, device=p.device)  # commit-pass inputs of every frame so far
     for start in range(0, f, fpb):
+        sigmas = first_sigmas if start == 0 else later_sigmas
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=g), p.device)
         if rebuild_cache:  # re-run the whole history chunk by chunk into an empty cache, then denoise
             cache.reset()

@@ -90,7 +90,9 @@ class VideoStream:
         layout = (rows, gh * gw, fpb, window, settings.sink)
         self.cache = KVCache.for_model(model.dit, *layout, **settings.cache_options())
         self.generator = torch.Generator().manual_seed(seed)
-        self.sigmas = settings.sigmas().to(p.device)
+        self.sigmas = settings.sigmas().to(p.device)  # every generated chunk's levels, but the first's:
+        self.first_sigmas = settings.sigmas(0).to(p.device)  # ``first_chunk_steps`` (Causal Forcing++)
+        self.denoised = 0  # chunks generated since the stream began (or a reset cut to a new scene)
         self.context_sigma = settings.context_timestep / 1000.0
         self.text_kv = self._encode(prompts)
         self.prompts = list(prompts)
@@ -126,7 +128,7 @@ class VideoStream:
             x0 = denoise_chunk(
                 self.model,
                 noise,
-                self.sigmas,
+                self.first_sigmas if self.denoised == 0 else self.sigmas,
                 self.text_kv,
                 self.cache,
                 self.position,
@@ -134,6 +136,7 @@ class VideoStream:
                 guidance=self.guidance,
             )
             self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
+            self.denoised += 1
         frames, ready, host = self._decode(x0)
         if x0.device.type == "cuda" and ready is None:
             torch.cuda.synchronize(x0.device)
@@ -157,7 +160,7 @@ class VideoStream:
         text_kv = self._encode(prompts)  # raises (unknown words, ...) before anything changes
         if mode == "reset":
             self.cache.reset()
-            self._pending, self._held, self.position = None, [], 0
+            self._pending, self._held, self.position, self.denoised = None, [], 0, 0
         else:
             self.commit()  # under the text it was generated with
         self.text_kv, self.prompts = text_kv, prompts
