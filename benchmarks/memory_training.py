@@ -36,6 +36,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "wan" / "sf_dmd_1.3b.yaml"
@@ -85,7 +94,11 @@ def write_folder(size: str, out: Path) -> Path:
     return out
 
 
-class HostRealFakeMode:
+ATEN = torch.ops.aten
+MADE_FROM_VALUES = (ATEN.lift_fresh, ATEN.arange, ATEN.linspace, ATEN.scalar_tensor)  # never garbage
+
+
+class HostRealFakeMode(FakeTensorMode):
     """``FakeTensorMode`` in which the host's own small tensors stay real (see the module docstring).
 
     Host tensors: seeded random draws (an op given a ``generator``), tensors made from Python data or
@@ -96,57 +109,39 @@ class HostRealFakeMode:
 
     SMALL = 1 << 16  # elements
 
-    def __new__(cls):
-        from torch._subclasses.fake_tensor import (
-            DataDependentOutputException,
-            DynamicOutputShapeException,
-            FakeTensor,
-            FakeTensorMode,
-            unset_fake_temporarily,
+    def __init__(self):
+        super().__init__(allow_non_fake_inputs=True)
+        self.host = WeakIdKeyDictionary()  # the real host tensors this mode made
+
+    def dispatch(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        drawn = kwargs.get("generator") is not None or func.overloadpacket in MADE_FROM_VALUES
+        on_host = not any(isinstance(t, FakeTensor) for t in tensors) and (
+            drawn or (tensors and all(t in self.host for t in tensors))
         )
-        from torch.utils._pytree import tree_leaves
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        host = WeakIdKeyDictionary()
-        aten = torch.ops.aten
-        made_from_values = (aten.lift_fresh, aten.arange, aten.linspace, aten.scalar_tensor)  # never garbage
-
-        class Mode(FakeTensorMode):
-            def dispatch(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                drawn = kwargs.get("generator") is not None or func.overloadpacket in made_from_values
-                on_host = not any(isinstance(t, FakeTensor) for t in tensors) and (
-                    drawn or (tensors and all(t in host for t in tensors))
-                )
-                if not on_host:
-                    if func is torch.ops.aten._local_scalar_dense.default:
-                        dtype = args[0].dtype
-                        return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
-                    return super().dispatch(func, types, args, kwargs)
-                try:  # the fake run gives the output sizes
-                    out = super().dispatch(func, types, args, kwargs)
-                except (DataDependentOutputException, DynamicOutputShapeException):
-                    out = None  # a value read from a host tensor
-                if out is not None and any(
-                    o.numel() > cls.SMALL for o in tree_leaves(out) if isinstance(o, torch.Tensor)
-                ):
-                    return out  # a large draw (the rollout's noise) is device memory: fake
-                with unset_fake_temporarily():
-                    out = func(*args, **kwargs)
-                for o in tree_leaves(out):
-                    if isinstance(o, torch.Tensor):
-                        host[o] = True
-                return out
-
-        return Mode(allow_non_fake_inputs=True)
+        if not on_host:
+            if func is ATEN._local_scalar_dense.default:
+                dtype = args[0].dtype
+                return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
+            return super().dispatch(func, types, args, kwargs)
+        try:  # the fake run gives the output sizes
+            out = super().dispatch(func, types, args, kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            out = None  # a value read from a host tensor
+        if out is not None and any(o.numel() > self.SMALL for o in tree_leaves(out) if isinstance(o, torch.Tensor)):
+            return out  # a large draw (the rollout's noise) is device memory: fake
+        with unset_fake_temporarily():
+            out = func(*args, **kwargs)
+        for o in tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self.host[o] = True
+        return out
 
 
 def read_weights_outside() -> None:
     """Weights files are read as real tensors (a file cannot be read into a fake tensor); the trainer's
     ``.to(dtype)`` of each makes it fake at once."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     import selfforcing.wan.dit_weights as dit_weights
 
     load_file = dit_weights.load_file

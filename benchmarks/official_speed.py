@@ -25,7 +25,10 @@ it), and fewer ops a pass. Writes benchmarks/results/official_speed_<size>_<devi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +43,7 @@ SIZES = {  # DiT width/depth (always Wan2.1-1.3B's 30 layers of 128-wide heads) 
     "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, height=60, width=104),  # 832x480 pixels
 }
 FRAMES, FPB, TEXT_LEN = 21, 3, 512
+VIDEO_FRAMES = (FRAMES - 1) * 4 + 1  # 81: the VAE decodes the first latent frame to one frame, the others to 4
 
 
 def wan_kwargs(size: str) -> dict:
@@ -162,22 +166,11 @@ def run_official(pipe, noise: torch.Tensor, renoise: list[torch.Tensor]) -> torc
     randn_like = torch.randn_like
     torch.randn_like = lambda x, **kw: queue.pop(0).to(x.device, x.dtype).reshape(x.shape)  # its re-noising
     try:
-        with open("/dev/null", "w") as null, _stdout(null):  # it prints every timestep
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every timestep
             _, latents = pipe.inference(noise, ["a prompt"], return_latents=True)
     finally:
         torch.randn_like = randn_like
     return latents
-
-
-class _stdout:
-    def __init__(self, to):
-        self.to = to
-
-    def __enter__(self):
-        self.old, sys.stdout = sys.stdout, self.to
-
-    def __exit__(self, *exc):
-        sys.stdout = self.old
 
 
 def run_ours(model, size: str, device, dtype) -> torch.Tensor:
@@ -227,14 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
         for p_ in reference.parameters():  # Wan's init leaves the head at zero: every output would be zero
             p_.normal_(0, 0.02) if p_.dim() > 1 else None
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    state_file = Path(args.out or ROOT / "benchmarks" / "results").parent / "_official_speed_dit.safetensors"
-    save_file(state, state_file)  # Wan's own key names, read by the project's loader
     s = SIZES[args.size]
     emb = torch.randn(1, TEXT_LEN, 4096).to(device, dtype)
     noise, renoise = draws(0, (1, FRAMES, 16, s["height"], s["width"]))
     pipe = official_pipeline(off, state, args.size, emb, device, dtype)
-    model = ours(state_file, args.size, emb, device, dtype)
-    state_file.unlink()
+    with tempfile.TemporaryDirectory() as tmp:  # Wan's own key names, read by the project's loader
+        save_file(state, Path(tmp) / "dit.safetensors")
+        model = ours(Path(tmp) / "dit.safetensors", args.size, emb, device, dtype)
     del reference, state
     rows = []
     with torch.no_grad():
@@ -250,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                 {
                     "code": name,
                     "seconds": round(seconds, 3),
-                    "frames_per_s": round(FRAMES * 4 / seconds, 2),  # video frames: 4 a latent frame
+                    "frames_per_s": round(VIDEO_FRAMES / seconds, 2),
                     "dit_passes": passes,
                     "aten_ops_per_chunk": count.n // (FRAMES // FPB),
                     "latents": latents.float().cpu(),

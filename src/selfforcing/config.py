@@ -153,7 +153,8 @@ class CausalConfig:
         check_layout(self.frames_per_block, self.window, self.sink)
         if not 0 <= self.context_timestep < 1000:
             raise ValueError(f"causal.context_timestep must be in [0, 1000), got {self.context_timestep}")
-        self.sigmas(), self.sigmas(0)  # raise on a bad step list
+        self.sigmas()  # raises on a bad step list
+        self.sigmas(0)  # and on a bad first-chunk list
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"causal.kv_cache must be one of {list(KV_CACHE_KINDS)}, got {self.kv_cache!r}")
         if num_frames is not None and num_frames % self.frames_per_block:
