@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data.shapes import ShapesWorldConfig
 from .diffusion.flow_matching import step_sigmas
+from .models.cache_policy import CachePolicy
 from .models.causal import check_layout
 from .models.dit import DIT_PRESETS, DiTConfig, dit_config
 
@@ -132,6 +133,13 @@ class CausalConfig:
     # per layer: less memory, a copy per layer); "fp8" in e4m3 with one scale per frame and head (half of
     # compact's memory; its cost in docs/streaming.md)
     kv_cache: str = "auto"
+    # how cached keys meet RoPE (models/cache_policy.py): "absolute" (stored rotated at their frame's position:
+    # Self Forcing, LongLive, CausVid) or "slot" (stored before RoPE, the held frames rotated to 0..n-1 at every
+    # read: Reward Forcing, LongLive's infinite mode). Streaming only
+    rope: str = "absolute"
+    # Reward Forcing's EMA sink: at each eviction sink <- sink_ema * sink + (1 - sink_ema) * evicted (0.999);
+    # null = the sink never changes. Streaming only
+    sink_ema: float | None = None
 
     def __post_init__(self) -> None:
         self.window, self.sink = official_window(self)
@@ -145,8 +153,8 @@ class CausalConfig:
         return step_sigmas(list(steps), self.shift, self.warp_steps)
 
     def cache_options(self) -> dict:
-        """``KVCache.for_model``'s storage options for ``kv_cache``."""
-        return dict(KV_CACHE_KINDS[self.kv_cache])
+        """``KVCache.for_model``'s options: the storage of ``kv_cache`` and the ``CachePolicy``."""
+        return dict(KV_CACHE_KINDS[self.kv_cache], policy=CachePolicy(self.rope, self.sink_ema))
 
     def validate(self, num_frames: int | None = None) -> None:
         """Raise a ValueError naming the problem (``num_frames``: latent frames to generate)."""
@@ -155,6 +163,7 @@ class CausalConfig:
             raise ValueError(f"causal.context_timestep must be in [0, 1000), got {self.context_timestep}")
         self.sigmas()  # raises on a bad step list
         self.sigmas(0)  # and on a bad first-chunk list
+        CachePolicy(self.rope, self.sink_ema)  # raises on a bad rope mode or EMA factor
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"causal.kv_cache must be one of {list(KV_CACHE_KINDS)}, got {self.kv_cache!r}")
         if num_frames is not None and num_frames % self.frames_per_block:
@@ -400,6 +409,12 @@ class TrainConfig:
                     "causal.first_chunk_steps is a streaming setting (Causal Forcing++'s first chunk): training "
                     "draws every chunk's exit step from causal.denoising_steps. Remove it from the training "
                     "config and give it to the stream (CausalConfig(first_chunk_steps=...))"
+                )
+            if self.causal.rope != "absolute" or self.causal.sink_ema is not None:
+                raise ConfigError(
+                    "causal.rope: slot and causal.sink_ema are streaming rules (Reward Forcing's cache): training "
+                    "rolls out with keys at absolute positions and a fixed sink. Remove them from the training "
+                    "config and give them to the stream (generate --family, or CausalConfig(rope=..., sink_ema=...))"
                 )
         dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
         pf, ph, pw = dit.patch_size

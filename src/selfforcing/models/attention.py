@@ -42,12 +42,17 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries, rotated keys and values, each ``[B, heads, L, head_dim]``."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both before RoPE) and values, each ``[B, heads, L, head_dim]``."""
         h = self.num_heads
         q = rearrange(self.norm_q(self.q(x)), "b l (h d) -> b h l d", h=h)
         k = rearrange(self.norm_k(self.k(x)), "b l (h d) -> b h l d", h=h)
         v = rearrange(self.v(x), "b l (h d) -> b h l d", h=h)
+        return q, k, v
+
+    def qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries, rotated keys and values, each ``[B, heads, L, head_dim]``."""
+        q, k, v = self.project(x)
         return apply_rope(q, rope), apply_rope(k, rope), v
 
     def forward(
@@ -62,12 +67,14 @@ class SelfAttention(nn.Module):
 
         attn_mask: bool ``[L, L_kv]`` (True = may attend) or anything SDPA broadcasts, where
         ``L_kv = L_prefix + L``. kv_prefix: ``(k, v)`` of earlier tokens, ``[B, heads, L_prefix, head_dim]``,
-        or a KV cache's ``CacheLayer``. With ``return_kv`` also returns this call's own rotated ``(k, v)``.
+        or a KV cache's ``CacheLayer``. With ``return_kv`` also returns this call's own ``(k, v)`` as a cache
+        stores them (rotated, or before RoPE for a cache that rotates by slot: ``models.cache_policy``).
         """
-        q, k, v = self.qkv(x, rope)
+        q, k_raw, v = self.project(x)
+        q, k = apply_rope(q, rope), apply_rope(k_raw, rope)
         k_all, v_all = k, v
         if isinstance(kv_prefix, CacheLayer):
-            (k_all, v_all), (k, v) = kv_prefix.extend(k, v)
+            (k_all, v_all), (k, v) = kv_prefix.extend(k, v, k_raw)
         elif kv_prefix is not None:
             k_all = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
             v_all = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)

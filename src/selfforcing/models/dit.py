@@ -281,17 +281,25 @@ class VideoDiT(nn.Module):
         if frame_positions is not None and (pf != 1 or frame_positions.shape != (nf,)):
             raise ValueError(f"frame_positions must be [F] = [{nf}] with patch_size[0] == 1")
         # RoPE's cos/sin, built once per forward on the device, in the dtype the queries have (RMSNorm's output)
+        q_dtype = torch.promote_types(tokens.dtype, self.blocks[0].self_attn.q.weight.dtype)
+        context_rope = None
+        if kv_cache is not None and kv_cache.policy.by_slot:  # positions by slot (``models.cache_policy``)
+            frame_positions = kv_cache.chunk_positions(frame_offset, nf)
+            held = kv_cache.context_positions()
+            ctx = rope_3d_angles(len(held), h, w, self.cfg.head_dim, 0, self.cfg.rope_theta, held, tokens.device)
+            context_rope = rope_cos_sin(ctx, tokens.device, q_dtype)
         angles = rope_3d_angles(
             f, h, w, self.cfg.head_dim, frame_offset // pf, self.cfg.rope_theta, frame_positions, tokens.device
         )
-        q_dtype = torch.promote_types(tokens.dtype, self.blocks[0].self_attn.q.weight.dtype)
         rope = rope_cos_sin(angles, tokens.device, q_dtype)
 
         new_kv, features = [], []
         slots = kv_cache.slots_for(frame_offset, nf) if commit else None
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute blocks in backward
+        if checkpointed and context_rope is not None:
+            raise ValueError("a KV cache with rope='slot' is for inference: training rotates keys by absolute position")
         for i, block in enumerate(self.blocks):
-            prefix = kv_cache.layer(i, slots) if kv_cache is not None else None
+            prefix = kv_cache.layer(i, slots, context_rope) if kv_cache is not None else None
             if checkpointed and prefix is not None:
                 # the backward recomputation must see this cache as it is now: views of it when nothing can
                 # overwrite its frames (``append_only``: a rollout that fits), else a copy (later commits

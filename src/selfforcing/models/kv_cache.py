@@ -21,6 +21,10 @@ autograd never sees a buffer that a later step overwrites.
 ``FP8KVCache`` (opt-in: ``dtype=torch.float8_e4m3fn``) stores the same in fp8 with one scale per frame
 and head: half of bf16's memory; every layer dequantises its context when it reads it.
 
+A ``CachePolicy`` (``models.cache_policy``) says how keys meet RoPE: stored rotated at their absolute
+positions (Self Forcing), or stored before RoPE and rotated by slot at every read (Reward Forcing,
+LongLive's infinite mode), and whether an eviction blends the evicted frames into the sink.
+
 ``TextKV`` is the cross-attention cache: the text keys/values of every layer, computed once per prompt.
 """
 
@@ -30,9 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache_policy import CachePolicy, slot_positions, updated_sink
 from .causal import check_layout
+from .rope import Rope, apply_rope
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each [B, heads, tokens, head_dim]
+ABSOLUTE = CachePolicy()  # keys rotated at their absolute positions, the sink fixed: Self Forcing
+
+
+@dataclass
+class Placement:
+    """Where a commit puts a chunk: ``slots``, ``(slot, i)`` for each stored frame i of the chunk, and
+    ``evicted``, the slots whose older frames it replaces (oldest frame first)."""
+
+    slots: list[tuple[int, int]]
+    evicted: list[int]
 
 
 @dataclass
@@ -66,6 +82,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         in_place: bool = True,
+        policy: CachePolicy = ABSOLUTE,
     ):
         check_layout(frames_per_block, window, sink)
         if window == 0:
@@ -75,7 +92,10 @@ class KVCache:
         self.window = window
         self.sink = sink
         self.capacity = sink + window - frames_per_block  # past frames a chunk can see
-        self.in_place = in_place  # slots after the held frames for a forward's chunk (``CacheLayer.extend``)
+        self.policy = policy
+        # slots after the held frames for a forward's chunk (``CacheLayer.extend``); a cache that rotates its keys
+        # by slot copies them at every read anyway
+        self.in_place = in_place and not policy.by_slot
         slots = self.capacity + (frames_per_block if self.in_place else 0)
         shape = (num_layers, batch_size, num_heads, slots * tokens_per_frame, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -98,16 +118,18 @@ class KVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         in_place: bool = True,
+        policy: CachePolicy = ABSOLUTE,
     ) -> KVCache:
         """An empty cache shaped for ``dit`` (a ``VideoDiT``) on its device, in the dtype its attention computes
         in (``compute_dtype``: the autocast dtype under autocast, FSDP's ``param_dtype`` under mixed precision,
         else the parameters' dtype), or in ``dtype``: ``torch.float8_e4m3fn`` gives an ``FP8KVCache``.
-        ``in_place=False``: no slots for the current chunk (``frames_per_block`` frames less memory)."""
+        ``in_place=False``: no slots for the current chunk (``frames_per_block`` frames less memory).
+        ``policy``: RoPE by absolute position or by slot, and the sink's update (``CachePolicy``)."""
         c, device = dit.cfg, device or next(dit.parameters()).device
         shape = (c.num_layers, batch_size, c.num_heads, c.head_dim, tokens_per_frame, frames_per_block, window, sink)
         if dtype == FP8:
-            return FP8KVCache(*shape, device=device, compute_dtype=compute_dtype(dit))
-        return cls(*shape, dtype or compute_dtype(dit), device, in_place)
+            return FP8KVCache(*shape, device=device, compute_dtype=compute_dtype(dit), policy=policy)
+        return cls(*shape, dtype or compute_dtype(dit), device, in_place, policy)
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -125,10 +147,22 @@ class KVCache:
         """Absolute indices of the held frames, ascending."""
         return sorted(f for f in self.frame_of_slot if f >= 0)
 
-    def layer(self, layer: int, commit: list[tuple[int, int]] | None = None) -> CacheLayer:
-        """What one layer's attention reads and writes: see ``CacheLayer``; ``commit``: the slots
-        (``slots_for``) that layer stores its chunk in once its attention is done."""
-        return CacheLayer(self, layer, commit)
+    def layer(self, layer: int, commit: Placement | None = None, context_rope: Rope | None = None) -> CacheLayer:
+        """What one layer's attention reads and writes: see ``CacheLayer``; ``commit``: where (``slots_for``)
+        that layer stores its chunk once its attention is done; ``context_rope``: with ``rope="slot"``, the
+        rotation of the held frames (``context_positions``), computed once per forward."""
+        return CacheLayer(self, layer, commit, context_rope)
+
+    def chunk_positions(self, frame_offset: int, num: int) -> torch.Tensor | None:
+        """RoPE frame positions ``[num]`` of the next chunk: None for ``rope="absolute"`` (its absolute
+        frames), else right after the held frames' slots."""
+        if not self.policy.by_slot:
+            return None
+        return torch.arange(self.num_frames, self.num_frames + num)
+
+    def context_positions(self) -> torch.Tensor:
+        """``rope="slot"``: the RoPE frame position of every held slot, ``[num_frames]`` (its frame's rank)."""
+        return slot_positions(self.frame_of_slot)
 
     def context(self, layer: int) -> KV | None:
         """Keys/values of the held frames for one layer, ``[B, heads, num_frames * N, head_dim]``: views of the
@@ -158,29 +192,32 @@ class KVCache:
         Usually one chunk; several at once rebuild a cache from a full-sequence pass. Evicts the oldest
         non-sink frames when full. Recommitting the latest chunk overwrites it.
         """
-        n = self.tokens_per_frame
-        slots = self.take_slots(frame_offset, kv[0][0].shape[2] // n)
+        num = kv[0][0].shape[2] // self.tokens_per_frame
+        placement = self.slots_for(frame_offset, num)
         for layer, (k, v) in enumerate(kv):
-            self.store(layer, slots, k, v)
+            self.store(layer, placement, k, v)
+        self.take_slots(frame_offset, num)
 
-    def take_slots(self, frame_offset: int, num: int) -> list[tuple[int, int]]:
+    def take_slots(self, frame_offset: int, num: int) -> Placement:
         """Give frames ``frame_offset .. + num`` their slots (evicting the oldest non-sink frames when full):
-        the bookkeeping of a commit. Returns ``(slot, i)`` for each stored frame i of the chunk."""
+        the bookkeeping of a commit, done after every layer has ``store``d its keys/values there."""
         if frame_offset < self.next_frame == frame_offset + num:  # recommit: overwrite the latest chunk
             self._check_append_only(f"recommitting frames {frame_offset}..{frame_offset + num - 1}")
             self._forget(range(frame_offset, frame_offset + num))
             self.next_frame = frame_offset
         self.check_next(frame_offset)
-        slots = []
+        slots, evicted = [], []
         for i in range(num):
             slot = self._slot_for(frame_offset + i)
             if slot is not None:
+                if 0 <= self.frame_of_slot[slot] < frame_offset and slot >= self.sink:
+                    evicted.append((self.frame_of_slot[slot], slot))
                 self.frame_of_slot[slot] = frame_offset + i
                 slots.append((slot, i))
         self.next_frame = frame_offset + num
-        return slots
+        return Placement(slots, [slot for _, slot in sorted(evicted)])
 
-    def slots_for(self, frame_offset: int, num: int) -> list[tuple[int, int]]:
+    def slots_for(self, frame_offset: int, num: int) -> Placement:
         """The slots ``take_slots`` would give, the cache left as it is."""
         state = list(self.frame_of_slot), self.next_frame
         try:
@@ -189,11 +226,25 @@ class KVCache:
             self.frame_of_slot, self.next_frame = state
 
     @torch.no_grad()  # the cache holds no autograd history
-    def store(self, layer: int, slots: list[tuple[int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
-        """One layer's keys/values of a chunk, ``[B, heads, F * N, D]``, into ``slots`` (from ``take_slots``)."""
+    def store(self, layer: int, placement: Placement, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's keys/values of a chunk, ``[B, heads, F * N, D]``, where ``placement`` (``slots_for``) says;
+        first, with ``policy.sink_ema``, the frames it evicts update the sink (``cache_policy``)."""
         n = self.tokens_per_frame
-        for slot, i in slots:
+        if self.policy.sink_ema is not None and placement.evicted and self.sink:
+            sink = [self._frame(layer, s) for s in range(self.sink)]
+            old = [self._frame(layer, s) for s in placement.evicted]
+            keys = updated_sink([s[0] for s in sink], [e[0] for e in old], self.policy.sink_ema)
+            values = updated_sink([s[1] for s in sink], [e[1] for e in old], self.policy.sink_ema)
+            for (j, sk), (_, sv) in zip(keys, values, strict=True):
+                self._store(layer, j, sk, sv)
+        for slot, i in placement.slots:
             self._store(layer, slot, k[:, :, i * n : (i + 1) * n], v[:, :, i * n : (i + 1) * n])
+
+    def _frame(self, layer: int, slot: int) -> KV:
+        """One held frame's keys/values ``[B, heads, N, D]`` (copies, in the dtype attention reads)."""
+        n = self.tokens_per_frame
+        frame = slice(slot * n, (slot + 1) * n)
+        return self.k[layer, :, :, frame].clone(), self.v[layer, :, :, frame].clone()
 
     def _store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One frame's keys/values ``[B, heads, N, D]`` into ``slot``."""
@@ -244,8 +295,8 @@ class KVCache:
 class CacheLayer:
     """One layer's view of a ``KVCache`` for a forward of the cache's next chunk."""
 
-    def __init__(self, cache: KVCache, layer: int, commit: list[tuple[int, int]] | None = None):
-        self.cache, self.index, self.commit_slots = cache, layer, commit
+    def __init__(self, cache: KVCache, layer: int, commit: Placement | None = None, context_rope: Rope | None = None):
+        self.cache, self.index, self.commit_slots, self.context_rope = cache, layer, commit, context_rope
 
     def attended(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Called by the attention once it has read the cache: in a commit pass, store the chunk's keys/values
@@ -254,23 +305,28 @@ class CacheLayer:
         if self.commit_slots is not None:
             self.cache.store(self.index, self.commit_slots, k, v)
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[KV, KV]:
-        """Keys/values to attend to, the held frames' then the chunk's ``k, v: [B, heads, F * N, D]``, and the
-        chunk's own keys/values as stored: ``((k_all, v_all), (k, v))``.
+    def extend(self, k: torch.Tensor, v: torch.Tensor, k_raw: torch.Tensor | None = None) -> tuple[KV, KV]:
+        """Keys/values to attend to, the held frames' then the chunk's ``k, v: [B, heads, F * N, D]`` (``k``
+        rotated, ``k_raw`` before RoPE), and the chunk's own keys/values as stored: ``((k_all, v_all), (k, v))``.
 
         Without gradient the chunk goes into the free slots after the held frames and both are views of the
         buffers (valid until the next forward or commit on this cache; the cache's state does not change).
-        With gradient, or in a dtype the buffers cannot take without autocast, the context is concatenated."""
+        With gradient, in a dtype the buffers cannot take without autocast, or for a pass longer than the
+        free slots, the context is concatenated. With ``rope="slot"`` the cache stores ``k_raw``, and the held
+        keys are rotated by slot (``context_rope``) at every read."""
         c, layer = self.cache, self.index
         a = c.num_frames * c.tokens_per_frame
         b = a + k.shape[2]
         same_dtype = k.dtype == c.k.dtype or torch.is_autocast_enabled(k.device.type)
-        if torch.is_grad_enabled() or not (c.in_place and same_dtype):
+        stored = (k_raw, v) if c.policy.by_slot else (k, v)
+        if torch.is_grad_enabled() or not (c.in_place and same_dtype) or b > c.k.shape[3]:
             context = c.context(layer)
             if context is None:
-                return (k, v), (k, v)
+                return (k, v), stored
             ks, vs = context[0].to(k.dtype), context[1].to(v.dtype)
-            return (torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)), (k, v)
+            if c.policy.by_slot:
+                ks = apply_rope(ks, self.context_rope)
+            return (torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)), stored
         c.k[layer, :, :, a:b] = k
         c.v[layer, :, :, a:b] = v
         k_all, v_all = c.k[layer, :, :, :b], c.v[layer, :, :, :b]
@@ -314,6 +370,15 @@ class FP8KVCache(KVCache):
             x = buf[layer, :, :, : frames * n].unflatten(2, (frames, n)).to(self.compute_dtype)
             out.append((x * scale[layer, :, :, :frames, None, None].to(self.compute_dtype)).flatten(2, 3))
         return out[0], out[1]
+
+    def _frame(self, layer: int, slot: int) -> KV:
+        n = self.tokens_per_frame
+        k, v = (
+            buf[layer, :, :, slot * n : (slot + 1) * n].to(self.compute_dtype)
+            * scale[layer, :, :, slot, None, None].to(self.compute_dtype)
+            for buf, scale in ((self.k, self.k_scale), (self.v, self.v_scale))
+        )
+        return k, v
 
     def _store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = self.tokens_per_frame
