@@ -103,8 +103,6 @@ def test_cache_errors_and_recommit():
     cache = KVCache.for_model(m, 2, 4, 3, 6)
     with pytest.raises(ValueError, match="starts at frame 3"):
         m(x[:, 3:], t[:, 3:], ctx, kv_cache=cache, frame_offset=3)
-    with pytest.raises(ValueError, match="a chunk has at most 3 frames"):
-        m(x[:, :4], t[:, :4], ctx, kv_cache=cache, frame_offset=0)
     with pytest.raises(ValueError, match="skip back"):
         cache.skip_to(-1)
     with pytest.raises(ValueError, match="tokens per frame"):
@@ -120,6 +118,30 @@ def test_cache_errors_and_recommit():
     assert torch.equal(cache.context(0)[0], kv_b[0][0])
     cache.reset()
     assert cache.num_frames == 0 and cache.context(0) is None
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_a_pass_of_several_chunks_attends_without_a_mask_among_its_frames(commit):
+    """After chunk 0 is cached, one pass over frames 3..8 equals the full sequence where those frames see
+    every frame up to 8 (LongLive's one-pass re-cache), and with ``commit`` the cache then holds them."""
+    m = random_model()
+    x, t, ctx = inputs(9)
+    mask = block_causal_mask(9, 4, 3)
+    mask[12:] = True  # frames 3..8 (tokens 12..35) see frames 0..8
+    full, kv_full = m(x, t, ctx, attn_mask=mask, return_kv=True)
+    cache = KVCache.for_model(m, 2, 4, 3, 9)
+    text_kv = m.text_kv(ctx)
+    with torch.no_grad():
+        _, kv0 = m(x[:, :3], t[:, :3], text_kv=text_kv, kv_cache=cache, return_kv=True)
+        cache.commit(0, kv0)
+        wide = m(x[:, 3:], t[:, 3:], text_kv=text_kv, kv_cache=cache, frame_offset=3, commit=commit)
+    assert torch.allclose(wide, full[:, 3:], **TOL)
+    if commit:  # capacity 6: the oldest frames were evicted within the same commit
+        assert cache.frames == [3, 4, 5, 6, 7, 8] and cache.next_frame == 9
+        k_full = kv_full[1][0].unflatten(2, (9, 4))
+        held = cache.k[1, :, :, : 6 * 4].unflatten(2, (6, 4))
+        for slot, frame in enumerate(cache.frame_of_slot):
+            assert torch.allclose(held[:, :, slot], k_full[:, :, frame], **TOL)
 
 
 def tiny_t2v() -> TextToVideo:

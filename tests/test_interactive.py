@@ -285,3 +285,70 @@ def test_kv_cache_kinds_stream_the_same_video(kind):
         assert 0 < (a - b).norm() / a.norm() < 0.05
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         CausalConfig(3, window=6, kv_cache="int4").validate()
+
+
+def one_pass_reference(t2v, latents, start, prompt, sink_kv):
+    """LongLive's re-cache as published, written here: the frames from ``start`` run once under ``prompt`` at
+    t = 0, at their absolute positions; at every layer they attend, without a mask, to the kept sink's
+    keys/values (``sink_kv[layer]``, or none) and to each other. Returns every layer's (keys, values)."""
+    dit, record = t2v.dit, []
+    saved = [block.self_attn.forward for block in dit.blocks]
+
+    def attention(attn, layer):
+        def forward(x, rope, attn_mask=None, kv_prefix=None, return_kv=False):
+            q, k, v = attn.qkv(x, rope)
+            record.append((k, v))
+            if sink_kv is not None:
+                k, v = torch.cat([sink_kv[layer][0], k], 2), torch.cat([sink_kv[layer][1], v], 2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return attn.o(out.transpose(1, 2).flatten(2)), None
+
+        return forward
+
+    for layer, block in enumerate(dit.blocks):
+        block.self_attn.forward = attention(block.self_attn, layer)
+    try:
+        text_kv = dit.text_kv(*t2v.encode_text([prompt, prompt]))
+        dit(latents, torch.zeros(latents.shape[:2]), text_kv=text_kv, frame_offset=start)
+    finally:
+        for block, fwd in zip(dit.blocks, saved, strict=True):
+            block.self_attn.forward = fwd
+    return record
+
+
+@pytest.mark.parametrize("chunks,start", [(2, 0), (5, 9)])
+def test_one_pass_recache_equals_longlive_s_definition(chunks, start):
+    """Window 6 + sink 3 (local_attn_size 9). A switch at frame 6 recomputes frames 0..5 together, the sink
+    too; at frame 15 it recomputes 9..14 against the old sink, which keeps its keys; the cache then holds the
+    sink and the last frames, and its positions do not move."""
+    t2v = tiny_t2v()
+    stream = open_stream(t2v, CausalConfig(3, window=6, sink=3))
+    video = torch.cat([next(stream).latents for _ in range(chunks)], 1)
+    stream.commit()
+    sink_before = [stream.cache.context(i) for i in range(len(t2v.dit.blocks))]
+    sink_before = [(k[:, :, :12].clone(), v[:, :, :12].clone()) for k, v in sink_before]  # slots 0..2
+    stream.switch_prompt(B, "one-pass")
+    frame = 3 * chunks
+    assert stream.cache.next_frame == frame and stream.position == frame
+    kv = one_pass_reference(t2v, video[:, start:], start, B, sink_before if start else None)
+    held = stream.cache.frames
+    assert held == [0, 1, 2, *range(frame - 3, frame)]
+    recomputed = [f for f in held if f >= start]
+    assert_cache_holds(stream, recomputed, [(k[:, :, (recomputed[0] - start) * 4 :], v) for k, v in kv])
+    if start:  # the sink kept the old prompt's keys and values
+        for layer, (k, v) in enumerate(sink_before):
+            assert torch.equal(stream.cache.k[layer, :, :, :12], k) and torch.equal(stream.cache.v[layer, :, :, :12], v)
+    next(stream)  # and the stream goes on
+
+
+def test_one_pass_differs_from_the_causal_recache():
+    nexts = {}
+    for mode in ("one-pass", "recache"):
+        torch.manual_seed(0)
+        t2v = tiny_t2v()
+        stream = open_stream(t2v, CausalConfig(3, window=6, sink=3))
+        for _ in range(4):
+            next(stream)
+        stream.switch_prompt(B, mode)
+        nexts[mode] = next(stream).latents
+    assert not torch.allclose(nexts["one-pass"], nexts["recache"], atol=1e-4)

@@ -405,6 +405,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inference.recache import SWITCH_MODES
+
     p = argparse.ArgumentParser(prog="selfforcing", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -456,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--switch-mode",
         default="recache",
-        choices=["recache", "keep", "reset"],
-        help="recache: recompute the cache under the new prompt (LongLive); keep: the old cache; reset: a cut",
+        choices=list(SWITCH_MODES),
+        help="recache: recompute the held frames under the new prompt, causally; one-pass: LongLive's re-cache; "
+        "keep: the old cache; reset: a cut (inference/recache.py)",
     )
     g.add_argument("--image", default=None, help="causal student: the first frame (an image file of the video's size)")
     g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")

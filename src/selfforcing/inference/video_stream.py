@@ -3,13 +3,9 @@
 ``VideoStream`` owns one video's KV cache and random generator, and nothing changes them but its own
 methods: ``next(stream)`` commits the previous chunk and denoises and decodes the next one (the loop of
 ``stream.causal_chunks``, which the Self Forcing rollout runs, so an unswitched stream is the rollout's
-video), and ``switch_prompt`` changes the text between chunks, in one of three modes:
-
-    keep     continue on the cache as it is; only the new chunks read the new text (the cached keys
-             and values were computed under the old prompt)
-    recache  LongLive's KV re-cache: recompute the keys/values of every frame the cache holds with the
-             new prompt's cross-attention (the commit inputs are kept for this), then continue
-    reset    a hard cut: forget the cache and start a new scene at frame position 0
+video), and ``switch_prompt`` changes the text between chunks, in one of the modes of
+``inference.recache``: ``keep`` (the cache as it is), ``recache`` (every held frame recomputed, causally),
+``one-pass`` (LongLive's re-cache) or ``reset`` (a hard cut to a new scene).
 
 A first image (``image``) is encoded by the codec and committed to the cache clean (at t = 0, whatever
 the context timestep) as a one-frame chunk at position 0, as CausVid's and Self Forcing's image-to-video
@@ -31,19 +27,9 @@ from ..models.codec import Codec
 from ..models.kv_cache import KVCache
 from ..models.t2v import TextToVideo
 from .chunks import Chunk, commit_chunk, commit_input, denoise_chunk
+from .recache import SWITCH_MODES, held_runs, one_pass_start, recache_causal, recache_one_pass
 
-SWITCH_MODES = ("recache", "keep", "reset")
-
-
-def held_runs(frames: list[int], start: int, length: int) -> list[tuple[int, int]]:
-    """Contiguous ``[a, b)`` runs of ``frames`` (held by a cache) inside ``[start, start + length)``."""
-    runs: list[tuple[int, int]] = []
-    for f in sorted(x for x in frames if start <= x < start + length):
-        if runs and runs[-1][1] == f:
-            runs[-1] = (runs[-1][0], f + 1)
-        else:
-            runs.append((f, f + 1))
-    return runs
+__all__ = ["SWITCH_MODES", "VideoStream", "held_runs"]
 
 
 class VideoStream:
@@ -107,6 +93,7 @@ class VideoStream:
         # in the cache (a recache recomputes them)
         self._pending: tuple[int, torch.Tensor, float] | None = None
         self._held: list[tuple[int, torch.Tensor, float]] = []
+        self._recent: list[tuple[int, torch.Tensor]] = []  # (position, clean latents) of the last sink + window frames
         self._image = None if image is None else self._encode_image(image)
 
     # -- the stream -------------------------------------------------------------------------------
@@ -137,6 +124,7 @@ class VideoStream:
             )
             self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
             self.denoised += 1
+        self._keep_recent(x0)
         frames, ready, host = self._decode(x0)
         if x0.device.type == "cuda" and ready is None:
             torch.cuda.synchronize(x0.device)
@@ -160,12 +148,17 @@ class VideoStream:
         text_kv = self._encode(prompts)  # raises (unknown words, ...) before anything changes
         if mode == "reset":
             self.cache.reset()
-            self._pending, self._held, self.position, self.denoised = None, [], 0, 0
+            self._pending, self._held, self._recent, self.position, self.denoised = None, [], [], 0, 0
         else:
             self.commit()  # under the text it was generated with
         self.text_kv, self.prompts = text_kv, prompts
         if mode == "recache":
-            self._recache()
+            held = [(start, self._rows(x), sigma) for start, x, sigma in self._held]
+            recache_causal(self.model, self.cache, held, self.text_kv)
+        elif mode == "one-pass" and self.position:
+            recache_one_pass(
+                self.model, self.cache, self._rows(self._recent_latents()), self.context_sigma, self.text_kv
+            )
         self.switches.append((self.latent_frames, prompts, mode))
         return time.perf_counter() - t0
 
@@ -209,18 +202,17 @@ class VideoStream:
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.guidance == 1.0 else torch.cat([x, x])
 
-    def _recache(self) -> None:
-        """Recompute every held frame's keys/values under the current text, oldest first: each run of
-        held frames attends to the held frames before it, as when it was first committed."""
-        held, next_frame = self.cache.frames, self.cache.next_frame
-        self.cache.reset()
-        for start, x_ctx, sigma in self._held:
-            for a, b in held_runs(held, start, x_ctx.shape[1]):
-                self.cache.skip_to(a)
-                x = self._rows(x_ctx[:, a - start : b - start])
-                commit_chunk(self.model, x, sigma, self.text_kv, self.cache, a)
-        self.cache.skip_to(next_frame)
-        assert self.cache.frames == held, (self.cache.frames, held)
+    def _keep_recent(self, x0: torch.Tensor) -> None:
+        """Keep the clean latents of the last ``sink + window`` frames (a one-pass re-cache reads them)."""
+        self._recent.append((self.position, x0))
+        keep_from = self.position + x0.shape[1] - (self.settings.sink + self.settings.window)
+        self._recent = [(p, x) for p, x in self._recent if p + x.shape[1] > keep_from]
+
+    def _recent_latents(self) -> torch.Tensor:
+        """The clean latents ``[B, f, C, h, w]`` from ``one_pass_start`` up to the next chunk."""
+        first = one_pass_start(self.position, self.settings.window, self.settings.sink)
+        x = torch.cat([x for _, x in self._recent], dim=1)
+        return x[:, first - self._recent[0][0] :]
 
     def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """The first frame's latent ``[B, 1, C, h, w]`` from ``image [B or 1, 3, H, W]`` in [-1, 1]."""

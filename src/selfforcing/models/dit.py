@@ -243,8 +243,9 @@ class VideoDiT(nn.Module):
         context: [B, L, text_dim] text embeddings and context_mask: bool [B, L], True = real token (or
         ``text_kv``, the same precomputed by ``self.text_kv``); attn_mask: self-attention mask over
         tokens (e.g. ``causal.block_causal_mask``); frame_offset: absolute index of x's first latent
-        frame (for RoPE). kv_cache: attend to its frames before x's (x must be the cache's next chunk);
-        it is only read. Returns [B, F, C_out, H, W], and with ``return_kv`` also every layer's (k, v)
+        frame (for RoPE). kv_cache: attend to its frames before x's (x must be the cache's next chunk,
+        or several: x's frames then attend to each other without a mask, as in LongLive's one-pass
+        re-cache); it is only read. Returns [B, F, C_out, H, W], and with ``return_kv`` also every layer's (k, v)
         of x's tokens, ``[B, heads, F * N, head_dim]``, for ``kv_cache.commit``. frame_positions: [F]
         RoPE position of every latent frame (instead of frame_offset + 0..F-1; patch_size[0] must be 1).
         taps: block indices whose output tokens ``[B, F * N, dim]`` are also returned, as a list (last).
@@ -267,7 +268,7 @@ class VideoDiT(nn.Module):
                 raise ValueError(f"a KV cache needs patch_size[0] == 1, the model has {self.cfg.patch_size}")
             if kv_cache.tokens_per_frame != h * w:
                 raise ValueError(f"the cache holds {kv_cache.tokens_per_frame} tokens per frame, x has {h * w}")
-            kv_cache.check_next(frame_offset, nf)
+            kv_cache.check_next(frame_offset)
         if commit and (kv_cache is None or torch.is_grad_enabled()):
             raise ValueError("commit=True is the cache-commit pass: pass a kv_cache and run it without gradient")
         t = t if t.dim() == 2 else t[:, None].expand(b, nf)

@@ -172,17 +172,12 @@ class KVCache:
             return None
         return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
-    def check_next(self, frame_offset: int, num_frames: int | None = None) -> None:
-        """Raise unless ``frame_offset`` is the next frame for this cache (and ``num_frames`` one chunk)."""
+    def check_next(self, frame_offset: int) -> None:
+        """Raise unless ``frame_offset`` is the next frame for this cache."""
         if frame_offset != self.next_frame:
             raise ValueError(
                 f"the cache holds frames up to {self.next_frame - 1} but the input starts at frame {frame_offset}: "
                 "commit every chunk in order (or reset the cache)"
-            )
-        if num_frames is not None and not 1 <= num_frames <= self.frames_per_block:
-            raise ValueError(
-                f"a chunk has at most {self.frames_per_block} frames (frames_per_block), got {num_frames}: the "
-                "cache holds the past frames one chunk of that size may see"
             )
 
     # -- writing -------------------------------------------------------------------------------
@@ -253,6 +248,12 @@ class KVCache:
             dst = buf[layer, :, :, slot * n : (slot + 1) * n]
             if not dst.is_set_to(new):  # keys written in place by ``extend`` (the same view) stay put
                 dst.copy_(new)
+
+    def keep_sink(self, next_frame: int) -> None:
+        """Forget every frame but the sink's and continue at ``next_frame`` (a re-cache recomputes the rest)."""
+        self._check_append_only("a re-cache")
+        self._forget(range(self.sink, self.next_frame))
+        self.next_frame = next_frame
 
     def reset(self) -> None:
         """Forget every frame (the buffers are kept)."""

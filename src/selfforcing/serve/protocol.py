@@ -2,7 +2,8 @@
 
 Client -> server (one JSON object per message):
     {"type": "start", "prompt": str, "seed": int (optional), "image": data URL (optional, the first frame)}
-    {"type": "switch", "prompt": str, "mode": "recache" | "keep" | "reset" (optional, default recache)}
+    {"type": "switch", "prompt": str, "mode": "recache" | "one-pass" | "keep" | "reset" (optional,
+     default recache; inference/recache.py)}
     {"type": "stop"}
 Server -> client:
     {"type": "started", "prompt", "height", "width", "fps", "frames_per_chunk"}
