@@ -198,9 +198,17 @@ def _write_stream(chunks, out: str, fps: float, render, settings):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .wan.dit_weights import export_dit, read_dit
+    from dataclasses import replace
+
+    from .wan.dit_weights import build_dit, export_dit, read_dit
 
     ckpt = read_dit(args.src, weights=args.weights, num_heads=args.num_heads)
+    if args.lora:  # merged into the weights: W + (alpha / r) B A
+        from .models.lora import load_lora
+
+        merged = load_lora(build_dit(ckpt), args.lora, args.lora_alpha, merge=True)
+        ckpt = replace(ckpt, state=merged.state_dict())
+        print(f"merged {args.lora} (alpha {args.lora_alpha or 'the rank'})")
     out = export_dit(ckpt, args.to, args.out)
     which = f" ({ckpt.weights})" if ckpt.weights else ""
     c = ckpt.config
@@ -473,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output folder (diffusers, wan) or .safetensors file")
     c.add_argument("--weights", default=None, help="network of a .pt: generator_ema (default), generator, critic")
     c.add_argument("--num-heads", type=int, default=None, help="heads, when no config.json says (default: dim/128)")
+    c.add_argument("--lora", default=None, help="a PEFT LoRA state dict to merge first (LongLive's models/lora.pt)")
+    c.add_argument("--lora-alpha", type=float, default=None, help="its alpha (PEFT files omit it; default the rank)")
     c.set_defaults(func=cmd_convert)
 
     gc = sub.add_parser("gather-checkpoint", help="write a sharded checkpoint's networks as one safetensors each")

@@ -423,6 +423,11 @@ def load_dit(
     ckpt = read_dit(path, weights, num_heads)
     if preset is not None:
         check_preset(ckpt.config, preset, str(path))
+    return build_dit(ckpt, dtype, device)
+
+
+def build_dit(ckpt: DiTCheckpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VideoDiT:
+    """A ``VideoDiT`` holding ``ckpt``'s weights (built on the meta device, so nothing is allocated twice)."""
     with torch.device("meta"):
         model = VideoDiT(ckpt.config)
     check_state(model, ckpt.state, ckpt.layout, ckpt.source)

@@ -1,0 +1,113 @@
+"""LoRA adapters on the DiT, through ``peft``: load a PEFT state dict, run it unmerged or merge it.
+
+Each adapted Linear computes ``W x + b + (alpha / r) * B (A x)``, with ``A: [r, in]`` and ``B: [out, r]``;
+merging folds ``(alpha / r) * B A`` into ``W``. The state dict is PEFT's own (``get_peft_model_state_dict``:
+``base_model.model.blocks.0.self_attn.q.lora_A.weight``), as LongLive ships it in ``models/lora.pt``
+under ``generator_lora`` (rank 256 on every Linear of every block, alpha 256), or a plain one. PEFT does
+not store alpha: it comes from the caller (LongLive's preset), else alpha = r.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .dit import VideoDiT
+
+PREFIX = "base_model.model."
+SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class LoRAError(ValueError):
+    """A LoRA that does not fit the model: the message names the file, the key and the sizes."""
+
+
+def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """The PEFT state dict in ``path``: a ``.pt`` (LongLive's ``{"generator_lora": ..., "critic_lora": ...,
+    "step"}``, or the state dict itself) or a ``.safetensors`` file. Read weights-only: no pickled code runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected a LoRA state dict, e.g. LongLive's models/lora.pt)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    from ..wan.dit_weights import load_torch_file
+
+    data = load_torch_file(path, "a LoRA state dict (LongLive's models/lora.pt)")
+    if isinstance(data, dict) and isinstance(data.get("generator_lora"), dict):
+        data = data["generator_lora"]
+    if not isinstance(data, dict) or not data or not all(torch.is_tensor(v) for v in data.values()):
+        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+        raise LoRAError(f"{path} is not a LoRA state dict (its top level: {keys}); expected generator_lora or tensors")
+    return data
+
+
+def lora_targets(dit: VideoDiT, state: dict[str, torch.Tensor], source: str = "the LoRA") -> tuple[list[str], int]:
+    """The DiT Linear names ``state`` adapts, and its rank; a ``LoRAError`` names any key that is not an adapter
+    of this DiT's Linears, or whose shape does not fit (a LoRA for another model size)."""
+    linears = {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    targets: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name = key.removeprefix(PREFIX)
+        suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+        module = name.removesuffix(suffix) if suffix else None
+        if module not in linears:
+            raise LoRAError(
+                f"{source}: {key!r} is not a LoRA weight of a Linear of this DiT "
+                f"(e.g. {PREFIX}blocks.0.self_attn.q.lora_A.weight)"
+            )
+        targets.setdefault(module, {})[suffix] = value
+    ranks = set()
+    for module, pair in targets.items():
+        if len(pair) != 2:
+            raise LoRAError(
+                f"{source}: {module} has {next(iter(pair)).strip('.')} but not its pair (lora_A and lora_B)"
+            )
+        a, b, linear = pair[".lora_A.weight"], pair[".lora_B.weight"], linears[module]
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or a.shape[1] != linear.in_features
+            or b.shape[0] != linear.out_features
+            or a.shape[0] != b.shape[1]
+        ):
+            raise LoRAError(
+                f"{source}: {module} is {linear.in_features} -> {linear.out_features} in this DiT, the LoRA has A "
+                f"{list(a.shape)} and B {list(b.shape)}: a LoRA for another model size (LongLive's is for Wan2.1-1.3B)"
+            )
+        ranks.add(a.shape[0])
+    if len(ranks) > 1:
+        raise LoRAError(f"{source}: adapters of several ranks {sorted(ranks)}; one rank per file is supported")
+    if not targets:
+        raise LoRAError(f"{source} holds no adapters")
+    return sorted(targets), ranks.pop()
+
+
+def apply_lora(
+    dit: VideoDiT,
+    state: dict[str, torch.Tensor],
+    alpha: float | None = None,
+    merge: bool = False,
+    source: str = "the LoRA",
+) -> VideoDiT:
+    """``dit`` with the adapters of ``state``: run unmerged (peft's LoRA layers in place of the adapted Linears,
+    in the DiT's dtype), or merged into the weights (``merge``: plain Linears again). ``alpha``: default the rank."""
+    import peft
+
+    targets, rank = lora_targets(dit, state, source)
+    p = next(dit.parameters())
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=targets)
+    model = peft.get_peft_model(dit, config)
+    result = peft.set_peft_model_state_dict(model, {PREFIX + k.removeprefix(PREFIX): v for k, v in state.items()})
+    assert not result.unexpected_keys, result.unexpected_keys  # lora_targets checked every key
+    model.to(p.device, p.dtype)
+    dit = model.merge_and_unload() if merge else model.base_model.model
+    return dit.eval().requires_grad_(False)
+
+
+def load_lora(dit: VideoDiT, path: str | Path, alpha: float | None = None, merge: bool = False) -> VideoDiT:
+    """``apply_lora`` with the state dict of ``path`` (``read_lora``)."""
+    return apply_lora(dit, read_lora(path), alpha, merge, source=str(path))
