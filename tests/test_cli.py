@@ -172,10 +172,19 @@ def test_serve_and_generate_share_the_model_flags(monkeypatch):
     from selfforcing.serve import server
 
     flags = ["--model", "WAN", "--checkpoint", "sf.pt", "--offload-text", "--preview-decoder", "taew.pth", "--compile"]
+    flags += ["--family", "longlive", "--lora", "lora.pt", "--lora-alpha", "256"]
     parser = cli.build_parser()
     for command in (["generate", "--prompt", "x"], ["serve"]):
         args = parser.parse_args(command + flags)
-        assert cli.wan_options(args) == {"device": "auto", "offload_text_encoder": True, "preview_decoder": "taew.pth"}
+        assert cli.wan_options(args) == {
+            "device": "auto",
+            "offload_text_encoder": True,
+            "preview_decoder": "taew.pth",
+            "family": "longlive",
+            "lora": "lora.pt",
+            "lora_alpha": 256.0,
+            "merge_lora": False,
+        }
         assert args.compile
     seen = {}
     monkeypatch.setattr(server, "wan_source", lambda *a, **kw: seen.update(kw, args=a) or "source")

@@ -135,3 +135,16 @@ def test_drift_plot_keeps_each_models_colour_across_panels(tmp_path, monkeypatch
     assert colours["real"] == {"black"}
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["real", "teacher", "a", "b"]  # real first
     plt.close(fig)
+
+
+def test_eval_streams_a_causal_model_by_each_family_s_rules(setup):
+    """``eval --families self-forcing reward-forcing``: one row per family for the causal model (the teacher
+    once), each family's rules applied to it."""
+    teacher, student, encoder, tmp = setup
+    settings = EvalSettings([2], 2, [0], encoder=str(encoder), samples=0, families=["self-forcing", "reward-forcing"])
+    rows = evaluate([str(teacher), str(student)], settings)
+    assert {r["model"] for r in rows} == {"real", "student@self-forcing", "student@reward-forcing"}  # teacher: 1x only
+    by = {r["model"]: r for r in rows}
+    assert by["student@self-forcing"]["fd"] != by["student@reward-forcing"]["fd"]
+    with pytest.raises(NotImplementedError, match="rolling-window"):
+        evaluate([str(student)], EvalSettings([1], 2, [0], encoder=str(encoder), families=["rolling-forcing"]))

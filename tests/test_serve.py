@@ -55,7 +55,7 @@ def test_parse_message_names_every_problem():
         "prompt": "a red circle",
         "seed": 0,
     }
-    assert parse_message('{"type": "switch", "prompt": "x"}')["mode"] == "recache"
+    assert parse_message('{"type": "switch", "prompt": "x"}')["mode"] is None  # the model's own rule
     for text, message in [
         ("not json", "not a JSON message"),
         (b"\x00", "binary"),
@@ -199,5 +199,25 @@ def test_a_stream_ends_at_the_servers_frame_limit(source):
         stopped = await receive(ws, "stopped")
         assert stopped["frames"] == 3 and "limit of 3 frames" in stopped["reason"]
         assert server.active == 0
+
+    run(server, scenario)
+
+
+def test_a_switch_without_a_mode_takes_the_family_s_rule():
+    """``serve --family longlive``: the shapes-world model under LongLive's rules; a switch that names no mode is
+    LongLive's one-pass re-cache."""
+    source = toy_source("sf_dmd_frame_toy", family="longlive")
+    assert source.switch_mode == "one-pass" and "LongLive" in source.name
+    server = StreamServer(source, max_streams=1)
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.send_json({"type": "start", "prompt": A})
+        await receive(ws, "chunk")
+        await ws.send_json({"type": "switch", "prompt": B})
+        assert (await receive(ws, "switched"))["mode"] == "one-pass"
+        await ws.send_json({"type": "stop"})
+        await receive(ws, "stopped")
+        await ws.close()
 
     run(server, scenario)

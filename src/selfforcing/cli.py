@@ -29,6 +29,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .families import family
+
     if args.model:
         return _generate_wan(args)
     if not args.checkpoint:
@@ -39,6 +41,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .inference.pipeline import load_pipeline
 
     pipe = load_pipeline(args.checkpoint, weights=args.weights or "ema", device=resolve_device(args.device))
+    if args.lora:
+        from .models.lora import load_lora
+
+        pipe.model.dit = load_lora(pipe.model.dit, args.lora, args.lora_alpha, args.merge_lora)
     if args.compile:
         pipe.model.dit.compile_blocks()
     prompts = args.prompt * args.num
@@ -50,12 +56,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from .inference.pipeline import stream_guidance, stream_settings
         from .inference.stream import stream_video
 
-        settings = _causal_overrides(stream_settings(pipe.cfg, window=args.window), args)
+        settings, fam = stream_settings(pipe.cfg, window=args.window), None
+        if args.family:  # its inference rules on this model (families.Family.rules_for)
+            fam = family(args.family)
+            settings = fam.rules_for(settings)
+            print(f"{fam.title}'s rules: {fam.differs}")
+        settings = _causal_overrides(settings, args)
         guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
-        chunks = stream_video(*video, settings, args.seed, guidance_scale=guidance, **_interaction(args))
+        interaction = _interaction(args, fam.switch if fam else "recache")
+        chunks = stream_video(*video, settings, args.seed, guidance_scale=guidance, **interaction)
         videos, _ = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
     else:
         _no_interaction(args, "a bidirectional model samples the whole video at once")
+        if args.family:
+            raise ValueError(f"--family sets how a causal model streams; {args.checkpoint} is bidirectional")
         d = pipe.cfg.diffusion
         videos = generate_videos(
             *video,
@@ -82,15 +96,16 @@ def parse_switch(text: str) -> tuple[int, str]:
     return int(frame), prompt.strip()
 
 
-def _interaction(args: argparse.Namespace) -> dict:
-    """``stream_video``'s image / switches / switch_mode from --image, --switch and --switch-mode."""
+def _interaction(args: argparse.Namespace, switch_mode: str = "recache") -> dict:
+    """``stream_video``'s image / switches / switch_mode from --image, --switch and --switch-mode (default
+    ``switch_mode``: the model's family's rule)."""
     from .data.video_io import read_image
 
     switches = dict(parse_switch(s) for s in args.switch or [])
     return {
         "image": read_image(args.image) if args.image else None,
         "switches": switches,
-        "switch_mode": args.switch_mode,
+        "switch_mode": args.switch_mode or switch_mode,
     }
 
 
@@ -142,7 +157,10 @@ def _generate_wan(args: argparse.Namespace) -> None:
 
     if pipe.causal is not None:
         settings = _causal_overrides(pipe.causal, args)
-        stream = pipe.stream(prompts, frames, height, width, args.seed, settings, **_interaction(args))
+        if pipe.family:
+            print(f"{pipe.family.title}: {pipe.family.differs}")
+        interaction = _interaction(args, pipe.switch_mode)
+        stream = pipe.stream(prompts, frames, height, width, args.seed, settings, **interaction)
         _, latents = _write_stream(stream, args.out, fps, render, settings)
     else:
         if args.stream:
@@ -373,7 +391,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if args.offload_text or args.preview_decoder:
             raise ValueError("--offload-text and --preview-decoder apply to a Wan model (--model)")
         device = str(resolve_device(args.device))
-        source = toy_source(args.checkpoint or "sf_dmd_chunk_toy", device, args.compile, kv_cache_kind(args))
+        if args.lora:
+            raise ValueError("--lora applies to a Wan model (--model) in serve")
+        checkpoint = args.checkpoint or "sf_dmd_chunk_toy"
+        source = toy_source(checkpoint, device, args.compile, kv_cache_kind(args), args.family)
     max_streams = args.max_streams or (1 if args.model else 2)
     serve(source, args.host, args.port, max_streams=max_streams, max_frames=args.max_frames)
 
@@ -381,7 +402,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.evaluate import EvalSettings, evaluate, markdown_table, write_report
 
-    settings = EvalSettings(args.lengths, args.num, args.seeds, samples=args.samples, sink=args.sink)
+    settings = EvalSettings(
+        args.lengths, args.num, args.seeds, samples=args.samples, sink=args.sink, families=args.families or []
+    )
     if args.encoder:
         settings.encoder = args.encoder
     summary = write_report(evaluate(args.checkpoint, settings, args.out), args.out)
@@ -465,10 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--switch-mode",
-        default="recache",
+        default=None,
         choices=list(SWITCH_MODES),
         help="recache: recompute the held frames under the new prompt, causally; one-pass: LongLive's re-cache; "
-        "keep: the old cache; reset: a cut (inference/recache.py)",
+        "keep: the old cache; reset: a cut (inference/recache.py). Default: the family's rule, else recache",
     )
     g.add_argument("--image", default=None, help="causal student: the first frame (an image file of the video's size)")
     g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")
@@ -606,6 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--encoder", default=None, help="video encoder folder for the FD (default: the shipped toy one)")
     v.add_argument("--samples", type=int, default=8, help="videos per model and length in the sample gifs")
     v.add_argument("--sink", type=int, default=None, help="stream every causal model with this many sink frames")
+    v.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        help="stream every causal model by each of these released models' rules (a row model@family each)",
+    )
     v.add_argument("--out", default="runs/eval", help="folder for results.json/.md, drift_*.png, samples/")
     v.set_defaults(func=cmd_eval)
 
@@ -628,6 +657,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """How a model is loaded and run: the flags ``generate`` and ``serve`` share."""
+    from .families import FAMILIES
+
+    p.add_argument(
+        "--family",
+        default=None,
+        choices=list(FAMILIES),
+        help="a released causal model's inference settings and rules (docs/models.md); Wan: default from the "
+        "checkpoint's file name; a shapes-world model takes its rules (cache, window and sink in chunks, switch)",
+    )
+    p.add_argument("--lora", default=None, help="a PEFT LoRA on the DiT (LongLive: models/lora.pt; 'none': without)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's alpha (default: the family's, or r)")
+    p.add_argument("--merge-lora", action="store_true", help="merge the LoRA into the weights (default: unmerged)")
     p.add_argument("--offload-text", action="store_true", help="Wan: keep umT5 on the CPU between prompts")
     p.add_argument("--preview-decoder", default=None, help="Wan: decode with TAEW2.1 (taew2_1.pth), not the VAE")
     p.add_argument(
@@ -649,7 +690,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def wan_options(args: argparse.Namespace) -> dict:
     """``load_wan``'s keyword arguments from the shared model flags."""
     offload = args.offload_text or args.low_memory
-    return {"device": args.device, "offload_text_encoder": offload, "preview_decoder": args.preview_decoder}
+    return {
+        "device": args.device,
+        "offload_text_encoder": offload,
+        "preview_decoder": args.preview_decoder,
+        "family": args.family,
+        "lora": args.lora,
+        "lora_alpha": args.lora_alpha,
+        "merge_lora": args.merge_lora,
+    }
 
 
 def kv_cache_kind(args: argparse.Namespace) -> str | None:
@@ -664,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteTraining) as e:
+    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError, NonFiniteTraining) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,6 +17,7 @@ and scheme, with the window and sink counted in chunks (LongLive: a sink of 1 ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .config import CausalConfig
 
@@ -38,7 +39,7 @@ class Family:
     weights: str | None = None  # the network of a training .pt its inference script reads (None: ours)
     lora: str | None = None  # the LoRA file it runs with (unmerged): ``--lora``
     lora_alpha: float | None = None  # that LoRA's alpha (not stored in a PEFT state dict)
-    checkpoint_names: tuple[str, ...] = ()  # the official file names, by which a checkpoint is recognised
+    checkpoint_names: tuple[str, ...] = ()  # the official file names (with a folder where the name is common)
     missing: str | None = None  # what this project does not run yet (the family is refused until then)
 
     def causal_config(self, **overrides) -> CausalConfig:
@@ -104,7 +105,7 @@ FAMILIES: dict[str, Family] = {
                 window=21,
             ),
             weights="generator",
-            checkpoint_names=("model.pt",),
+            checkpoint_names=("autoregressive_checkpoint/model.pt",),
         ),
         Family(
             "causal-forcing",
@@ -115,7 +116,7 @@ FAMILIES: dict[str, Family] = {
             "the Self Forcing sampler on a student distilled from an autoregressive teacher; attention over "
             "the whole video (21 latent frames)",
             dict(frames_per_block=3, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=21),
-            checkpoint_names=("causal_forcing.pt",),
+            checkpoint_names=("chunkwise/causal_forcing.pt",),
         ),
         Family(
             "causal-forcing-frame",
@@ -125,6 +126,7 @@ FAMILIES: dict[str, Family] = {
             ("zhuhz22/Causal-Forcing: framewise/causal_forcing.pt",),
             "frame-wise: chunks of 1 latent frame, 4 steps",
             dict(frames_per_block=1, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=21),
+            checkpoint_names=("framewise/causal_forcing.pt",),
         ),
         Family(
             "causal-forcing++2",
@@ -257,7 +259,9 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def detect_family(checkpoint_name: str) -> Family | None:
-    """The family whose official file name ``checkpoint_name`` is (the file's own name), else None."""
-    matches = [f for f in FAMILIES.values() if checkpoint_name in f.checkpoint_names]
-    return matches[0] if matches else None
+def detect_family(checkpoint: str | Path) -> Family | None:
+    """The family whose official file ``checkpoint`` is, by its name (and folder, where the name is as common
+    as ``model.pt``), else None."""
+    path = Path(checkpoint)
+    tails = {path.name, f"{path.parent.name}/{path.name}"}
+    return next((f for f in FAMILIES.values() if tails & set(f.checkpoint_names)), None)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import ShapesWorld, ShapesWorldConfig
 from ..data.video_io import from_uint8, to_uint8, video_grid, write_video
+from ..families import family
 from ..inference.pipeline import load_pipeline
 from ..training.checkpoint import resolve_checkpoint
 from .analyser import analyse_batch
@@ -45,6 +46,9 @@ class EvalSettings:
     encoder: str = str(TOY_ENCODER)
     samples: int = 8  # videos per (model, length) kept in out/samples (seed 0; gif + tensors); 0 = none
     sink: int | None = None  # stream every causal model with this many sink frames (None: its own setting)
+    # stream every causal model by each of these released models' rules (families.py), one row each
+    # (``model@family``); empty: by its own settings
+    families: list[str] = field(default_factory=list)
 
 
 def measure(videos: torch.Tensor, prompts: list[str], encoder, reference: torch.Tensor) -> dict:
@@ -94,10 +98,18 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
         raise ValueError(
             f"two checkpoints share a model name in {names}: evaluate them from run folders with distinct names"
         )
-    pipes = {name: load_pipeline(c) for name, c in zip(names, checkpoints, strict=True)}
+    loaded = {name: load_pipeline(c) for name, c in zip(names, checkpoints, strict=True)}
     sources = {name: str(resolve_checkpoint(c).resolve()) for name, c in zip(names, checkpoints, strict=True)}
+    for f in settings.families:
+        family(f).check_runnable()  # an unknown or unbuilt family fails before any video is made
+    # every model once, or a causal one once per family whose rules it streams by: name -> (pipe, family)
+    pipes, rules = {}, {}
+    for name, pipe in loaded.items():
+        for f in (settings.families or [None]) if pipe.cfg.causal is not None else [None]:
+            label = f"{name}@{f}" if f else name
+            pipes[label], rules[label], sources[label] = pipe, f, sources[name]
     first = next(iter(pipes.values())).cfg
-    for name, pipe in pipes.items():
+    for name, pipe in loaded.items():
         check_world(encoder_world, pipe.cfg.data)
         if pipe.cfg.data.frames != first.data.frames or pipe.cfg.data.height != first.data.height:
             raise ValueError(f"{name} was trained on another video size than {checkpoints[0]}: evaluate them apart")
@@ -115,6 +127,7 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
         frames = first.data.frames * mult
         key = {"num": settings.num, "encoder": str(Path(settings.encoder).resolve()), "source": sources.get(name)}
         key |= {"sink": settings.sink} if settings.sink is not None and name != "real" else {}
+        key |= {"family": rules[name]} if rules.get(name) else {}
         cached = Path(out) / "rows" / f"{name}_{mult}x_seed{seed}.json" if out is not None else None
         keep = out is not None and seed == settings.seeds[0] and settings.samples  # this job's videos are kept
         has_samples = not keep or (Path(out) / "samples" / f"{name}_{mult}x.safetensors").is_file()
@@ -130,7 +143,13 @@ def evaluate(checkpoints: list[str], settings: EvalSettings, out: str | Path | N
             videos = world.sample_for_prompts(prompts, REFERENCE_SEED + 1 + seed, frames).video
         else:
             videos = sample_videos(
-                pipes[name], prompts, frames, seed=1000 * seed, batch_size=settings.batch_size, sink=settings.sink
+                pipes[name],
+                prompts,
+                frames,
+                seed=1000 * seed,
+                batch_size=settings.batch_size,
+                sink=settings.sink,
+                family=rules[name],
             )
         rows.append({"model": name, "length": mult, "seed": seed, "frames": frames})
         rows[-1].update(measure(videos, prompts, encoder, references[mult]))

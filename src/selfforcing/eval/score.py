@@ -10,6 +10,7 @@ import torch
 from ..config import CausalConfig
 from ..data.shapes import ShapesWorld
 from ..data.video_io import video_grid, write_video
+from ..families import family as family_named
 from ..inference.generate import generate_videos
 from ..inference.pipeline import load_pipeline, stream_guidance, stream_settings
 from ..inference.stream import generate_stream
@@ -19,18 +20,25 @@ HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.teache
 
 
 def sample_videos(
-    pipe, prompts: list[str], frames: int, seed: int = 0, batch_size: int = 16, sink: int | None = None
+    pipe,
+    prompts: list[str],
+    frames: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    sink: int | None = None,
+    family: str | None = None,
 ) -> torch.Tensor:
     """Videos ``[N, frames, 3, H, W]`` (CPU) for ``prompts``: a bidirectional teacher samples with its
     recipe's Euler steps and guidance; a causal model streams with its steps and the KV cache (rolling
     beyond the training length), a many-step one with its recipe's guidance (``stream_guidance``).
     Batch ``i`` uses seed ``seed + i * batch_size``. ``sink``: a causal model streams with that many sink
-    frames instead of its own setting."""
+    frames instead of its own setting; ``family``: by that released model's rules (``families.Family.rules_for``)."""
     d, diff = pipe.cfg.data, pipe.cfg.diffusion
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         if pipe.cfg.causal is not None:
             settings, guidance = stream_settings(pipe.cfg), stream_guidance(pipe.cfg)
+            settings = family_named(family).rules_for(settings) if family else settings
             settings = settings if sink is None else replace(settings, sink=sink)
             return generate_stream(pipe.model, pipe.codec, prompts, frames, d.height, d.width, settings, seed, guidance)
         return generate_videos(

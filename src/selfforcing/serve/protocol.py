@@ -3,7 +3,7 @@
 Client -> server (one JSON object per message):
     {"type": "start", "prompt": str, "seed": int (optional), "image": data URL (optional, the first frame)}
     {"type": "switch", "prompt": str, "mode": "recache" | "one-pass" | "keep" | "reset" (optional,
-     default recache; inference/recache.py)}
+     default the model's rule: its family's, else recache; inference/recache.py)}
     {"type": "stop"}
 Server -> client:
     {"type": "started", "prompt", "height", "width", "fps", "frames_per_chunk"}
@@ -68,8 +68,8 @@ def parse_message(text: str | bytes) -> dict:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise BadRequest(f"seed must be a non-negative integer, got {seed!r}")
     if kind == "switch":
-        mode = msg.setdefault("mode", "recache")
-        if mode not in SWITCH_MODES:
+        mode = msg.setdefault("mode", None)  # None: the model's own rule (its family's, else recache)
+        if mode is not None and mode not in SWITCH_MODES:
             raise BadRequest(f"switch mode must be one of {list(SWITCH_MODES)}, got {mode!r}")
     return msg
 

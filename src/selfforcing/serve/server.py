@@ -42,6 +42,7 @@ class StreamSource:
     fps: float
     name: str
     room: Callable[[], str | None] = lambda: None
+    switch_mode: str = "recache"  # a switch that names no mode: the model's family's rule
 
 
 # GPU bytes a stream's decoder holds and works in, per video pixel, besides the KV cache: the Wan VAE's causal
@@ -77,10 +78,12 @@ def stream_bytes(model, codec, settings, height: int, width: int) -> int:
 
 
 def toy_source(
-    checkpoint: str, device: str = "cpu", compile: bool = False, kv_cache: str | None = None
+    checkpoint: str, device: str = "cpu", compile: bool = False, kv_cache: str | None = None, family: str | None = None
 ) -> StreamSource:
     """A shapes-world causal student (a run, a checkpoint or a shipped name such as ``sf_dmd_chunk_toy``);
-    ``kv_cache``: ``causal.kv_cache`` for its streams (None: the model's)."""
+    ``kv_cache``: ``causal.kv_cache`` for its streams (None: the model's); ``family``: stream it by that
+    released model's rules (``families.Family.rules_for``)."""
+    from ..families import family as family_named
     from ..inference.pipeline import load_pipeline, stream_settings
 
     pipe = load_pipeline(checkpoint, device=device)
@@ -89,6 +92,9 @@ def toy_source(
     if compile:
         pipe.model.dit.compile_blocks()
     settings = stream_settings(pipe.cfg)
+    fam = family_named(family) if family else None
+    if fam:
+        settings = fam.rules_for(settings)
     settings = replace(settings, kv_cache=kv_cache or settings.kv_cache)
     d = pipe.cfg.data
     return StreamSource(
@@ -96,7 +102,8 @@ def toy_source(
         d.height,
         d.width,
         8.0,
-        str(checkpoint),
+        f"{checkpoint} ({fam.title}'s rules)" if fam else str(checkpoint),
+        switch_mode=fam.switch if fam else "recache",
     )
 
 
@@ -127,8 +134,9 @@ def wan_source(
         height,
         width,
         16.0,
-        str(checkpoint),
+        f"{checkpoint} ({pipe.family.title})" if pipe.family else str(checkpoint),
         room=lambda: gpu_room(needed, device),
+        switch_mode=pipe.switch_mode,
     )
 
 
@@ -290,7 +298,7 @@ class StreamServer:
         elif msg["type"] == "switch":
             if not running:
                 raise BadRequest("no stream is running: start one first")
-            session.switches.append((msg["prompt"], msg["mode"]))
+            session.switches.append((msg["prompt"], msg["mode"] or self.source.switch_mode))
         elif running:  # stop
             await self._stop(session)
             await ws.send_json({"type": "stopped", "reason": "stopped by the client"})

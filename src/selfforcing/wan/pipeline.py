@@ -20,10 +20,12 @@ import torch
 
 from ..config import CausalConfig, config_from_yaml
 from ..device import resolve_device
+from ..families import Family, detect_family, family
 from ..inference.chunks import Chunk
 from ..inference.generate import generate_videos
 from ..inference.stream import stream_video
 from ..inference.video_stream import VideoStream
+from ..models.dit import DIT_PRESETS
 from ..models.t2v import TextToVideo
 from ..training.checkpoint import resolve_checkpoint
 from .dit_weights import CheckpointError, check_same_size, detect_layout, folder_config, load_dit
@@ -60,6 +62,12 @@ class WanPipeline:
     causal: CausalConfig | None  # None: the bidirectional teacher
     folder: Path
     checkpoint: Path | None = None
+    family: Family | None = None  # the released model it is (settings and rules), if one
+
+    @property
+    def switch_mode(self) -> str:
+        """The prompt-switch rule of its family (LongLive: one-pass), else ``recache``."""
+        return self.family.switch if self.family else "recache"
 
     def check_size(self, frames: int, height: int, width: int) -> None:
         """Raise unless the VAE and the DiT's patches divide the video exactly."""
@@ -82,14 +90,14 @@ class WanPipeline:
         settings: CausalConfig | None = None,
         image: torch.Tensor | None = None,
         switches: dict[int, list[str] | str] | None = None,
-        switch_mode: str = "recache",
+        switch_mode: str | None = None,
     ) -> Iterator[Chunk]:
         """Stream a causal student chunk by chunk (see ``inference.stream.stream_video``: a first image,
         prompt switches at given frames); each chunk is decoded by the VAE's streaming decoder as soon as
         it is denoised. A bad request raises here, before the first chunk is asked for."""
         self._check_causal()
         self.check_size(frames, height, width)
-        interaction = dict(image=image, switches=switches, switch_mode=switch_mode)
+        interaction = dict(image=image, switches=switches, switch_mode=switch_mode or self.switch_mode)
         settings = settings or self.causal
         return stream_video(self.model, self.codec, prompts, frames, height, width, settings, seed, **interaction)
 
@@ -176,6 +184,10 @@ def load_wan(
     offload_text_encoder: bool = False,
     causal: CausalConfig | None = None,
     preview_decoder: str | Path | None = None,
+    family: str | Family | None = None,
+    lora: str | Path | None = None,
+    lora_alpha: float | None = None,
+    merge_lora: bool = False,
 ) -> WanPipeline:
     """Load a Wan2.1 folder (diffusers ``WanPipeline`` layout, or the original layout with its
     ``google/umt5-xxl`` tokenizer and ``models_t5_umt5-xxl-enc-bf16.pth``) and, optionally, a causal
@@ -186,6 +198,12 @@ def load_wan(
     on CUDA, fp32 on the CPU by default; ``offload_text_encoder``: keep umT5 on the CPU between prompts;
     ``causal``: the student's sampling settings (default: a run's own, else ``RELEASED_CAUSAL``); ``preview_decoder``:
     ``taew2_1.pth`` decodes instead of the Wan VAE (much faster, lower quality; the VAE is not loaded).
+
+    ``family``: a released model's name (``families.FAMILIES``: ``longlive``, ``reward-forcing``, ...) whose
+    official settings, switch rule and network the checkpoint runs with; by default recognised from the
+    checkpoint's file name. ``lora``: a PEFT LoRA file on the DiT (LongLive's ``models/lora.pt``; ``"none"``:
+    run a family that ships one without it), alpha ``lora_alpha`` (default: the family's, else the rank), run
+    unmerged unless ``merge_lora``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -193,11 +211,14 @@ def load_wan(
     device = resolve_device(str(device)) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     cfg = folder_config(folder)
+    fam = family_of(family, checkpoint, cfg, folder)
     if checkpoint is None:
         dit = load_dit(folder, dtype=dtype, device=device)
     else:
+        weights = weights or (fam.weights if fam else None)
         dit = load_dit(checkpoint, weights=weights, num_heads=cfg.num_heads, dtype=dtype, device=device)
         check_same_size(dit.cfg, cfg, checkpoint, folder)
+    dit = with_lora(dit, fam, lora, lora_alpha, merge_lora)
     text_encoder = load_text_encoder(folder, dtype=dtype, device=device, offload=offload_text_encoder)
     if text_encoder.dim != dit.cfg.text_dim:
         raise CheckpointError(f"the text encoder is {text_encoder.dim} wide, the DiT expects {dit.cfg.text_dim}")
@@ -208,6 +229,39 @@ def load_wan(
     if codec.latent_channels != dit.cfg.in_channels:
         raise CheckpointError(f"the VAE has {codec.latent_channels} latent channels, the DiT {dit.cfg.in_channels}")
     model = TextToVideo(text_encoder, dit)
-    if checkpoint is not None:  # the settings it was trained with (a run of this project), else the release's
-        causal = causal or trained_causal(checkpoint) or RELEASED_CAUSAL
-    return WanPipeline(model, codec, causal, folder, Path(checkpoint) if checkpoint else None)
+    if checkpoint is not None:  # its family's, or the settings it was trained with (a run of ours), else the release's
+        causal = causal or (fam.causal_config() if fam else None) or trained_causal(checkpoint) or RELEASED_CAUSAL
+    return WanPipeline(model, codec, causal, folder, Path(checkpoint) if checkpoint else None, fam)
+
+
+def family_of(name: str | Family | None, checkpoint: str | Path | None, cfg, folder: Path) -> Family | None:
+    """The family asked for, or the one the checkpoint's file name tells; refused when this project cannot run
+    it yet or its model size is not the folder's."""
+    fam = family(name) if isinstance(name, str) else name
+    if fam is None and checkpoint is not None:
+        fam = detect_family(checkpoint)
+    if fam is None:
+        return None
+    fam.check_runnable()
+    sizes = {name: (c.dim, c.num_layers) for name, c in DIT_PRESETS.items() if name.startswith("wan")}
+    folder_size = next((name for name, dims in sizes.items() if dims == (cfg.dim, cfg.num_layers)), None)
+    if folder_size is not None and folder_size != fam.size:  # (a folder of another size is a test's tiny model)
+        raise CheckpointError(
+            f"{fam.title} is a {fam.size} model, but {folder} holds a DiT of width {cfg.dim} and {cfg.num_layers} "
+            f"layers: use a Wan folder of that size"
+        )
+    return fam
+
+
+def with_lora(dit, fam: Family | None, lora, alpha: float | None, merge: bool):
+    """``dit`` with ``lora`` (or the LoRA its family runs with: then ``lora`` must be given, or ``"none"``)."""
+    if lora is None and fam is not None and fam.lora:
+        raise ValueError(
+            f"{fam.title} runs with its LoRA ({fam.lora}, from {fam.files[-1]}): pass lora=PATH (--lora PATH), or "
+            "lora='none' (--lora none) to run its base weights alone"
+        )
+    if lora is None or str(lora) == "none":
+        return dit
+    from ..models.lora import load_lora
+
+    return load_lora(dit, lora, alpha or (fam.lora_alpha if fam else None), merge)
