@@ -24,7 +24,7 @@ SIZE = dict(height=32, width=48)
 
 def test_every_family_s_official_settings():
     runnable = [f for f in FAMILIES.values() if not f.missing]
-    assert {f.name for f in runnable} >= {"self-forcing", "causvid", "causal-forcing", "longlive", "reward-forcing"}
+    assert {f.name for f in runnable} >= {"causvid", "causal-forcing", "longlive", "reward-forcing", "rolling-forcing"}
     for f in runnable:
         f.causal_config()  # validates
     assert family("causvid").causal_config().sigmas().tolist() == pytest.approx([1.0, 0.757, 0.522])
@@ -128,3 +128,14 @@ def test_generate_with_a_family_on_the_shapes_world_model(tmp_path, capsys):
     assert out.is_file() and "Reward Forcing's rules" in text and "window 6, sink 3" in text
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", "sf_dmd_chunk_toy", "--family", "krea", "--prompt", "a red circle"])
+
+
+def test_rolling_forcing_s_checkpoint_streams_its_window(folder, weights, tmp_path):
+    ckpt = tmp_path / "rolling_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model._fsdp_wrapped_module.{k}": v for k, v in weights.items()}}, ckpt)
+    pipe = load_wan(folder, ckpt)
+    assert pipe.family.name == "rolling-forcing" and pipe.causal.scheme == "rolling" and len(pipe.causal.sigmas()) == 5
+    chunks = list(pipe.stream(["a red circle"], frames=33, **SIZE))  # 9 latent frames: the window drains
+    assert [c.latents.shape[1] for c in chunks] == [3, 3, 3]
+    toy = family("rolling-forcing").rules_for(CausalConfig(3, window=12))
+    assert (toy.scheme, toy.rope, toy.sink, toy.window) == ("rolling", "slot", 0, 12)

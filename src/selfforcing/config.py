@@ -140,6 +140,10 @@ class CausalConfig:
     # Reward Forcing's EMA sink: at each eviction sink <- sink_ema * sink + (1 - sink_ema) * evicted (0.999);
     # null = the sink never changes. Streaming only
     sink_ema: float | None = None
+    # how chunks are denoised: "chunk" one at a time against the cache (Self Forcing), or "rolling": a window of
+    # chunks at rising noise levels in one pass, the oldest committed (Rolling Forcing; inference/rolling.py;
+    # needs rope: slot). Streaming only
+    scheme: str = "chunk"
 
     def __post_init__(self) -> None:
         self.window, self.sink = official_window(self)
@@ -164,6 +168,13 @@ class CausalConfig:
         self.sigmas()  # raises on a bad step list
         self.sigmas(0)  # and on a bad first-chunk list
         CachePolicy(self.rope, self.sink_ema)  # raises on a bad rope mode or EMA factor
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"causal.scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "rolling" and (self.rope != "slot" or self.sink):
+            raise ValueError(
+                "causal.scheme: rolling (Rolling Forcing) keeps the video's first chunk as its anchor and rotates "
+                "keys by slot: set causal.rope: slot and causal.sink: 0"
+            )
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"causal.kv_cache must be one of {list(KV_CACHE_KINDS)}, got {self.kv_cache!r}")
         if num_frames is not None and num_frames % self.frames_per_block:
@@ -173,6 +184,7 @@ class CausalConfig:
             )
 
 
+SCHEMES = ("chunk", "rolling")
 KV_CACHE_KINDS = {"auto": {}, "compact": {"in_place": False}, "fp8": {"dtype": torch.float8_e4m3fn}}
 
 
@@ -410,11 +422,12 @@ class TrainConfig:
                     "draws every chunk's exit step from causal.denoising_steps. Remove it from the training "
                     "config and give it to the stream (CausalConfig(first_chunk_steps=...))"
                 )
-            if self.causal.rope != "absolute" or self.causal.sink_ema is not None:
+            if self.causal.rope != "absolute" or self.causal.sink_ema is not None or self.causal.scheme != "chunk":
                 raise ConfigError(
-                    "causal.rope: slot and causal.sink_ema are streaming rules (Reward Forcing's cache): training "
-                    "rolls out with keys at absolute positions and a fixed sink. Remove them from the training "
-                    "config and give them to the stream (generate --family, or CausalConfig(rope=..., sink_ema=...))"
+                    "causal.rope: slot, causal.sink_ema and causal.scheme: rolling are streaming rules (Reward and "
+                    "Rolling Forcing): training rolls out chunk by chunk with keys at absolute positions and a fixed "
+                    "sink. Remove them from the training config and give them to the stream (generate --family, or "
+                    "CausalConfig(rope=..., sink_ema=..., scheme=...))"
                 )
         dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
         pf, ph, pw = dit.patch_size

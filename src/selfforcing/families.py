@@ -21,8 +21,6 @@ from pathlib import Path
 
 from .config import CausalConfig
 
-SCHEMES = ("chunk",)  # denoising schemes built: one chunk at a time against the cache (Self Forcing's)
-
 
 @dataclass(frozen=True)
 class Family:
@@ -34,13 +32,17 @@ class Family:
     differs: str  # what differs from Self Forcing at inference
     causal: dict = field(default_factory=dict)  # CausalConfig fields at the official values (Wan2.1 latent frames)
     switch: str = "recache"  # the prompt-switch rule (inference/recache.py); "recache" where the model has none
-    scheme: str = "chunk"  # the denoising scheme
     size: str = "wan2.1-1.3b"  # the DiT preset its weights have
     weights: str | None = None  # the network of a training .pt its inference script reads (None: ours)
     lora: str | None = None  # the LoRA file it runs with (unmerged): ``--lora``
     lora_alpha: float | None = None  # that LoRA's alpha (not stored in a PEFT state dict)
     checkpoint_names: tuple[str, ...] = ()  # the official file names (with a folder where the name is common)
     missing: str | None = None  # what this project does not run yet (the family is refused until then)
+
+    @property
+    def scheme(self) -> str:
+        """The denoising scheme: ``chunk`` (one chunk at a time), ``rolling`` or ``rebuild``."""
+        return self.causal.get("scheme", "chunk")
 
     def causal_config(self, **overrides) -> CausalConfig:
         """The official inference settings, with ``overrides`` (any ``CausalConfig`` field) applied."""
@@ -51,15 +53,17 @@ class Family:
 
     def rules_for(self, settings: CausalConfig) -> CausalConfig:
         """This family's rules applied to a model streaming with ``settings`` (its own chunk size and steps):
-        the cache policy, and the window and sink counted in this family's chunks (a family that rolls
-        nothing, or attends globally, keeps the model's window)."""
+        the cache policy and the denoising scheme, and a sink and window counted in this family's chunks (a
+        family without a sink keeps the model's window: its training length)."""
         self.check_runnable()
         fpb = self.causal.get("frames_per_block", 3)
-        out = replace(settings, rope=self.causal.get("rope", "absolute"), sink_ema=self.causal.get("sink_ema"))
-        if self.causal.get("sink"):
-            out = replace(out, sink=self.causal["sink"] // fpb * settings.frames_per_block)
-        if self.causal.get("sink") or self.causal.get("rope") == "slot":  # a window of its own
-            out = replace(out, window=self.causal["window"] // fpb * settings.frames_per_block)
+        rope, ema = self.causal.get("rope", "absolute"), self.causal.get("sink_ema")
+        out = replace(settings, rope=rope, sink_ema=ema, scheme=self.scheme)
+        if self.causal.get("sink"):  # a sink and a window of its own
+            f = settings.frames_per_block
+            out = replace(out, sink=self.causal["sink"] // fpb * f, window=self.causal["window"] // fpb * f)
+        elif self.scheme == "rolling":
+            out = replace(out, sink=0)
         out.validate()
         return out
 
@@ -228,11 +232,17 @@ FAMILIES: dict[str, Family] = {
             ("TencentARC/RollingForcing: checkpoints/rolling_forcing_dmd.pt",),
             "denoises a window of 5 chunks jointly, at 5 noise levels from oldest to newest, and commits only "
             "the oldest; the first chunk is an anchor rotated to sit just before the window",
-            dict(frames_per_block=3, denoising_steps=[1000.0, 800.0, 600.0, 400.0, 200.0], shift=5.0, window=21),
-            scheme="rolling",
+            dict(
+                frames_per_block=3,
+                denoising_steps=[1000.0, 800.0, 600.0, 400.0, 200.0],
+                shift=5.0,
+                context_timestep=0.0,
+                window=21,
+                rope="slot",
+                scheme="rolling",
+            ),
             weights="generator_ema",
             checkpoint_names=("rolling_forcing_dmd.pt",),
-            missing="the rolling-window denoising scheme",
         ),
         Family(
             "krea",
@@ -242,8 +252,13 @@ FAMILIES: dict[str, Family] = {
             ("krea/krea-realtime-video: krea-realtime-video-14b.safetensors", "Wan-AI/Wan2.1-T2V-14B (the folder)"),
             "Wan2.1-14B; 5 steps ending with one at t = 0 and no commit pass: every chunk rebuilds the cache "
             "from 3 context latents (the first a VAE re-encode of an earlier decoded frame); video-to-video",
-            dict(frames_per_block=3, denoising_steps=[1000.0, 750.0, 500.0, 250.0, 0.0], shift=5.0, window=6),
-            scheme="rebuild",
+            dict(
+                frames_per_block=3,
+                denoising_steps=[1000.0, 750.0, 500.0, 250.0, 0.0],
+                shift=5.0,
+                window=6,
+                scheme="rebuild",
+            ),
             size="wan2.1-14b",
             checkpoint_names=("krea-realtime-video-14b.safetensors",),
             missing="the rebuild-per-chunk scheme",

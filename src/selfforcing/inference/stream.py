@@ -101,6 +101,7 @@ def stream_video(
             seed,
             guidance_scale,
             image,
+            length=f_lat,
         )
         return _run_stream(stream, f_lat, codec, switches, switch_mode)
     return _decoded(_recomputed_chunks(model, prompts, (len(prompts), f_lat, c, h, w), settings, seed, context), codec)

@@ -5,7 +5,8 @@ methods: ``next(stream)`` commits the previous chunk and denoises and decodes th
 ``stream.causal_chunks``, which the Self Forcing rollout runs, so an unswitched stream is the rollout's
 video), and ``switch_prompt`` changes the text between chunks, in one of the modes of
 ``inference.recache``: ``keep`` (the cache as it is), ``recache`` (every held frame recomputed, causally),
-``one-pass`` (LongLive's re-cache) or ``reset`` (a hard cut to a new scene).
+``one-pass`` (LongLive's re-cache) or ``reset`` (a hard cut to a new scene). With ``settings.scheme ==
+"rolling"`` each ``next`` runs Rolling Forcing's window (``inference.rolling``) instead of one chunk's steps.
 
 A first image (``image``) is encoded by the codec and committed to the cache clean (at t = 0, whatever
 the context timestep) as a one-frame chunk at position 0, as CausVid's and Self Forcing's image-to-video
@@ -28,6 +29,7 @@ from ..models.kv_cache import KVCache
 from ..models.t2v import TextToVideo
 from .chunks import Chunk, commit_chunk, commit_input, denoise_chunk
 from .recache import SWITCH_MODES, held_runs, one_pass_start, recache_causal, recache_one_pass
+from .rolling import RollingWindow
 
 __all__ = ["SWITCH_MODES", "VideoStream", "held_runs"]
 
@@ -52,6 +54,7 @@ class VideoStream:
         image: torch.Tensor | None = None,
         negative_prompt: str = "",
         overlap_decode: bool = False,
+        length: int | None = None,
     ):
         if not prompts:
             raise ValueError("a stream needs at least one prompt")
@@ -95,6 +98,8 @@ class VideoStream:
         self._held: list[tuple[int, torch.Tensor, float]] = []
         self._recent: list[tuple[int, torch.Tensor]] = []  # (position, clean latents) of the last sink + window frames
         self._image = None if image is None else self._encode_image(image)
+        self.length = length  # latent frames of a video with an end (a rolling window drains there), or None
+        self._rolling = self._rolling_window() if settings.scheme == "rolling" else None
 
     # -- the stream -------------------------------------------------------------------------------
     def __iter__(self) -> VideoStream:
@@ -109,6 +114,9 @@ class VideoStream:
         if self._image is not None:  # the given first frame: committed as it is, clean
             x0, self._image = self._image, None
             self._pending = (self.position, x0, 0.0)
+        elif self._rolling is not None:  # Rolling Forcing: the window commits its own chunks
+            end = None if self.length is None else self.position + self.length - self.latent_frames
+            x0 = self._rolling.next_chunk(self.text_kv, end)
         else:
             b, (c, h, w), fpb = self.batch, self.latent_size, self.settings.frames_per_block
             noise = to_device(torch.randn(b, fpb, c, h, w, generator=self.generator), self.sigmas.device)
@@ -144,11 +152,17 @@ class VideoStream:
         prompts = [prompts] * self.batch if isinstance(prompts, str) else list(prompts)
         if len(prompts) != self.batch:
             raise ValueError(f"the stream has {self.batch} videos, got {len(prompts)} prompts")
+        if self._rolling is not None and mode in ("recache", "one-pass"):
+            raise ValueError(
+                f"switch mode {mode!r} recomputes committed chunks, but a rolling window also holds partly denoised "
+                "ones under the old prompt: switch a rolling-window stream with 'keep' or 'reset'"
+            )
         t0 = time.perf_counter()
         text_kv = self._encode(prompts)  # raises (unknown words, ...) before anything changes
         if mode == "reset":
             self.cache.reset()
             self._pending, self._held, self._recent, self.position, self.denoised = None, [], [], 0, 0
+            self._rolling = self._rolling_window() if self._rolling is not None else None
         else:
             self.commit()  # under the text it was generated with
         self.text_kv, self.prompts = text_kv, prompts
@@ -201,6 +215,11 @@ class VideoStream:
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.guidance == 1.0 else torch.cat([x, x])
+
+    def _rolling_window(self) -> RollingWindow:
+        if self.guidance != 1.0 or self._image is not None:
+            raise ValueError("a rolling-window stream (Rolling Forcing) takes no guidance and no first image")
+        return RollingWindow(self.model, self.cache, self.sigmas, self.latent_size, self.generator, self.context_sigma)
 
     def _keep_recent(self, x0: torch.Tensor) -> None:
         """Keep the clean latents of the last ``sink + window`` frames (a one-pass re-cache reads them)."""

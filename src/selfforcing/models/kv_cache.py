@@ -226,8 +226,8 @@ class KVCache:
         first, with ``policy.sink_ema``, the frames it evicts update the sink (``cache_policy``)."""
         n = self.tokens_per_frame
         if self.policy.sink_ema is not None and placement.evicted and self.sink:
-            sink = [self._frame(layer, s) for s in range(self.sink)]
-            old = [self._frame(layer, s) for s in placement.evicted]
+            sink = [self.read_frame(layer, s) for s in range(self.sink)]
+            old = [self.read_frame(layer, s) for s in placement.evicted]
             keys = updated_sink([s[0] for s in sink], [e[0] for e in old], self.policy.sink_ema)
             values = updated_sink([s[1] for s in sink], [e[1] for e in old], self.policy.sink_ema)
             for (j, sk), (_, sv) in zip(keys, values, strict=True):
@@ -235,7 +235,7 @@ class KVCache:
         for slot, i in placement.slots:
             self._store(layer, slot, k[:, :, i * n : (i + 1) * n], v[:, :, i * n : (i + 1) * n])
 
-    def _frame(self, layer: int, slot: int) -> KV:
+    def read_frame(self, layer: int, slot: int) -> KV:
         """One held frame's keys/values ``[B, heads, N, D]`` (copies, in the dtype attention reads)."""
         n = self.tokens_per_frame
         frame = slice(slot * n, (slot + 1) * n)
@@ -372,7 +372,7 @@ class FP8KVCache(KVCache):
             out.append((x * scale[layer, :, :, :frames, None, None].to(self.compute_dtype)).flatten(2, 3))
         return out[0], out[1]
 
-    def _frame(self, layer: int, slot: int) -> KV:
+    def read_frame(self, layer: int, slot: int) -> KV:
         n = self.tokens_per_frame
         k, v = (
             buf[layer, :, :, slot * n : (slot + 1) * n].to(self.compute_dtype)
