@@ -10,6 +10,7 @@ import torch
 
 from selfforcing.config import CausalConfig, ConfigError, load_config
 from selfforcing.diffusion.flow_matching import step_sigmas, warp_timesteps
+from selfforcing.diffusion.samplers import sample_few_step
 from selfforcing.inference.chunks import causal_chunks
 from selfforcing.inference.stream import stream_video
 from selfforcing.inference.video_stream import VideoStream
@@ -32,7 +33,7 @@ def test_step_lists_are_warped_or_read_as_they_are():
     torch.testing.assert_close(step_sigmas([1000, 750, 500, 250], 5.0), torch.tensor(warped([1000, 750, 500, 250])))
     # CausVid: [1000, 757, 522] are already timesteps of its shift-8 schedule
     torch.testing.assert_close(step_sigmas([1000, 757, 522], 8.0, warp=False), torch.tensor([1.0, 0.757, 0.522]))
-    for bad in ([1000, 0], [500, 750], []):
+    for bad in ([1000, 0, 500], [500, 750], [], [0]):
         with pytest.raises(ValueError, match="timesteps"):
             step_sigmas(bad, 5.0, warp=False)
     settings = CausalConfig(1, **CAUSAL_FORCING_PP)
@@ -110,3 +111,37 @@ def test_training_refuses_a_first_chunk_list():
         load_config("configs/sf_dmd_toy.yaml", ["causal.first_chunk_steps=[1000,750,500,250]"])
     cfg = load_config("configs/sf_dmd_toy.yaml", ["causal.warp_steps=false", "causal.denoising_steps=[1000,757,522]"])
     torch.testing.assert_close(cfg.causal.sigmas(), torch.tensor([1.0, 0.757, 0.522]))
+
+
+def test_a_list_ending_at_zero_gives_a_final_step_at_t_zero():
+    """Krea Realtime's [1000, 750, 500, 250, 0]: the model sees t = 0 at the last step; the re-noise before it
+    and its x0 use the schedule's smallest level, shift(1/1000) (0.00498 at shift 5), as the reference
+    schedulers' nearest-timestep lookup does."""
+    settings = CausalConfig(3, denoising_steps=[1000.0, 750.0, 500.0, 250.0, 0.0])
+    sigmas, floor = settings.sigmas(), settings.zero_sigma
+    assert sigmas.tolist()[-1] == 0 and floor == pytest.approx(5 * 0.001 / (1 + 4 * 0.001))
+    seen = []
+
+    def velocity(x, sigma):
+        seen.append(float(sigma.flatten()[0]))
+        return 0.5 * x + sigma[..., None, None, None]
+
+    noise = torch.randn(1, 3, 3, 4, 4)
+    got = sample_few_step(velocity, noise, sigmas, generator=torch.Generator().manual_seed(1), zero_sigma=floor)
+    g, x = torch.Generator().manual_seed(1), noise  # the definition, step by step
+    levels = [*sigmas.tolist()[:-1], floor]
+    for i, (s, t) in enumerate(zip(levels, sigmas.tolist(), strict=True)):
+        x0 = x - s * (0.5 * x + t)
+        if i + 1 < len(levels):
+            x = (1 - levels[i + 1]) * x0 + levels[i + 1] * torch.randn(x.shape, generator=g)
+    torch.testing.assert_close(got, x0)
+    assert seen == pytest.approx(sigmas.tolist()) and seen[-1] == 0
+    with pytest.raises(ValueError, match="needs zero_sigma"):
+        sample_few_step(velocity, noise, sigmas)
+    with pytest.raises(ConfigError, match="ends at t = 0"):
+        load_config("configs/sf_dmd_toy.yaml", ["causal.denoising_steps=[1000,500,0]"])
+    t2v = tiny_t2v()
+    levels, hook = dit_levels(t2v)
+    list(stream_video(t2v, IdentityCodec(), [PROMPT], 6, 8, 8, settings))
+    hook.remove()
+    assert levels == expected(2, sigmas.tolist(), sigmas.tolist())  # each chunk's passes end at t = 0

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data.shapes import ShapesWorldConfig
-from .diffusion.flow_matching import step_sigmas
+from .diffusion.flow_matching import step_sigmas, zero_step_sigma
 from .models.cache_policy import CachePolicy
 from .models.causal import check_layout
 from .models.dit import DIT_PRESETS, DiTConfig, dit_config
@@ -156,6 +156,11 @@ class CausalConfig:
         steps = self.first_chunk_steps if chunk == 0 and self.first_chunk_steps else self.denoising_steps
         return step_sigmas(list(steps), self.shift, self.warp_steps)
 
+    @property
+    def zero_sigma(self) -> float:
+        """The noise level a final step at t = 0 computes with (a step list ending with 0: Krea Realtime)."""
+        return zero_step_sigma(self.shift)
+
     def cache_options(self) -> dict:
         """``KVCache.for_model``'s options: the storage of ``kv_cache`` and the ``CachePolicy``."""
         return dict(KV_CACHE_KINDS[self.kv_cache], policy=CachePolicy(self.rope, self.sink_ema))
@@ -170,6 +175,8 @@ class CausalConfig:
         CachePolicy(self.rope, self.sink_ema)  # raises on a bad rope mode or EMA factor
         if self.scheme not in SCHEMES:
             raise ValueError(f"causal.scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "rolling" and self.sigmas()[-1] == 0:
+            raise ValueError("causal.scheme: rolling takes no final t = 0 step: end causal.denoising_steps above 0")
         if self.scheme == "rolling" and (self.rope != "slot" or self.sink):
             raise ValueError(
                 "causal.scheme: rolling (Rolling Forcing) keeps the video's first chunk as its anchor and rotates "
@@ -421,6 +428,11 @@ class TrainConfig:
                     "causal.first_chunk_steps is a streaming setting (Causal Forcing++'s first chunk): training "
                     "draws every chunk's exit step from causal.denoising_steps. Remove it from the training "
                     "config and give it to the stream (CausalConfig(first_chunk_steps=...))"
+                )
+            if self.causal.sigmas()[-1] == 0:
+                raise ConfigError(
+                    "causal.denoising_steps ends at t = 0 (a final refining step, Krea Realtime's list): a streaming "
+                    "setting; training draws its exit step from levels above 0. End the training list above 0"
                 )
             if self.causal.rope != "absolute" or self.causal.sink_ema is not None or self.causal.scheme != "chunk":
                 raise ConfigError(

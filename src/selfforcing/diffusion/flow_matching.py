@@ -62,13 +62,16 @@ def sampling_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 def _step_list(timesteps: list[float] | torch.Tensor) -> list[float]:
-    """A few-step list checked as numbers, before any tensor exists: 1-D, in (0, 1000], strictly decreasing."""
+    """A few-step list checked as numbers, before any tensor exists: 1-D, in (0, 1000], strictly decreasing;
+    the last may be 0 (a final step at t = 0, as Krea Realtime's list ends: ``zero_step_sigma``)."""
     values = torch.as_tensor(timesteps, dtype=torch.float64).tolist() if torch.is_tensor(timesteps) else timesteps
     if not isinstance(values, list | tuple) or not values or any(isinstance(v, list) for v in values):
         raise ValueError("timesteps must be a non-empty 1-D list")
     values = [float(v) for v in values]
-    if any(v <= 0 or v > NUM_TRAIN_TIMESTEPS for v in values):
-        raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}], got {values}")
+    if any(v <= 0 or v > NUM_TRAIN_TIMESTEPS for v in values[:-1]) or not 0 <= values[-1] <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"timesteps must lie in (0, {NUM_TRAIN_TIMESTEPS}] (the last may be 0), got {values}")
+    if values == [0.0]:
+        raise ValueError("timesteps need a step above t = 0 (0 may only end the list)")
     if any(b >= a for a, b in zip(values, values[1:], strict=False)):
         raise ValueError(f"timesteps must be strictly decreasing, got {values}")
     return values
@@ -82,6 +85,13 @@ def warp_timesteps(timesteps: list[float] | torch.Tensor, shift: float) -> torch
     """
     sigma = shift_sigma(torch.tensor(_step_list(timesteps), dtype=torch.float64) / NUM_TRAIN_TIMESTEPS, shift)
     return (sigma * NUM_TRAIN_TIMESTEPS).float()
+
+
+def zero_step_sigma(shift: float) -> float:
+    """The noise level a step at t = 0 computes with: the schedule's smallest, shift(1 / 1000) (0.00498 for
+    shift 5). The reference schedulers map a timestep to the nearest of their 1000 levels, which for t = 0 is
+    this one: the model sees t = 0, and x0 = x - sigma * v and the re-noise before it use this sigma."""
+    return float(shift_sigma(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift))
 
 
 def step_sigmas(timesteps: list[float] | torch.Tensor, shift: float, warp: bool = True) -> torch.Tensor:

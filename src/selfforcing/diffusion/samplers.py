@@ -49,6 +49,7 @@ def sample_few_step(
     generator: torch.Generator | None = None,
     exit_step: int | None = None,
     grad: bool = False,
+    zero_sigma: float | None = None,
 ) -> torch.Tensor:
     """Few-step sampling of the distilled student: predict x0, re-noise it with fresh noise to the next level.
 
@@ -56,20 +57,26 @@ def sample_few_step(
     without a trailing 0. Runs the first ``exit_step`` levels (default: all) and returns that step's
     x0 prediction. Only the exit step may carry gradient (``grad``; stochastic gradient truncation,
     METHOD.md section 2). Fresh noise is drawn on the CPU from ``generator``, so a seed gives the same
-    result on any device.
+    result on any device. A last level of 0 is a final step at t = 0 (Krea Realtime): the model sees t = 0,
+    and the re-noise before it and its x0 compute with ``zero_sigma`` (``flow_matching.zero_step_sigma``).
     """
     steps = len(sigmas) if exit_step is None else exit_step
     if not 1 <= steps <= len(sigmas):
         raise ValueError(f"exit_step must be in 1..{len(sigmas)}, got {exit_step}")
+    if sigmas[-1] == 0 and zero_sigma is None:
+        raise ValueError("a step list ending at t = 0 needs zero_sigma, the noise level that step computes with")
+    levels = sigmas.clone()
+    if sigmas[-1] == 0:
+        levels[-1] = zero_sigma
     x = noise
     for i in range(steps):
         last = i + 1 == steps
         with torch.set_grad_enabled(grad and last):
-            x0 = x0_from_velocity(x, model(x, _frame_sigma(sigmas[i], x)), sigmas[i])
+            x0 = x0_from_velocity(x, model(x, _frame_sigma(sigmas[i], x)), levels[i])
         if callback is not None:
             callback(i, len(sigmas), x0)
         if last:
             return x0
         fresh = cpu_randn_like(x, generator)
-        x = add_noise(x0, fresh, sigmas[i + 1])
+        x = add_noise(x0, fresh, levels[i + 1])
     return x

@@ -71,6 +71,7 @@ def denoise_chunk(
     exit_step: int | None = None,
     grad: bool = False,
     guidance: float = 1.0,
+    zero_sigma: float | None = None,
 ) -> torch.Tensor:
     """Few-step sampling of one chunk against a cache: noise [B, f, C, h, w] -> x0 [B, f, C, h, w].
 
@@ -89,7 +90,9 @@ def denoise_chunk(
         v_cond, v_uncond = both.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
-    return sample_few_step(velocity, noise, sigmas, generator=generator, exit_step=exit_step, grad=grad)
+    return sample_few_step(
+        velocity, noise, sigmas, generator=generator, exit_step=exit_step, grad=grad, zero_sigma=zero_sigma
+    )
 
 
 def commit_input(x0: torch.Tensor, context_sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -150,7 +153,9 @@ def causal_chunks(
         trained = grad and start + fpb > first_trained
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=generator), p.device)
         levels = first_sigmas if start == 0 else sigmas
-        x0 = denoise_chunk(model, noise, levels, text_kv, cache, start, generator, exit_step, trained, guidance)
+        x0 = denoise_chunk(
+            model, noise, levels, text_kv, cache, start, generator, exit_step, trained, guidance, settings.zero_sigma
+        )
         if start + fpb == f:  # the last chunk: no later chunk reads its keys/values, so no commit
             yield start, x0
             return

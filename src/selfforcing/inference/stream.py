@@ -165,7 +165,7 @@ def _recomputed_chunks(
             cache.reset()
             for past in range(0, start, fpb):
                 commit_chunk(model, history[:, past : past + fpb], ctx_sigma, text_kv, cache, past)
-            x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g)
+            x0 = denoise_chunk(model, noise, sigmas, text_kv, cache, start, g, zero_sigma=settings.zero_sigma)
         else:
             x0 = _denoise_recompute(model, noise, sigmas, history, ctx_sigma, text_kv, settings, n, g)
         history = torch.cat([history, commit_input(x0, ctx_sigma, g)], dim=1)
@@ -191,7 +191,7 @@ def _denoise_recompute(
         v, _ = _masked_pass(model, torch.cat([history, x], dim=1), sig, text_kv, settings, n)
         return v[:, start:]
 
-    return sample_few_step(velocity, noise, sigmas, generator=g)
+    return sample_few_step(velocity, noise, sigmas, generator=g, zero_sigma=settings.zero_sigma)
 
 
 def generate_stream(

@@ -129,6 +129,7 @@ class VideoStream:
                 self.position,
                 self.generator,
                 guidance=self.guidance,
+                zero_sigma=self.settings.zero_sigma,
             )
             self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
             self.denoised += 1
