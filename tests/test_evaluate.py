@@ -146,5 +146,5 @@ def test_eval_streams_a_causal_model_by_each_family_s_rules(setup):
     assert {r["model"] for r in rows} == {"real", "student@self-forcing", "student@reward-forcing"}  # teacher: 1x only
     by = {r["model"]: r for r in rows}
     assert by["student@self-forcing"]["fd"] != by["student@reward-forcing"]["fd"]
-    with pytest.raises(NotImplementedError, match="rebuild-per-chunk"):
-        evaluate([str(student)], EvalSettings([1], 2, [0], encoder=str(encoder), families=["krea"]))
+    with pytest.raises(ValueError, match="unknown family 'wan'"):
+        evaluate([str(student)], EvalSettings([1], 2, [0], encoder=str(encoder), families=["wan"]))

@@ -138,4 +138,4 @@ def test_the_rolling_scheme_needs_slot_rope_and_no_sink():
     with pytest.raises(ValueError, match="set causal.rope: slot and causal.sink: 0"):
         CausalConfig(3, window=9, scheme="rolling").validate()
     with pytest.raises(ValueError, match="causal.scheme must be one of"):
-        CausalConfig(3, scheme="rebuild").validate()
+        CausalConfig(3, scheme="ladder").validate()

@@ -140,9 +140,10 @@ class CausalConfig:
     # Reward Forcing's EMA sink: at each eviction sink <- sink_ema * sink + (1 - sink_ema) * evicted (0.999);
     # null = the sink never changes. Streaming only
     sink_ema: float | None = None
-    # how chunks are denoised: "chunk" one at a time against the cache (Self Forcing), or "rolling": a window of
+    # how chunks are denoised: "chunk" one at a time against the cache (Self Forcing); "rolling": a window of
     # chunks at rising noise levels in one pass, the oldest committed (Rolling Forcing; inference/rolling.py;
-    # needs rope: slot). Streaming only
+    # needs rope: slot); "rebuild": no commit pass, the cache rebuilt from window - frames_per_block context
+    # latents before every chunk (Krea Realtime; inference/rebuild.py). Streaming only
     scheme: str = "chunk"
 
     def __post_init__(self) -> None:
@@ -191,7 +192,7 @@ class CausalConfig:
             )
 
 
-SCHEMES = ("chunk", "rolling")
+SCHEMES = ("chunk", "rolling", "rebuild")
 KV_CACHE_KINDS = {"auto": {}, "compact": {"in_place": False}, "fp8": {"dtype": torch.float8_e4m3fn}}
 
 
@@ -436,10 +437,10 @@ class TrainConfig:
                 )
             if self.causal.rope != "absolute" or self.causal.sink_ema is not None or self.causal.scheme != "chunk":
                 raise ConfigError(
-                    "causal.rope: slot, causal.sink_ema and causal.scheme: rolling are streaming rules (Reward and "
-                    "Rolling Forcing): training rolls out chunk by chunk with keys at absolute positions and a fixed "
-                    "sink. Remove them from the training config and give them to the stream (generate --family, or "
-                    "CausalConfig(rope=..., sink_ema=..., scheme=...))"
+                    "causal.rope: slot, causal.sink_ema and causal.scheme: rolling or rebuild are streaming rules "
+                    "(Reward Forcing, Rolling Forcing, Krea): training rolls out chunk by chunk with keys at absolute "
+                    "positions and a fixed sink. Remove them from the training config and give them to the stream "
+                    "(generate --family, or CausalConfig(rope=..., sink_ema=..., scheme=...))"
                 )
         dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
         pf, ph, pw = dit.patch_size

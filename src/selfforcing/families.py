@@ -59,9 +59,11 @@ class Family:
         fpb = self.causal.get("frames_per_block", 3)
         rope, ema = self.causal.get("rope", "absolute"), self.causal.get("sink_ema")
         out = replace(settings, rope=rope, sink_ema=ema, scheme=self.scheme)
+        f = settings.frames_per_block
         if self.causal.get("sink"):  # a sink and a window of its own
-            f = settings.frames_per_block
             out = replace(out, sink=self.causal["sink"] // fpb * f, window=self.causal["window"] // fpb * f)
+        elif self.scheme == "rebuild":  # its context, in chunks
+            out = replace(out, sink=0, window=self.causal["window"] // fpb * f)
         elif self.scheme == "rolling":
             out = replace(out, sink=0)
         out.validate()
@@ -251,17 +253,19 @@ FAMILIES: dict[str, Family] = {
             "CC BY-NC-SA 4.0",
             ("krea/krea-realtime-video: krea-realtime-video-14b.safetensors", "Wan-AI/Wan2.1-T2V-14B (the folder)"),
             "Wan2.1-14B; 5 steps ending with one at t = 0 and no commit pass: every chunk rebuilds the cache "
-            "from 3 context latents (the first a VAE re-encode of an earlier decoded frame); video-to-video",
+            "from 3 context latents (the first a VAE re-encode of an earlier decoded frame); a prompt switch "
+            "blends the text over 4 chunks; video-to-video",
             dict(
                 frames_per_block=3,
                 denoising_steps=[1000.0, 750.0, 500.0, 250.0, 0.0],
                 shift=5.0,
+                context_timestep=0.0,
                 window=6,
                 scheme="rebuild",
             ),
+            switch="blend",
             size="wan2.1-14b",
             checkpoint_names=("krea-realtime-video-14b.safetensors",),
-            missing="the rebuild-per-chunk scheme",
         ),
     ]
 }

@@ -11,6 +11,9 @@
               the last ``window`` frames are recomputed, attending to the old sink and to each other
               (LongLive's pass also runs the few frames before them, but neither stores nor reads their
               keys, so they change nothing). Cache positions do not move
+    blend     Krea Realtime's: the text embeddings move from the old prompt to the new one over
+              ``BLEND_CHUNKS`` chunks (weights 0, 1/3, 2/3, 1: the first chunk after the switch still
+              reads the old text), the cache as it is
     reset     forget the cache: a hard cut to a new scene at frame position 0
 
 ``recache_causal`` and ``recache_one_pass`` are the two that compute; ``VideoStream`` keeps what they need.
@@ -24,7 +27,13 @@ from ..models.kv_cache import KVCache, TextKV
 from ..models.t2v import TextToVideo
 from .chunks import commit_chunk
 
-SWITCH_MODES = ("recache", "one-pass", "keep", "reset")
+SWITCH_MODES = ("recache", "one-pass", "keep", "blend", "reset")
+BLEND_CHUNKS = 4  # Krea Realtime's interp_steps
+
+
+def blend_weights(chunks: int = BLEND_CHUNKS) -> list[float]:
+    """The new prompt's weight in each of the ``chunks`` chunks after a ``blend`` switch: linspace(0, 1)."""
+    return torch.linspace(0, 1, chunks).tolist()
 
 
 def held_runs(frames: list[int], start: int, length: int) -> list[tuple[int, int]]:

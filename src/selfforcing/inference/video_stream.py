@@ -5,8 +5,10 @@ methods: ``next(stream)`` commits the previous chunk and denoises and decodes th
 ``stream.causal_chunks``, which the Self Forcing rollout runs, so an unswitched stream is the rollout's
 video), and ``switch_prompt`` changes the text between chunks, in one of the modes of
 ``inference.recache``: ``keep`` (the cache as it is), ``recache`` (every held frame recomputed, causally),
-``one-pass`` (LongLive's re-cache) or ``reset`` (a hard cut to a new scene). With ``settings.scheme ==
-"rolling"`` each ``next`` runs Rolling Forcing's window (``inference.rolling``) instead of one chunk's steps.
+``one-pass`` (LongLive's re-cache), ``blend`` (Krea's: the text embeddings move over a few chunks) or
+``reset`` (a hard cut to a new scene). ``settings.scheme`` says how a chunk is made: ``chunk`` (its steps
+against the cache, then a commit pass), ``rolling`` (Rolling Forcing's window, ``inference.rolling``) or
+``rebuild`` (Krea's: the cache rebuilt from a few context latents before every chunk, ``inference.rebuild``).
 
 A first image (``image``) is encoded by the codec and committed to the cache clean (at t = 0, whatever
 the context timestep) as a one-frame chunk at position 0, as CausVid's and Self Forcing's image-to-video
@@ -28,7 +30,8 @@ from ..models.codec import Codec
 from ..models.kv_cache import KVCache
 from ..models.t2v import TextToVideo
 from .chunks import Chunk, commit_chunk, commit_input, denoise_chunk
-from .recache import SWITCH_MODES, held_runs, one_pass_start, recache_causal, recache_one_pass
+from .rebuild import Rebuild
+from .recache import SWITCH_MODES, blend_weights, held_runs, one_pass_start, recache_causal, recache_one_pass
 from .rolling import RollingWindow
 
 __all__ = ["SWITCH_MODES", "VideoStream", "held_runs"]
@@ -83,7 +86,9 @@ class VideoStream:
         self.first_sigmas = settings.sigmas(0).to(p.device)  # ``first_chunk_steps`` (Causal Forcing++)
         self.denoised = 0  # chunks generated since the stream began (or a reset cut to a new scene)
         self.context_sigma = settings.context_timestep / 1000.0
-        self.text_kv = self._encode(prompts)
+        self.embedding = self._embed(prompts)  # (text embeddings, mask) of every row, for a blend
+        self.text_kv = self.model.dit.text_kv(*self.embedding)
+        self._blend: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # a blend's texts for the next chunks
         self.prompts = list(prompts)
         self.decode = codec.stream_decoder()  # a causal VAE keeps its cache from chunk to chunk
         self.overlap_decode = overlap_decode  # on CUDA: decode on a stream of its own (see Chunk)
@@ -100,6 +105,8 @@ class VideoStream:
         self._image = None if image is None else self._encode_image(image)
         self.length = length  # latent frames of a video with an end (a rolling window drains there), or None
         self._rolling = self._rolling_window() if settings.scheme == "rolling" else None
+        self._rebuild = Rebuild(model, self.cache, codec) if settings.scheme == "rebuild" else None
+        self._chunk_text = self.text_kv  # the text the last chunk was denoised under (a rebuild's context reads it)
 
     # -- the stream -------------------------------------------------------------------------------
     def __iter__(self) -> VideoStream:
@@ -111,30 +118,21 @@ class VideoStream:
         latent frames (the image chunk first, if there is one)."""
         t0 = time.perf_counter()
         self.commit()
+        if self._blend:  # a blend switch: this chunk's text
+            self.embedding = self._blend.pop(0)
+            self.text_kv = self.model.dit.text_kv(*self.embedding)
         if self._image is not None:  # the given first frame: committed as it is, clean
             x0, self._image = self._image, None
-            self._pending = (self.position, x0, 0.0)
+            self._pending = None if self._rebuild else (self.position, x0, 0.0)
         elif self._rolling is not None:  # Rolling Forcing: the window commits its own chunks
             end = None if self.length is None else self.position + self.length - self.latent_frames
             x0 = self._rolling.next_chunk(self.text_kv, end)
         else:
-            b, (c, h, w), fpb = self.batch, self.latent_size, self.settings.frames_per_block
-            noise = to_device(torch.randn(b, fpb, c, h, w, generator=self.generator), self.sigmas.device)
-            x0 = denoise_chunk(
-                self.model,
-                noise,
-                self.first_sigmas if self.denoised == 0 else self.sigmas,
-                self.text_kv,
-                self.cache,
-                self.position,
-                self.generator,
-                guidance=self.guidance,
-                zero_sigma=self.settings.zero_sigma,
-            )
-            self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
-            self.denoised += 1
+            x0 = self._denoise()
         self._keep_recent(x0)
         frames, ready, host = self._decode(x0)
+        if self._rebuild is not None:
+            self._rebuild.keep(x0, frames, ready)
         if x0.device.type == "cuda" and ready is None:
             torch.cuda.synchronize(x0.device)
         seconds = time.perf_counter() - t0
@@ -159,14 +157,22 @@ class VideoStream:
                 "ones under the old prompt: switch a rolling-window stream with 'keep' or 'reset'"
             )
         t0 = time.perf_counter()
-        text_kv = self._encode(prompts)  # raises (unknown words, ...) before anything changes
+        embedding = self._embed(prompts)  # raises (unknown words, ...) before anything changes
+        text_kv = self.model.dit.text_kv(*embedding)
         if mode == "reset":
             self.cache.reset()
             self._pending, self._held, self._recent, self.position, self.denoised = None, [], [], 0, 0
             self._rolling = self._rolling_window() if self._rolling is not None else None
+            self._rebuild = Rebuild(self.model, self.cache, self.codec) if self._rebuild is not None else None
         else:
             self.commit()  # under the text it was generated with
-        self.text_kv, self.prompts = text_kv, prompts
+        self.prompts, self._blend = prompts, []
+        if mode == "blend":  # from the old embeddings to the new, over the next chunks
+            (old, old_mask), (new, new_mask) = self.embedding, embedding
+            mask = None if old_mask is None or new_mask is None else old_mask | new_mask
+            self._blend = [(torch.lerp(old, new, w), mask) for w in blend_weights()]
+        else:
+            self.embedding, self.text_kv = embedding, text_kv
         if mode == "recache":
             held = [(start, self._rows(x), sigma) for start, x, sigma in self._held]
             recache_causal(self.model, self.cache, held, self.text_kv)
@@ -208,11 +214,36 @@ class VideoStream:
         x0.record_stream(side)  # its memory is not reused before the decoder has read it
         return frames, side.record_event(), host
 
-    def _encode(self, prompts: list[str]):
+    def _denoise(self) -> torch.Tensor:
+        """The next chunk's few steps against the cache (rebuilt first, for ``rebuild``); its x0."""
+        b, (c, h, w), fpb = self.batch, self.latent_size, self.settings.frames_per_block
+        offset = self.position
+        if self._rebuild is not None:  # Krea: the context under the text of the chunk before
+            offset = self._rebuild.prepare(self._chunk_text, self.position)
+        noise = to_device(torch.randn(b, fpb, c, h, w, generator=self.generator), self.sigmas.device)
+        x0 = denoise_chunk(
+            self.model,
+            noise,
+            self.first_sigmas if self.denoised == 0 else self.sigmas,
+            self.text_kv,
+            self.cache,
+            offset,
+            self.generator,
+            guidance=self.guidance,
+            zero_sigma=self.settings.zero_sigma,
+        )
+        if self._rebuild is None:
+            self._pending = (self.position, commit_input(x0, self.context_sigma, self.generator), self.context_sigma)
+        self._chunk_text = self.text_kv
+        self.denoised += 1
+        return x0
+
+    def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text embeddings and mask of every row: the prompts, then (with guidance) the negative prompt."""
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be strings, got {prompts!r}")
         rows = prompts if self.guidance == 1.0 else prompts + [self.negative_prompt] * len(prompts)
-        return self.model.dit.text_kv(*self.model.encode_text(rows))
+        return self.model.encode_text(rows)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.guidance == 1.0 else torch.cat([x, x])

@@ -10,7 +10,8 @@ the original layout loads as it is. Other layouts are renamed by explicit tables
 - ``training``: a Self Forcing / CausVid ``.pt`` holding ``generator``, ``generator_ema`` and/or
   ``critic`` state dicts, keys ``model.<Wan key>`` with optional FSDP / checkpoint / compile wrapper
   prefixes; read with ``torch.load(weights_only=True)``, so no pickled code runs;
-- ``safetensors``: one ``.safetensors`` file of Wan names (what ``export_dit(..., "safetensors")`` writes);
+- ``safetensors``: one ``.safetensors`` file of Wan names (what ``export_dit(..., "safetensors")`` writes), or
+  of ``model.<Wan key>`` (Krea Realtime 14B's ``krea-realtime-video-14b.safetensors``);
 - ``run``: this project's own training run or checkpoint folder (``config.yaml``; the networks as
   safetensors files or a sharded checkpoint), its ``ema`` network unless another is named.
 
@@ -372,6 +373,8 @@ def read_dit(path: str | Path, weights: str | None = None, num_heads: int | None
         state = read_safetensors([path])
         if state and all(k.startswith("dit.") for k in state):  # a training run's model/ema.safetensors
             state = {k.removeprefix("dit."): v for k, v in state.items()}
+        elif state and all(k.startswith("model.") for k in state):  # Krea Realtime's release (a wrapper's keys)
+            state = {strip_training_prefixes(k): v for k, v in state.items()}
         with safe_open(path, "pt") as f:
             meta = (f.metadata() or {}).get("selfforcing_dit_config")
         cfg = DiTConfig(**{**json.loads(meta), "patch_size": tuple(json.loads(meta)["patch_size"])}) if meta else None
