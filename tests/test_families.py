@@ -162,3 +162,19 @@ def test_krea_s_safetensors_stream_by_rebuilding_from_a_reencoded_frame(folder, 
     video = torch.cat([c.frames for c in chunks], dim=1)
     assert len(encoded) == 1 and torch.allclose(encoded[0][:, 0], video[:, 12].clamp(-1, 1))
     assert chunks[-1].prompts == ["a blue square"]
+
+
+def test_video_to_video_through_the_wan_vae(folder, weights, tmp_path):
+    """The input is encoded chunk by chunk by the VAE's streaming encoder (1 + 4 (f - 1) frames, then 4 f):
+    at strength 1 the stream is text-to-video's; below, its first chunk follows the input."""
+    ckpt = tmp_path / "self_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in weights.items()}}, ckpt)
+    pipe = load_wan(folder, ckpt)
+    video = torch.rand(1, 21, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    prompt = ["a red circle"]
+    plain = torch.cat([c.latents for c in pipe.stream(prompt, 21, **SIZE)], 1)
+    full = torch.cat([c.latents for c in pipe.stream(prompt, 21, video=video, strength=1.0, **SIZE)], 1)
+    torch.testing.assert_close(full, plain)
+    low = torch.cat([c.latents for c in pipe.stream(prompt, 21, video=video, strength=0.2, **SIZE)], 1)
+    target = pipe.codec.encode(video)
+    assert (low - target).abs().mean() < (plain - target).abs().mean()

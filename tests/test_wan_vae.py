@@ -107,3 +107,21 @@ def test_vae_errors_name_the_problem(vae_files, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="is not a Wan VAE: expected Wan2.1_VAE.pth"):
         load_vae(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 1], [3, 2], [1, 4]])
+def test_streamed_encode_equals_one_encode(vae_files, chunks):
+    """Video-to-video reads its input chunk by chunk: latent chunks of ``chunks`` frames (the first from
+    1 + 4 (n - 1) pixel frames, the later from 4 n) encode to exactly the whole video's latents."""
+    ref, root = vae_files
+    codec = load_vae(root / "wan")
+    video = torch.rand(1, 17, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    whole = codec.encode(video)
+    encoder, parts, start = codec.stream_encoder(), [], 0
+    for i, n in enumerate(chunks):
+        frames = 1 + 4 * (n - 1) if i == 0 else 4 * n
+        parts.append(encoder(video[:, start : start + frames]))
+        start += frames
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="4k frames"):
+        encoder(video[:, :3])

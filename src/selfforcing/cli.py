@@ -51,6 +51,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     scale, fps = args.scale or 4, args.fps or 8.0
     data = pipe.cfg.data
     frames, height, width = args.frames or data.frames, args.height or data.height, args.width or data.width
+    if args.video:
+        fpb = pipe.cfg.causal.frames_per_block if pipe.cfg.causal else 1
+        input_video, frames = read_input_video(args, height, width, pipe.codec, fpb)
     video = (pipe.model, pipe.codec, prompts, frames, height, width)  # what to generate, either way
     if args.stream or pipe.cfg.causal is not None:
         from .inference.pipeline import stream_guidance, stream_settings
@@ -64,12 +67,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         settings = _causal_overrides(settings, args)
         guidance = stream_guidance(pipe.cfg) if args.guidance is None else args.guidance
         interaction = _interaction(args, fam.switch if fam else "recache")
+        if args.video:
+            interaction |= dict(video=input_video, strength=args.strength)
         chunks = stream_video(*video, settings, args.seed, guidance_scale=guidance, **interaction)
         videos, _ = _write_stream(chunks, args.out, fps, lambda v: video_grid(v, prompts, scale=scale), settings)
     else:
         _no_interaction(args, "a bidirectional model samples the whole video at once")
-        if args.family:
-            raise ValueError(f"--family sets how a causal model streams; {args.checkpoint} is bidirectional")
+        if args.family or args.video:
+            raise ValueError(f"--family and --video stream a causal model; {args.checkpoint} is bidirectional")
         d = pipe.cfg.diffusion
         videos = generate_videos(
             *video,
@@ -107,6 +112,31 @@ def _interaction(args: argparse.Namespace, switch_mode: str = "recache") -> dict
         "switches": switches,
         "switch_mode": args.switch_mode or switch_mode,
     }
+
+
+def read_input_video(args: argparse.Namespace, height: int, width: int, codec, frames_per_block: int):
+    """``--video``: the file's frames ``[1, F, 3, height, width]`` in [-1, 1] (resized when the file is another
+    size) and the frame count to generate: ``--frames``, else the most whole chunks the file holds."""
+    import torch.nn.functional as F
+
+    from .data.video_io import from_uint8, read_video
+
+    video = from_uint8(read_video(args.video))
+    if video.shape[-2:] != (height, width):
+        print(f"--video: resizing {video.shape[-1]}x{video.shape[-2]} to {width}x{height}")
+        video = F.interpolate(video, size=(height, width), mode="bilinear", antialias=True).clamp(-1, 1)
+    if args.frames:
+        frames = args.frames
+    else:  # the longest prefix that is a whole number of chunks
+        c, first = codec.temporal_compression, 1 if codec.keeps_first_frame else 0
+        latents = (video.shape[0] - first) // c + first
+        latents -= latents % frames_per_block
+        frames = codec.pixel_frames(latents) if latents else 0
+    if not 0 < frames <= video.shape[0]:
+        raise ValueError(
+            f"{args.video} has {video.shape[0]} frames: too few for {frames or 'one chunk of'} frames (--frames)"
+        )
+    return video[None], frames
 
 
 def _no_interaction(args: argparse.Namespace, why: str) -> None:
@@ -148,6 +178,10 @@ def _generate_wan(args: argparse.Namespace) -> None:
         pipe.model.dit.compile_blocks()
     prompts = args.prompt * args.num
     frames, height, width = args.frames or 81, args.height or 480, args.width or 832
+    if args.video:
+        if pipe.causal is None:
+            raise ValueError("--video streams a causal student: pass --checkpoint")
+        input_video, frames = read_input_video(args, height, width, pipe.codec, pipe.causal.frames_per_block)
     fps, scale = args.fps or 16.0, args.scale or 1
 
     def render(video: torch.Tensor):  # [B, F, 3, H, W] -> [F, H', W', 3] uint8
@@ -160,6 +194,8 @@ def _generate_wan(args: argparse.Namespace) -> None:
         if pipe.family:
             print(f"{pipe.family.title}: {pipe.family.differs}")
         interaction = _interaction(args, pipe.switch_mode)
+        if args.video:
+            interaction |= dict(video=input_video, strength=args.strength)
         stream = pipe.stream(prompts, frames, height, width, args.seed, settings, **interaction)
         _, latents = _write_stream(stream, args.out, fps, render, settings)
     else:
@@ -494,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         "keep: the old cache; reset: a cut (inference/recache.py). Default: the family's rule, else recache",
     )
     g.add_argument("--image", default=None, help="causal student: the first frame (an image file of the video's size)")
+    g.add_argument(
+        "--video", default=None, help="video-to-video: an input video (mp4, gif), encoded chunk by chunk (any family)"
+    )
+    g.add_argument(
+        "--strength", type=float, default=0.7, help="with --video: how far from the input (1: from pure noise)"
+    )
     g.add_argument("--save-latents", action="store_true", help="Wan: also write OUT.latents.safetensors")
     add_model_flags(g)
     g.set_defaults(func=cmd_generate)

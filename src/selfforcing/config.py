@@ -6,6 +6,7 @@ Unknown keys and wrong types are errors that name the key. ``load_config("config
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -150,11 +151,17 @@ class CausalConfig:
         self.window, self.sink = official_window(self)
         self.local_attn_size = self.sink_size = None  # resolved: window and sink are the settings from here on
 
-    def sigmas(self, chunk: int | None = None) -> torch.Tensor:
+    def sigmas(self, chunk: int | None = None, strength: float = 1.0) -> torch.Tensor:
         """The few-step noise levels ``[S]`` of generated chunk ``chunk`` (0 = the first; None = any chunk but
         the first), e.g. [1.0, 0.9375, 0.8333, 0.625]: ``first_chunk_steps`` for chunk 0 when set, else
-        ``denoising_steps``, warped by ``shift`` unless ``warp_steps`` is off."""
+        ``denoising_steps``, warped by ``shift`` unless ``warp_steps`` is off. ``strength`` < 1 (video-to-video):
+        every step t becomes floor(t * strength) first, so the list starts lower (Krea Realtime's rule: its
+        [1000, 750, 500, 250, 0] becomes floor(linspace(1000 s, 0, 5)))."""
         steps = self.first_chunk_steps if chunk == 0 and self.first_chunk_steps else self.denoising_steps
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (1: from pure noise), got {strength}")
+        if strength != 1:
+            steps = [float(math.floor(t * strength)) for t in steps]
         return step_sigmas(list(steps), self.shift, self.warp_steps)
 
     @property

@@ -25,6 +25,8 @@ which puts the anchor exactly where Rolling Forcing rotates it. One commit pass 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..device import cpu_randn_like, to_device
@@ -67,15 +69,19 @@ class RollingWindow:
         self.start = 0  # the frame position of the window's oldest chunk
 
     @torch.no_grad()
-    def next_chunk(self, text_kv: TextKV, end: int | None = None) -> torch.Tensor:
+    def next_chunk(
+        self, text_kv: TextKV, end: int | None = None, enter: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Window passes until the oldest chunk has met every level; its x0, committed. ``end``: the frame
-        position where the video ends (no chunk enters from there on: the window drains), or None."""
+        position where the video ends (no chunk enters from there on: the window drains), or None. ``enter``:
+        what a new chunk starts from, given its fresh noise (video-to-video: the input chunk noised to the
+        first level); default the noise itself."""
         f = self.cache.frames_per_block
         while True:
             if end is None or self.start + len(self.blocks) * f < end:
                 b, (c, h, w) = self.cache.k.shape[1], self.latent_size
-                noise = torch.randn(b, f, c, h, w, generator=self.generator)
-                self.blocks.append(to_device(noise, self.sigmas.device))
+                noise = to_device(torch.randn(b, f, c, h, w, generator=self.generator), self.sigmas.device)
+                self.blocks.append(enter(noise) if enter is not None else noise)
                 self.levels.append(0)
             x0 = self._pass(text_kv)
             if self.levels[0] == len(self.sigmas) - 1:

@@ -54,6 +54,8 @@ def stream_video(
     image: torch.Tensor | None = None,
     switches: dict[int, list[str] | str] | None = None,
     switch_mode: str = "recache",
+    video: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> Iterator[Chunk]:
     """Generate ``len(prompts)`` videos of ``frames`` pixel frames chunk by chunk, yielding each chunk.
 
@@ -63,16 +65,21 @@ def stream_video(
     ``guidance_scale``: classifier-free guidance (for many-step causal models; a DMD student has it
     distilled in and samples with 1). ``image``: the first frame ``[B or 1, 3, H, W]`` (``VideoStream``).
     ``switches``: ``{pixel frame: prompts}``; each applies (``switch_mode``) before the first chunk that
-    starts at or after its frame. Guidance, image and switches need the cache. A bad request raises
+    starts at or after its frame. ``video``: video-to-video, the input ``[B or 1, >= frames, 3, H, W]`` in
+    [-1, 1], each chunk starting from its encoded input noised to the first of the step list scaled by
+    ``strength`` (``VideoStream``). Guidance, image, switches and video need the cache. A bad request raises
     before the first chunk.
     """
     settings = settings or CausalConfig()
     if context not in CONTEXT_MODES:
         raise ValueError(f"context must be one of {CONTEXT_MODES}, got {context!r}")
-    if context != "cache" and (guidance_scale != 1.0 or image is not None or switches):
+    if context != "cache" and (guidance_scale != 1.0 or image is not None or switches or video is not None):
         raise ValueError(
-            "guidance_scale, image and switches need context='cache': the recompute modes only exist to time the cache"
+            "guidance_scale, image, switches and video need context='cache': the recompute modes only exist to time "
+            "the cache"
         )
+    if video is not None and torch.is_tensor(video) and video.dim() == 5 and video.shape[1] < frames:
+        raise ValueError(f"the input video has {video.shape[1]} frames, fewer than the {frames} asked for")
     if switch_mode not in SWITCH_MODES:
         raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {switch_mode!r}")
     f_lat, c, h, w = codec.latent_shape(frames, height, width)
@@ -102,6 +109,8 @@ def stream_video(
             guidance_scale,
             image,
             length=f_lat,
+            video=None if video is None else video[:, :frames],
+            strength=strength,
         )
         return _run_stream(stream, f_lat, codec, switches, switch_mode)
     return _decoded(_recomputed_chunks(model, prompts, (len(prompts), f_lat, c, h, w), settings, seed, context), codec)

@@ -26,6 +26,7 @@ import torch
 from ..config import CausalConfig
 from ..data.video_io import uint8_on_device
 from ..device import to_device
+from ..diffusion.flow_matching import add_noise
 from ..models.codec import Codec
 from ..models.kv_cache import KVCache
 from ..models.t2v import TextToVideo
@@ -58,6 +59,8 @@ class VideoStream:
         negative_prompt: str = "",
         overlap_decode: bool = False,
         length: int | None = None,
+        video: torch.Tensor | None = None,
+        strength: float = 1.0,
     ):
         if not prompts:
             raise ValueError("a stream needs at least one prompt")
@@ -82,8 +85,9 @@ class VideoStream:
         layout = (rows, gh * gw, fpb, window, settings.sink)
         self.cache = KVCache.for_model(model.dit, *layout, **settings.cache_options())
         self.generator = torch.Generator().manual_seed(seed)
-        self.sigmas = settings.sigmas().to(p.device)  # every generated chunk's levels, but the first's:
-        self.first_sigmas = settings.sigmas(0).to(p.device)  # ``first_chunk_steps`` (Causal Forcing++)
+        self.strength = strength  # video-to-video: the step lists start lower (``CausalConfig.sigmas``)
+        self.sigmas = settings.sigmas(None, strength).to(p.device)  # every generated chunk's levels, but the first's:
+        self.first_sigmas = settings.sigmas(0, strength).to(p.device)  # ``first_chunk_steps`` (Causal Forcing++)
         self.denoised = 0  # chunks generated since the stream began (or a reset cut to a new scene)
         self.context_sigma = settings.context_timestep / 1000.0
         self.embedding = self._embed(prompts)  # (text embeddings, mask) of every row, for a blend
@@ -104,6 +108,9 @@ class VideoStream:
         self._recent: list[tuple[int, torch.Tensor]] = []  # (position, clean latents) of the last sink + window frames
         self._image = None if image is None else self._encode_image(image)
         self.length = length  # latent frames of a video with an end (a rolling window drains there), or None
+        self._input = None if video is None else self._check_video(video)  # video-to-video: the input's frames
+        self._input_used = 0  # its pixel frames read so far
+        self._read_input = codec.stream_encoder() if video is not None else None
         self._rolling = self._rolling_window() if settings.scheme == "rolling" else None
         self._rebuild = Rebuild(model, self.cache, codec) if settings.scheme == "rebuild" else None
         self._chunk_text = self.text_kv  # the text the last chunk was denoised under (a rebuild's context reads it)
@@ -126,7 +133,8 @@ class VideoStream:
             self._pending = None if self._rebuild else (self.position, x0, 0.0)
         elif self._rolling is not None:  # Rolling Forcing: the window commits its own chunks
             end = None if self.length is None else self.position + self.length - self.latent_frames
-            x0 = self._rolling.next_chunk(self.text_kv, end)
+            enter = None if self._input is None else self._from_input
+            x0 = self._rolling.next_chunk(self.text_kv, end, enter)
         else:
             x0 = self._denoise()
         self._keep_recent(x0)
@@ -221,10 +229,13 @@ class VideoStream:
         if self._rebuild is not None:  # Krea: the context under the text of the chunk before
             offset = self._rebuild.prepare(self._chunk_text, self.position)
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=self.generator), self.sigmas.device)
+        levels = self.first_sigmas if self.denoised == 0 else self.sigmas
+        if self._input is not None:  # video-to-video: the input chunk, noised to the first level
+            noise = self._from_input(noise, levels[0])
         x0 = denoise_chunk(
             self.model,
             noise,
-            self.first_sigmas if self.denoised == 0 else self.sigmas,
+            levels,
             self.text_kv,
             self.cache,
             offset,
@@ -237,6 +248,37 @@ class VideoStream:
         self._chunk_text = self.text_kv
         self.denoised += 1
         return x0
+
+    def _from_input(self, noise: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Video-to-video: the input's next chunk, encoded (the codec's streaming encoder) and noised with
+        ``noise`` to ``sigma`` (default the first level): ``(1 - sigma) x + sigma noise``."""
+        f, c = noise.shape[1], self.codec.temporal_compression
+        first = self._input_used == 0 and self.codec.keeps_first_frame
+        n = 1 + c * (f - 1) if first else c * f
+        if self._input_used + n > self._input.shape[1]:
+            raise StopIteration  # the input video has ended: so has the stream
+        frames = self._input[:, self._input_used : self._input_used + n]
+        self._input_used += n
+        latents = self._read_input(frames.to(noise.device)).to(noise.dtype)
+        return add_noise(latents, noise, self.sigmas[0] if sigma is None else sigma)
+
+    def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        """The input video ``[B or 1, F, 3, H, W]`` in [-1, 1] at the stream's size, one per video."""
+        if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] != 3:
+            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
+            raise ValueError(f"the input video must be a tensor [B, F, 3, H, W] in [-1, 1], got {shape}")
+        if video.shape[-2:] != (self.height, self.width):
+            raise ValueError(
+                f"the input video is {video.shape[-1]}x{video.shape[-2]} (WxH), the stream is {self.width}x"
+                f"{self.height}: resize it (generate --video does) or stream at its size"
+            )
+        if video.shape[0] not in (1, self.batch):
+            raise ValueError(f"pass one input video or one per prompt ({self.batch}), got {video.shape[0]}")
+        if self._image is not None:
+            raise ValueError("a stream takes a first image or an input video, not both")
+        f_in = self.codec.latent_shape(video.shape[1], self.height, self.width)[0]  # raises on a bad frame count
+        self.length = min(self.length or f_in, f_in)
+        return video.expand(self.batch, -1, -1, -1, -1).clamp(-1, 1)
 
     def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text embeddings and mask of every row: the prompts, then (with guidance) the negative prompt."""

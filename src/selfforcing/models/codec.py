@@ -33,6 +33,12 @@ class Codec:
         convolutions' cache from chunk to chunk."""
         return self.decode
 
+    def stream_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """An encoder for one input video: called on its frames in order (the first call 1 + t k frames for a
+        codec that keeps the first frame, every call a multiple of t), it returns their latents, and all of them
+        together equal ``encode`` of the whole video (video-to-video reads its input chunk by chunk)."""
+        return self.encode
+
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(f, C, h, w) of the latents of a ``frames x height x width`` video; raises if impossible."""
         s, tc = self.spatial_compression, self.temporal_compression

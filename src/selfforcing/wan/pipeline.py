@@ -91,6 +91,8 @@ class WanPipeline:
         image: torch.Tensor | None = None,
         switches: dict[int, list[str] | str] | None = None,
         switch_mode: str | None = None,
+        video: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> Iterator[Chunk]:
         """Stream a causal student chunk by chunk (see ``inference.stream.stream_video``: a first image,
         prompt switches at given frames); each chunk is decoded by the VAE's streaming decoder as soon as
@@ -98,6 +100,7 @@ class WanPipeline:
         self._check_causal()
         self.check_size(frames, height, width)
         interaction = dict(image=image, switches=switches, switch_mode=switch_mode or self.switch_mode)
+        interaction |= dict(video=video, strength=strength)
         settings = settings or self.causal
         return stream_video(self.model, self.codec, prompts, frames, height, width, settings, seed, **interaction)
 

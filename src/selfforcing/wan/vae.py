@@ -198,6 +198,37 @@ class WanVAE(Codec):
     def stream_decoder(self) -> WanStreamDecoder:
         return WanStreamDecoder(self)
 
+    def stream_encoder(self) -> WanStreamEncoder:
+        return WanStreamEncoder(self)
+
+
+class WanStreamEncoder:
+    """Encodes one input video's frames call after call, carrying the causal convolutions' cache (diffusers'
+    ``_encode`` loop: the first frame alone, then groups of 4). ``encoder(frames [B, F, 3, H, W])`` ->
+    normalised latents ``[B, f, C, h, w]``: the first call takes 1 + 4k frames, every later one 4k."""
+
+    def __init__(self, codec: WanVAE):
+        self.codec = codec
+        self.cache: list = [None] * _causal_convs(codec.vae.encoder)
+        self.frames = 0  # encoded so far
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        vae, n = self.codec.vae, video.shape[1]
+        first = 1 if self.frames == 0 else 0
+        if video.dim() != 5 or video.shape[2] != 3 or n < first or (n - first) % 4:
+            raise ValueError(
+                f"a streaming Wan encode takes [B, F, 3, H, W] with F = {'1 + 4k' if first else '4k'} frames, got "
+                f"{tuple(video.shape)}"
+            )
+        x = video.to(vae.device, vae.dtype).permute(0, 2, 1, 3, 4)
+        groups = [x[:, :, :1]] if first else []
+        groups += [x[:, :, i : i + 4] for i in range(first, n, 4)]
+        out = torch.cat([vae.encoder(g, feat_cache=self.cache, feat_idx=[0]) for g in groups], dim=2)
+        self.frames += n
+        mu = vae.quant_conv(out)[:, : vae.config.z_dim]  # the posterior mean
+        return self.codec.normalize(mu.permute(0, 2, 1, 3, 4))
+
 
 class WanStreamDecoder:
     """Decodes one stream's latents chunk after chunk, carrying the causal convolutions' cache.
