@@ -54,6 +54,8 @@ def test_parse_message_names_every_problem():
         "type": "start",
         "prompt": "a red circle",
         "seed": 0,
+        "camera": False,
+        "strength": 0.7,
     }
     assert parse_message('{"type": "switch", "prompt": "x"}')["mode"] is None  # the model's own rule
     for text, message in [
@@ -67,6 +69,10 @@ def test_parse_message_names_every_problem():
         (json.dumps({"type": "start", "prompt": "a " * 400}), "at most 500"),
         ('{"type": "start", "prompt": "x", "seed": -1}', "non-negative integer"),
         ('{"type": "switch", "prompt": "x", "mode": "fade"}', "switch mode"),
+        ('{"type": "start", "prompt": "x", "camera": 1}', "camera must be true or false"),
+        ('{"type": "start", "prompt": "x", "camera": true, "strength": 0}', "strength must be a number in"),
+        ('{"type": "start", "prompt": "x", "camera": true, "image": "data:,"}', "takes no first image"),
+        ('{"type": "frame"}', "data URL string"),
     ]:
         with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             parse_message(text)
@@ -221,3 +227,41 @@ def test_a_switch_without_a_mode_takes_the_family_s_rule():
         await ws.close()
 
     run(server, scenario)
+
+
+def test_a_camera_stream_runs_on_the_frames_the_client_sends():
+    """``start`` with ``camera: true``: each chunk waits for the client's frames and starts from them
+    (video-to-video); frames after the stream ends or without a camera stream are refused."""
+    server = StreamServer(toy_source("sf_dmd_chunk_toy"), max_streams=1)
+
+    async def scenario(client):
+        ws = await client.ws_connect("/ws")
+        await ws.send_json({"type": "frame", "image": png(24, 24)})
+        assert "no camera stream" in (await receive(ws, "error"))["message"]
+        await ws.send_json({"type": "start", "prompt": A, "camera": True, "strength": 0.5})
+        assert (await receive(ws, "started"))["camera"] is True
+        for colour in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]:
+            await ws.send_json({"type": "frame", "image": png(48, 48, colour)})  # resized to 24x24
+        chunk = await receive(ws, "chunk")
+        assert chunk["index"] == 0 and len(chunk["frames"]) == 3
+        await ws.send_json({"type": "frame", "image": "data:image/png;base64,@@"})
+        assert "a camera frame is not valid base64" in (await receive(ws, "error"))["message"]
+        await ws.send_json({"type": "stop"})
+        await receive(ws, "stopped")
+        await ws.close()
+
+    run(server, scenario)
+
+
+def test_camera_frames_are_resampled_to_what_a_chunk_needs():
+    from selfforcing.serve.camera import CameraFrames
+
+    cam = CameraFrames(4, 4, wait=0.1)
+    for i in range(5):
+        cam.push(torch.full((1, 3, 8, 8), i / 10))
+    got = cam.take(3)
+    assert got.shape == (1, 3, 3, 4, 4) and [round(float(x), 2) for x in got[0, :, 0, 0, 0]] == [0.0, 0.2, 0.4]
+    with pytest.raises(ValueError, match="no camera frame arrived"):
+        cam.take(3)
+    cam.close()
+    assert cam.take(3) is None

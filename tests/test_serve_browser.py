@@ -93,3 +93,27 @@ def _has_playwright() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_the_page_streams_video_to_video_from_the_camera(server):
+    """Chromium's fake camera (a moving test pattern): the page sends its frames, and the stream runs on them."""
+    if CHROMIUM is None or not _has_playwright():
+        if os.environ.get("CI"):
+            pytest.fail("the browser test needs Chromium (apt-get install chromium) and playwright in CI")
+        pytest.skip("no Chromium or playwright on this machine")
+    from playwright.sync_api import expect, sync_playwright
+
+    fake_camera = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=fake_camera)
+        page = browser.new_page()
+        page.goto(server)
+        page.check("#camera")
+        page.fill("#strength", "0.6")
+        page.click("#start")
+        expect(page.locator("#status")).to_contain_text("from the camera", timeout=30_000)
+        page.wait_for_function("Number(document.getElementById('frames').textContent) >= 4", timeout=30_000)
+        assert int(page.text_content("#camera-sent")) > 0
+        page.click("#stop")
+        expect(page.locator("#status")).to_contain_text("stopped", timeout=30_000)
+        browser.close()

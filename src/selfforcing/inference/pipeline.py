@@ -166,15 +166,29 @@ class Pipeline:
         height: int | None = None,
         width: int | None = None,
         overlap_decode: bool = False,
+        video=None,
+        strength: float = 1.0,
     ) -> VideoStream:
         """An open-ended, interactive stream of this causal model (``VideoStream``: iterate it, switch its
         prompt between chunks), at the training size, its cache rolling past the training length.
-        ``overlap_decode``: on CUDA, decode each chunk beside the next one's denoising (``Chunk``)."""
+        ``overlap_decode``: on CUDA, decode each chunk beside the next one's denoising (``Chunk``). ``video``,
+        ``strength``: video-to-video (``VideoStream``: an input tensor, or a live source such as a camera)."""
         settings = settings or stream_settings(self.cfg)
         h, w = height or self.cfg.data.height, width or self.cfg.data.width
         guidance = stream_guidance(self.cfg)
         return VideoStream(
-            self.model, self.codec, prompts, h, w, settings, seed, guidance, image, overlap_decode=overlap_decode
+            self.model,
+            self.codec,
+            prompts,
+            h,
+            w,
+            settings,
+            seed,
+            guidance,
+            image,
+            overlap_decode=overlap_decode,
+            video=video,
+            strength=strength,
         )
 
 

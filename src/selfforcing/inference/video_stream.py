@@ -255,15 +255,26 @@ class VideoStream:
         f, c = noise.shape[1], self.codec.temporal_compression
         first = self._input_used == 0 and self.codec.keeps_first_frame
         n = 1 + c * (f - 1) if first else c * f
-        if self._input_used + n > self._input.shape[1]:
+        if hasattr(self._input, "take"):  # a live source (a camera)
+            frames = self._input.take(n)
+            if frames is None:
+                raise StopIteration  # the source has closed: so has the stream
+            frames = frames.expand(self.batch, -1, -1, -1, -1)
+        elif self._input_used + n > self._input.shape[1]:
             raise StopIteration  # the input video has ended: so has the stream
-        frames = self._input[:, self._input_used : self._input_used + n]
+        else:
+            frames = self._input[:, self._input_used : self._input_used + n]
         self._input_used += n
         latents = self._read_input(frames.to(noise.device)).to(noise.dtype)
         return add_noise(latents, noise, self.sigmas[0] if sigma is None else sigma)
 
-    def _check_video(self, video: torch.Tensor) -> torch.Tensor:
-        """The input video ``[B or 1, F, 3, H, W]`` in [-1, 1] at the stream's size, one per video."""
+    def _check_video(self, video):
+        """The input video ``[B or 1, F, 3, H, W]`` in [-1, 1] at the stream's size, one per video; or a live
+        source with ``take(n) -> [B or 1, n, 3, H, W]`` (None when it has ended), e.g. ``serve.camera``."""
+        if hasattr(video, "take"):
+            if self._image is not None:
+                raise ValueError("a stream takes a first image or an input video, not both")
+            return video
         if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] != 3:
             shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
             raise ValueError(f"the input video must be a tensor [B, F, 3, H, W] in [-1, 1], got {shape}")

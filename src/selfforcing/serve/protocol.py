@@ -1,12 +1,15 @@
 """The WebSocket protocol of ``selfforcing serve``: JSON messages, checked here, and frames as images.
 
 Client -> server (one JSON object per message):
-    {"type": "start", "prompt": str, "seed": int (optional), "image": data URL (optional, the first frame)}
-    {"type": "switch", "prompt": str, "mode": "recache" | "one-pass" | "keep" | "reset" (optional,
+    {"type": "start", "prompt": str, "seed": int (optional), "image": data URL (optional, the first frame),
+     "camera": bool (optional: video-to-video from frames the client sends), "strength": float in (0, 1]
+     (optional, default 0.7: how far from the camera's frames)}
+    {"type": "frame", "image": data URL}  (a camera frame, while a camera stream runs)
+    {"type": "switch", "prompt": str, "mode": "recache" | "one-pass" | "keep" | "blend" | "reset" (optional,
      default the model's rule: its family's, else recache; inference/recache.py)}
     {"type": "stop"}
 Server -> client:
-    {"type": "started", "prompt", "height", "width", "fps", "frames_per_chunk"}
+    {"type": "started", "prompt", "height", "width", "fps", "frames_per_chunk", "camera"}
     {"type": "chunk", "index", "start", "frames": [data URL, ...], "prompt", "seconds",
      "first_chunk_ms", "frames_per_second"}  (the last two: since "start", and generation throughput)
     {"type": "switched", "prompt", "mode", "frame", "seconds"}
@@ -53,20 +56,34 @@ def parse_message(text: str | bytes) -> dict:
     except RecursionError:
         raise BadRequest("not a JSON message the server can read (nested too deeply)") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise BadRequest('a message is a JSON object with a "type": "start", "switch" or "stop"')
+        raise BadRequest('a message is a JSON object with a "type": "start", "frame", "switch" or "stop"')
     kind = msg["type"]
-    known = {"start": {"type", "prompt", "seed", "image"}, "switch": {"type", "prompt", "mode"}, "stop": {"type"}}
+    known = {
+        "start": {"type", "prompt", "seed", "image", "camera", "strength"},
+        "frame": {"type", "image"},
+        "switch": {"type", "prompt", "mode"},
+        "stop": {"type"},
+    }
     if kind not in known:
         raise BadRequest(f"unknown message type {kind!r}: expected one of {list(known)}")
     extra = set(msg) - known[kind]
     if extra:
         raise BadRequest(f"unknown field(s) {sorted(extra)} in a {kind!r} message: expected {sorted(known[kind])}")
+    if kind == "frame" and not isinstance(msg.get("image"), str):
+        raise BadRequest("a frame message carries its image as a data URL string")
     if kind in ("start", "switch"):
         msg["prompt"] = check_prompt(msg.get("prompt"))
     if kind == "start":
         seed = msg.setdefault("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise BadRequest(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(msg.setdefault("camera", False), bool):
+            raise BadRequest(f"camera must be true or false, got {msg['camera']!r}")
+        strength = msg.setdefault("strength", 0.7)
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+            raise BadRequest(f"strength must be a number in (0, 1], got {strength!r}")
+        if msg["camera"] and "image" in msg:
+            raise BadRequest("a camera stream takes no first image")
     if kind == "switch":
         mode = msg.setdefault("mode", None)  # None: the model's own rule (its family's, else recache)
         if mode is not None and mode not in SWITCH_MODES:
@@ -85,38 +102,38 @@ def check_prompt(prompt) -> str:
     return prompt
 
 
-def decode_image(data_url: str) -> torch.Tensor:
+def decode_image(data_url: str, what: str = "the first image") -> torch.Tensor:
     """A ``data:image/...;base64,...`` URL (or bare base64) -> ``[1, 3, H, W]`` in [-1, 1].
 
     Any failure (bad base64, not an image, a truncated or corrupt file, a header claiming more than
     ``MAX_IMAGE_PIXELS``) raises ``BadRequest``. The size is checked from the header, before decoding."""
     if not isinstance(data_url, str):
-        raise BadRequest("the first image must be a data URL string (data:image/png;base64,...)")
+        raise BadRequest(f"{what} must be a data URL string (data:image/png;base64,...)")
     if data_url.startswith("data:"):
         _, comma, payload = data_url.partition(",")
         if not comma:
-            raise BadRequest("the first image's data URL has no comma: expected data:image/png;base64,<data>")
+            raise BadRequest(f"{what}'s data URL has no comma: expected data:image/png;base64,<data>")
     else:
         payload = data_url
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise BadRequest(f"the first image is not valid base64 ({e})") from None
+        raise BadRequest(f"{what} is not valid base64 ({e})") from None
     try:  # opening reads the header only: the size is refused before any pixel is decoded
         with Image.open(io.BytesIO(raw)) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise BadRequest(f"the first image is {im.width}x{im.height}: at most {MAX_IMAGE_PIXELS} pixels")
+                raise BadRequest(f"{what} is {im.width}x{im.height}: at most {MAX_IMAGE_PIXELS} pixels")
             rgb = np.array(im.convert("RGB"))
     except BadRequest:
         raise
     except UnidentifiedImageError:
-        raise BadRequest("the first image is not an image file (png, jpeg, ...)") from None
+        raise BadRequest(f"{what} is not an image file (png, jpeg, ...)") from None
     except Image.DecompressionBombError:  # Pillow's own guard, from the header, for the most absurd sizes
-        raise BadRequest(f"the first image claims more than {MAX_IMAGE_PIXELS} pixels") from None
+        raise BadRequest(f"{what} claims more than {MAX_IMAGE_PIXELS} pixels") from None
     except Exception as e:  # a truncated or corrupt file: Pillow raises OSError, SyntaxError, zlib.error, ...
-        raise BadRequest(f"the first image could not be decoded ({type(e).__name__}: {e})") from None
+        raise BadRequest(f"{what} could not be decoded ({type(e).__name__}: {e})") from None
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or 0 in rgb.shape:
-        raise BadRequest(f"the first image decoded to an array of shape {rgb.shape}, not an RGB picture")
+        raise BadRequest(f"{what} decoded to an array of shape {rgb.shape}, not an RGB picture")
     return from_uint8(rgb[None])
 
 

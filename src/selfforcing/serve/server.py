@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ import torch
 
 from ..inference.chunks import Chunk
 from ..inference.video_stream import VideoStream
+from .camera import CameraFrames
 from .protocol import MAX_MESSAGE_BYTES, BadRequest, decode_image, encode_frame, parse_message
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StreamSource:
-    """What the server streams: ``open(prompt, seed, image) -> VideoStream`` (image ``[1, 3, H, W]`` or None)
+    """What the server streams: ``open(prompt, seed, image, video=None, strength=1.0) -> VideoStream`` (image
+    ``[1, 3, H, W]`` or None; video: a live input such as a ``CameraFrames``)
     and the video's size, playback rate and a name for the page. ``room()``: why a new stream cannot be
     opened now (not enough free GPU memory), or None."""
 
-    open: Callable[[str, int, torch.Tensor | None], VideoStream]
+    open: Callable[..., VideoStream]  # (prompt, seed, image, video=None, strength=1.0)
     height: int
     width: int
     fps: float
@@ -98,7 +101,7 @@ def toy_source(
     settings = replace(settings, kv_cache=kv_cache or settings.kv_cache)
     d = pipe.cfg.data
     return StreamSource(
-        lambda p, s, im: pipe.open_stream([p], s, im, settings, overlap_decode=True),
+        lambda p, s, im, **kw: pipe.open_stream([p], s, im, settings, overlap_decode=True, **kw),
         d.height,
         d.width,
         8.0,
@@ -130,7 +133,7 @@ def wan_source(
     needed = stream_bytes(pipe.model, pipe.codec, settings, height, width)
     device = next(pipe.model.dit.parameters()).device
     return StreamSource(
-        lambda p, s, im: pipe.open_stream([p], height, width, s, settings, image=im, overlap_decode=True),
+        lambda p, s, im, **kw: pipe.open_stream([p], height, width, s, settings, image=im, overlap_decode=True, **kw),
         height,
         width,
         16.0,
@@ -170,6 +173,7 @@ class Session:
     stop: threading.Event = field(default_factory=threading.Event)
     drop: Callable[[], None] = lambda: None  # cuts the connection (a client that stopped reading)
     holds_slot: bool = False
+    camera: CameraFrames | None = None  # a video-to-video stream's input, fed by the client's frames
 
 
 async def settle(future: asyncio.Future | None) -> None:
@@ -292,9 +296,17 @@ class StreamServer:
                 return
             session.switches.clear()
             session.stop, session.holds_slot = threading.Event(), True
-            generation = self._generate(ws, session, msg["prompt"], msg["seed"], msg.get("image"))
+            src = self.source
+            session.camera = CameraFrames(src.height, src.width) if msg["camera"] else None
+            generation = self._generate(ws, session, msg["prompt"], msg["seed"], msg.get("image"), msg["strength"])
             session.task = asyncio.create_task(generation)
             session.task.add_done_callback(lambda _: self._give_back(session))  # even if cancelled before it ran
+        elif msg["type"] == "frame":
+            if not running or session.camera is None:
+                raise BadRequest("no camera stream is running: start one with camera: true first")
+            loop = asyncio.get_running_loop()
+            frame = await until_done(loop.run_in_executor(self.encoders, decode_image, msg["image"], "a camera frame"))
+            session.camera.push(frame)
         elif msg["type"] == "switch":
             if not running:
                 raise BadRequest("no stream is running: start one first")
@@ -313,6 +325,8 @@ class StreamServer:
     async def _stop(self, session: Session) -> None:
         """Stop a session's generation and wait until its worker thread has finished its chunk."""
         session.stop.set()
+        if session.camera is not None:  # a worker waiting for camera frames wakes up
+            session.camera.close()
         if session.task is not None and not session.task.done():
             session.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -333,7 +347,9 @@ class StreamServer:
                 events.append({"type": "error", "message": str(e)})
                 continue
             events.append({"type": "switched", "prompt": new, "mode": mode, "seconds": secs})
-        chunk = next(stream)
+        chunk = next(stream, None)  # None: its input (a camera) has closed (StopIteration cannot cross a Future)
+        if chunk is None:
+            return None
         if not torch.isfinite(chunk.latents).all():
             raise FloatingPointError("the model produced non-finite values (NaN or inf) for this prompt")
         return events, chunk
@@ -344,7 +360,9 @@ class StreamServer:
         except asyncio.TimeoutError:
             raise ClientTooSlow(f"a message waited {self.send_timeout:.0f} s for the client to read") from None
 
-    async def _generate(self, ws, session: Session, prompt: str, seed: int, image_url: str | None) -> None:
+    async def _generate(
+        self, ws, session: Session, prompt: str, seed: int, image_url: str | None, strength: float = 0.7
+    ) -> None:
         """Open the stream, then chunk after chunk until stopped, ``max_frames`` or an error."""
         loop, src = asyncio.get_running_loop(), self.source
         t0 = time.perf_counter()
@@ -356,11 +374,13 @@ class StreamServer:
             refusal = src.room()
             if refusal:
                 raise torch.OutOfMemoryError(refusal)
-            stream = await until_done(loop.run_in_executor(self.workers, src.open, prompt, seed, image))
+            camera = {"video": session.camera, "strength": strength} if session.camera is not None else {}
+            opened = functools.partial(src.open, prompt, seed, image, **camera)
+            stream = await until_done(loop.run_in_executor(self.workers, opened))
             await self._send(
                 ws,
                 {"type": "started", "prompt": prompt, "height": src.height, "width": src.width, "fps": src.fps}
-                | {"frames_per_chunk": stream.settings.frames_per_block},
+                | {"frames_per_chunk": stream.settings.frames_per_block, "camera": session.camera is not None},
             )
             made = 0  # frames computed (sent, or being encoded)
             step = loop.run_in_executor(self.workers, self._step, stream, session)

@@ -113,6 +113,8 @@ class WanPipeline:
         settings: CausalConfig | None = None,
         image: torch.Tensor | None = None,
         overlap_decode: bool = False,
+        video=None,
+        strength: float = 1.0,
     ) -> VideoStream:
         """An open-ended, interactive stream (``VideoStream``: iterate it, switch its prompt between chunks);
         the cache rolls past its window (21 latent frames unless the settings say otherwise).
@@ -122,7 +124,17 @@ class WanPipeline:
         settings = settings or self.causal
         settings = replace(settings, window=settings.window or RELEASED_CAUSAL.window)
         return VideoStream(
-            self.model, self.codec, prompts, height, width, settings, seed, image=image, overlap_decode=overlap_decode
+            self.model,
+            self.codec,
+            prompts,
+            height,
+            width,
+            settings,
+            seed,
+            image=image,
+            overlap_decode=overlap_decode,
+            video=video,
+            strength=strength,
         )
 
     def _check_causal(self) -> None:
