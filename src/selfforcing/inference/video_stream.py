@@ -255,7 +255,7 @@ class VideoStream:
         f, c = noise.shape[1], self.codec.temporal_compression
         first = self._input_used == 0 and self.codec.keeps_first_frame
         n = 1 + c * (f - 1) if first else c * f
-        if hasattr(self._input, "take"):  # a live source (a camera)
+        if not torch.is_tensor(self._input):  # a live source (a camera)
             frames = self._input.take(n)
             if frames is None:
                 raise StopIteration  # the source has closed: so has the stream
@@ -271,7 +271,7 @@ class VideoStream:
     def _check_video(self, video):
         """The input video ``[B or 1, F, 3, H, W]`` in [-1, 1] at the stream's size, one per video; or a live
         source with ``take(n) -> [B or 1, n, 3, H, W]`` (None when it has ended), e.g. ``serve.camera``."""
-        if hasattr(video, "take"):
+        if not torch.is_tensor(video) and hasattr(video, "take"):  # (a tensor has a take method of its own)
             if self._image is not None:
                 raise ValueError("a stream takes a first image or an input video, not both")
             return video
