@@ -22,7 +22,7 @@ from pathlib import Path
 from selfforcing.eval.evaluate import EvalSettings, evaluate, markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["self-forcing", "longlive", "longlive-infinite", "reward-forcing", "rolling-forcing"]
+FAMILIES = ["self-forcing", "longlive", "longlive-infinite", "reward-forcing", "rolling-forcing", "krea"]
 
 
 def main() -> None:

@@ -275,16 +275,7 @@ class VideoStream:
             if self._image is not None:
                 raise ValueError("a stream takes a first image or an input video, not both")
             return video
-        if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] != 3:
-            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
-            raise ValueError(f"the input video must be a tensor [B, F, 3, H, W] in [-1, 1], got {shape}")
-        if video.shape[-2:] != (self.height, self.width):
-            raise ValueError(
-                f"the input video is {video.shape[-1]}x{video.shape[-2]} (WxH), the stream is {self.width}x"
-                f"{self.height}: resize it (generate --video does) or stream at its size"
-            )
-        if video.shape[0] not in (1, self.batch):
-            raise ValueError(f"pass one input video or one per prompt ({self.batch}), got {video.shape[0]}")
+        self._check_pixels(video, "the input video", "[B, F, 3, H, W]", 5)
         if self._image is not None:
             raise ValueError("a stream takes a first image or an input video, not both")
         f_in = self.codec.latent_shape(video.shape[1], self.height, self.width)[0]  # raises on a bad frame count
@@ -318,20 +309,25 @@ class VideoStream:
         x = torch.cat([x for _, x in self._recent], dim=1)
         return x[:, first - self._recent[0][0] :]
 
+    def _check_pixels(self, x, what: str, layout: str, dims: int) -> None:
+        """Raise unless ``x`` is ``dims``-D pixels ``layout`` (3 channels before H, W) at the stream's size, one
+        or one per video."""
+        if not torch.is_tensor(x) or x.dim() != dims or x.shape[-3] != 3:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{what} must be a tensor {layout} in [-1, 1], got {shape}")
+        if x.shape[-2:] != (self.height, self.width):
+            raise ValueError(
+                f"{what} is {x.shape[-1]}x{x.shape[-2]} (WxH), the stream is {self.width}x{self.height}: resize it "
+                "or stream at its size"
+            )
+        if x.shape[0] not in (1, self.batch):
+            raise ValueError(f"pass one {what.removeprefix('the ')} or one per video ({self.batch}), got {x.shape[0]}")
+
     def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """The first frame's latent ``[B, 1, C, h, w]`` from ``image [B or 1, 3, H, W]`` in [-1, 1]."""
         if self.codec.temporal_compression != 1 and not self.codec.keeps_first_frame:
             raise ValueError("this codec cannot encode a single frame: image-to-video needs a causal VAE")
-        if not torch.is_tensor(image) or image.dim() != 4 or image.shape[1] != 3:
-            shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
-            raise ValueError(f"the first image must be a tensor [B, 3, H, W] in [-1, 1], got {shape}")
-        if image.shape[-2:] != (self.height, self.width):
-            raise ValueError(
-                f"the first image is {image.shape[-1]}x{image.shape[-2]} (WxH), the stream is "
-                f"{self.width}x{self.height}: resize the image or stream at its size"
-            )
-        if image.shape[0] not in (1, self.batch):
-            raise ValueError(f"pass one first image or one per video ({self.batch}), got {image.shape[0]}")
+        self._check_pixels(image, "the first image", "[B, 3, H, W]", 4)
         p = next(self.model.dit.parameters())
         video = image.expand(self.batch, -1, -1, -1)[:, None].to(p.device, torch.float32)
         try:
