@@ -178,3 +178,26 @@ def test_video_to_video_through_the_wan_vae(folder, weights, tmp_path):
     low = torch.cat([c.latents for c in pipe.stream(prompt, 21, video=video, strength=0.2, **SIZE)], 1)
     target = pipe.codec.encode(video)
     assert (low - target).abs().mean() < (plain - target).abs().mean()
+
+
+def test_training_starts_from_longlive_with_its_lora_merged(folder, weights, tmp_path):
+    """``init_from=longlive_base.pt init_lora=lora.pt``: the trainer's DiT is LongLive's network ("generator",
+    as its inference script reads) with the LoRA merged; a LoRA without a Wan model is refused."""
+    from selfforcing.config import ConfigError, load_config
+    from selfforcing.inference.pipeline import wan_model
+    from selfforcing.models.lora import load_lora
+    from selfforcing.wan.dit_weights import load_dit
+
+    base = tmp_path / "longlive_base.pt"
+    other = {k: v + 1 for k, v in weights.items()}  # generator_ema differs: the family's network must be read
+    torch.save({"generator": {f"model.{k}": v for k, v in weights.items()}, "generator_ema": other}, base)
+    plain = load_dit(base, weights="generator", num_heads=2)
+    lora = tmp_path / "lora.pt"
+    longlive_lora(plain, lora, rank=4, alpha=4.0)
+    cfg = load_config("configs/wan/sf_dmd_1.3b.yaml", [f"model.wan={folder}", f"init_from={base}", f"init_lora={lora}"])
+    model = wan_model(cfg, cfg.init_from, cfg.init_lora)
+    expected = load_lora(plain, lora, 256.0, merge=True)  # LongLive's alpha (256) over rank 4
+    for k, v in expected.state_dict().items():
+        assert torch.equal(model.dit.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="init_lora merges a LoRA into a Wan DiT"):
+        load_config("configs/sf_dmd_toy.yaml", [f"init_lora={lora}"])

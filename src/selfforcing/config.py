@@ -305,6 +305,10 @@ class TrainConfig:
     name: str = "teacher"
     stage: str = "teacher"  # teacher (bidirectional flow matching) | ode_init (causal student on ODE pairs)
     init_from: str = ""  # checkpoint/run folder whose EMA weights (and vocabulary) initialise the model
+    # with model.wan: a PEFT LoRA merged into init_from's DiT before training (LongLive's models/lora.pt), its
+    # alpha (null: the family's, else the rank)
+    init_lora: str = ""
+    init_lora_alpha: float | None = None
     out_dir: str = "runs"
     seed: int = 0
     steps: int = 1000
@@ -339,6 +343,10 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
+            (
+                not self.init_lora or bool(self.model.wan),
+                "init_lora merges a LoRA into a Wan DiT: set model.wan (and init_from: LongLive's longlive_base.pt)",
+            ),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
             (self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}"),

@@ -112,14 +112,23 @@ def wan_text_encoder(folder: str, text_cache: str = "") -> TextEncoder:
     return FrozenTextEncoder(LazyUMT5(folder, folder_config(folder).text_dim, text_cache or None))
 
 
-def wan_model(cfg: TrainConfig, dit_weights: str | Path) -> TextToVideo:
+def wan_model(
+    cfg: TrainConfig, dit_weights: str | Path, lora: str = "", lora_alpha: float | None = None
+) -> TextToVideo:
     """``model.wan``'s shared frozen umT5 with the DiT of ``dit_weights`` (any Wan DiT layout: the folder
-    itself, a Self Forcing / ODE-init ``.pt``, ...), which must be the folder's size. Frozen, in eval mode."""
+    itself, a Self Forcing / ODE-init ``.pt``, any released causal model's file: ``families.py``, whose
+    network it reads), which must be the folder's size, with ``lora`` merged in. Frozen, in eval mode."""
+    from ..families import detect_family
     from ..wan.dit_weights import check_same_size, load_dit
 
     size = cfg.model.dit(in_channels=0, text_dim=0)  # the folder's
-    dit = load_dit(dit_weights, num_heads=size.num_heads)
+    fam = detect_family(dit_weights)
+    dit = load_dit(dit_weights, weights=fam.weights if fam else None, num_heads=size.num_heads)
     check_same_size(dit.cfg, size, dit_weights, cfg.model.wan)
+    if lora:  # merged: the adapters become part of the weights that train
+        from ..models.lora import load_lora
+
+        dit = load_lora(dit, lora, lora_alpha or (fam.lora_alpha if fam else None), merge=True)
     return TextToVideo(wan_text_encoder(cfg.model.wan, cfg.model.text_cache), dit)
 
 
