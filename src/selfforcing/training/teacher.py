@@ -162,8 +162,8 @@ class TeacherTrainer:
         self.codec = build_codec(cfg)
         torch.manual_seed(cfg.seed)  # weight initialisation
         if cfg.model.wan:  # a Wan DiT in any layout (a Self Forcing / ODE-init .pt, ...), else the folder's own
-            init = cfg.init_from or cfg.model.wan
-            self.model = wan_model(cfg, init, cfg.init_lora, cfg.init_lora_alpha).to(self.device)
+            weights = cfg.init_from or cfg.model.wan
+            self.model = wan_model(cfg, weights, cfg.init_lora, cfg.init_lora_alpha).to(self.device)
             self.model.dit.requires_grad_(True)
             # umT5 is shared and frozen; in bf16, loaded only for prompts missing from model.text_cache, and on
             # CUDA kept on the CPU between them (inference.pipeline.LazyUMT5). The VAE runs on this device.
