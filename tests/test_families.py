@@ -185,8 +185,8 @@ def test_training_starts_from_longlive_with_its_lora_merged(folder, weights, tmp
     as its inference script reads) with the LoRA merged; a LoRA without a Wan model is refused."""
     from selfforcing.config import ConfigError, load_config
     from selfforcing.inference.pipeline import wan_model
-    from selfforcing.models.lora import load_lora
     from selfforcing.wan.dit_weights import load_dit
+    from selfforcing.wan.lora_weights import load_lora
 
     base = tmp_path / "longlive_base.pt"
     other = {k: v + 1 for k, v in weights.items()}  # generator_ema differs: the family's network must be read

@@ -9,8 +9,9 @@ import torch
 
 from selfforcing.cli import main
 from selfforcing.models import VideoDiT, dit_config
-from selfforcing.models.lora import LoRAError, apply_lora, load_lora, read_lora
+from selfforcing.models.lora import LoRAError, apply_lora
 from selfforcing.wan.dit_weights import load_dit
+from selfforcing.wan.lora_weights import load_lora, read_lora
 
 from .test_causal import inputs, random_model
 

@@ -42,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     pipe = load_pipeline(args.checkpoint, weights=args.weights or "ema", device=resolve_device(args.device))
     if args.lora:
-        from .models.lora import load_lora
+        from .wan.lora_weights import load_lora
 
         pipe.model.dit = load_lora(pipe.model.dit, args.lora, args.lora_alpha, args.merge_lora)
     if args.compile:
@@ -258,7 +258,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     ckpt = read_dit(args.src, weights=args.weights, num_heads=args.num_heads)
     if args.lora:  # merged into the weights: W + (alpha / r) B A
-        from .models.lora import load_lora
+        from .wan.lora_weights import load_lora
 
         merged = load_lora(build_dit(ckpt), args.lora, args.lora_alpha, merge=True)
         ckpt = replace(ckpt, state=merged.state_dict())

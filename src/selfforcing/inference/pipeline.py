@@ -126,7 +126,7 @@ def wan_model(
     dit = load_dit(dit_weights, weights=fam.weights if fam else None, num_heads=size.num_heads)
     check_same_size(dit.cfg, size, dit_weights, cfg.model.wan)
     if lora:  # merged: the adapters become part of the weights that train
-        from ..models.lora import load_lora
+        from ..wan.lora_weights import load_lora
 
         dit = load_lora(dit, lora, lora_alpha or (fam.lora_alpha if fam else None), merge=True)
     return TextToVideo(wan_text_encoder(cfg.model.wan, cfg.model.text_cache), dit)

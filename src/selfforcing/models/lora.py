@@ -1,4 +1,5 @@
-"""LoRA adapters on the DiT, through ``peft``: load a PEFT state dict, run it unmerged or merge it.
+"""LoRA adapters on the DiT, through ``peft``: apply a PEFT state dict, run it unmerged or merge it (the
+files: ``wan.lora_weights``).
 
 Each adapted Linear computes ``W x + b + (alpha / r) * B (A x)``, with ``A: [r, in]`` and ``B: [out, r]``;
 merging folds ``(alpha / r) * B A`` into ``W``. The state dict is PEFT's own (``get_peft_model_state_dict``:
@@ -8,8 +9,6 @@ not store alpha: it comes from the caller (LongLive's preset), else alpha = r.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,27 +21,6 @@ SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 class LoRAError(ValueError):
     """A LoRA that does not fit the model: the message names the file, the key and the sizes."""
-
-
-def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
-    """The PEFT state dict in ``path``: a ``.pt`` (LongLive's ``{"generator_lora": ..., "critic_lora": ...,
-    "step"}``, or the state dict itself) or a ``.safetensors`` file. Read weights-only: no pickled code runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected a LoRA state dict, e.g. LongLive's models/lora.pt)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    from ..wan.dit_weights import load_torch_file
-
-    data = load_torch_file(path, "a LoRA state dict (LongLive's models/lora.pt)")
-    if isinstance(data, dict) and isinstance(data.get("generator_lora"), dict):
-        data = data["generator_lora"]
-    if not isinstance(data, dict) or not data or not all(torch.is_tensor(v) for v in data.values()):
-        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
-        raise LoRAError(f"{path} is not a LoRA state dict (its top level: {keys}); expected generator_lora or tensors")
-    return data
 
 
 def lora_targets(dit: VideoDiT, state: dict[str, torch.Tensor], source: str = "the LoRA") -> tuple[list[str], int]:
@@ -106,8 +84,3 @@ def apply_lora(
     model.to(p.device, p.dtype)
     dit = model.merge_and_unload() if merge else model.base_model.model
     return dit.eval().requires_grad_(False)
-
-
-def load_lora(dit: VideoDiT, path: str | Path, alpha: float | None = None, merge: bool = False) -> VideoDiT:
-    """``apply_lora`` with the state dict of ``path`` (``read_lora``)."""
-    return apply_lora(dit, read_lora(path), alpha, merge, source=str(path))

@@ -277,6 +277,6 @@ def with_lora(dit, fam: Family | None, lora, alpha: float | None, merge: bool):
         )
     if lora is None or str(lora) == "none":
         return dit
-    from ..models.lora import load_lora
+    from .lora_weights import load_lora
 
     return load_lora(dit, lora, alpha or (fam.lora_alpha if fam else None), merge)
