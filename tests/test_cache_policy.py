@@ -172,6 +172,8 @@ def test_policy_errors():
     cache = KVCache.for_model(m, 2, N, 3, 6, 0, policy=CachePolicy("slot"))
     with pytest.raises(ValueError, match="rope='slot' is for inference"):
         m(x, t, ctx, kv_cache=cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="pass no frame_positions"):
+        m(x, t, ctx, kv_cache=cache, frame_positions=torch.arange(3))
 
 
 def test_an_fp8_cache_keeps_the_policy():

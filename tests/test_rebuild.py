@@ -111,3 +111,21 @@ def test_rebuild_refusals():
     t2v = tiny_t2v()
     with pytest.raises(ValueError, match="keeps no sink"):
         VideoStream(t2v, IdentityCodec(), [A], 8, 8, CausalConfig(3, **KREA, sink=3), seed=0)
+
+
+def test_the_history_keeps_latent_zero_while_it_can_still_be_context():
+    """With K = 2 and a one-frame image chunk first, the chunk at position 4 still takes latent 0 as its first
+    context frame (4 < K + f), so latent 0 outlives the older latents after it."""
+    from selfforcing.inference.rebuild import Rebuild
+    from selfforcing.models.kv_cache import KVCache
+
+    t2v = tiny_t2v()
+    cache = KVCache.for_model(t2v.dit, 1, 4, 3, 5)  # window 5, chunks of 3: K = 2
+    rebuild = Rebuild(t2v, cache, IdentityCodec())
+    latents = torch.randn(1, 4, 3, 8, 8)
+    rebuild.keep(latents[:, :1], latents[:, :1])  # the image chunk
+    rebuild.keep(latents[:, 1:], latents[:, 1:])
+    kept = torch.cat(rebuild.latents, dim=1)
+    assert torch.equal(kept, latents[:, [0, 2, 3]])
+    text_kv = t2v.dit.text_kv(*t2v.encode_text([A]))
+    assert rebuild.prepare(text_kv, 4) == 2 and cache.frames == [0, 1]  # latent 0 and latent 3

@@ -78,6 +78,8 @@ class Family:
 
 
 _SF_STEPS = [1000.0, 750.0, 500.0, 250.0]
+# Self Forcing's release; every other family is these settings with what it changes
+_SELF_FORCING = dict(frames_per_block=3, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=21)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -90,7 +92,7 @@ FAMILIES: dict[str, Family] = {
             ("gdhe17/Self-Forcing: checkpoints/self_forcing_dmd.pt",),
             "the reference: chunks of 3 latent frames, 4 steps [1000, 750, 500, 250] warped with shift 5, the "
             "chunk committed clean; a video longer than 21 latent frames rolls the cache (window 21, no sink)",
-            dict(frames_per_block=3, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=21),
+            _SELF_FORCING,
             checkpoint_names=("self_forcing_dmd.pt", "self_forcing_sid.pt"),
         ),
         Family(
@@ -102,14 +104,7 @@ FAMILIES: dict[str, Family] = {
             "3 steps [1000, 757, 522] used as they are (not warped) on a shift-8 schedule; a 21-frame cache. "
             "(Its long-video script restarts the cache from a re-encoded frame every 21 latent frames; here "
             "the cache rolls instead.)",
-            dict(
-                frames_per_block=3,
-                denoising_steps=[1000.0, 757.0, 522.0],
-                shift=8.0,
-                warp_steps=False,
-                context_timestep=0.0,
-                window=21,
-            ),
+            {**_SELF_FORCING, "denoising_steps": [1000.0, 757.0, 522.0], "shift": 8.0, "warp_steps": False},
             weights="generator",
             checkpoint_names=("autoregressive_checkpoint/model.pt",),
         ),
@@ -121,7 +116,7 @@ FAMILIES: dict[str, Family] = {
             ("zhuhz22/Causal-Forcing: chunkwise/causal_forcing.pt",),
             "the Self Forcing sampler on a student distilled from an autoregressive teacher; attention over "
             "the whole video (21 latent frames)",
-            dict(frames_per_block=3, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=21),
+            _SELF_FORCING,
             checkpoint_names=("chunkwise/causal_forcing.pt",),
         ),
         Family(
@@ -131,7 +126,7 @@ FAMILIES: dict[str, Family] = {
             "Apache-2.0",
             ("zhuhz22/Causal-Forcing: framewise/causal_forcing.pt",),
             "frame-wise: chunks of 1 latent frame, 4 steps",
-            dict(frames_per_block=1, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=21),
+            {**_SELF_FORCING, "frames_per_block": 1},
             checkpoint_names=("framewise/causal_forcing.pt",),
         ),
         Family(
@@ -141,14 +136,12 @@ FAMILIES: dict[str, Family] = {
             "Apache-2.0",
             ("zhuhz22/Causal-Forcing: causal-forcing++/framewise-2step.pt",),
             "frame-wise with 2 steps [1000, 500]; the first frame takes the 4-step list",
-            dict(
-                frames_per_block=1,
-                denoising_steps=[1000.0, 500.0],
-                first_chunk_steps=_SF_STEPS,
-                shift=5.0,
-                context_timestep=0.0,
-                window=21,
-            ),
+            {
+                **_SELF_FORCING,
+                "frames_per_block": 1,
+                "denoising_steps": [1000.0, 500.0],
+                "first_chunk_steps": _SF_STEPS,
+            },
             checkpoint_names=("framewise-2step.pt",),
         ),
         Family(
@@ -158,14 +151,7 @@ FAMILIES: dict[str, Family] = {
             "Apache-2.0",
             ("zhuhz22/Causal-Forcing: causal-forcing++/framewise-1step.pt",),
             "frame-wise with 1 step [1000]; the first frame takes the 4-step list",
-            dict(
-                frames_per_block=1,
-                denoising_steps=[1000.0],
-                first_chunk_steps=_SF_STEPS,
-                shift=5.0,
-                context_timestep=0.0,
-                window=21,
-            ),
+            {**_SELF_FORCING, "frames_per_block": 1, "denoising_steps": [1000.0], "first_chunk_steps": _SF_STEPS},
             checkpoint_names=("framewise-1step.pt",),
         ),
         Family(
@@ -177,7 +163,7 @@ FAMILIES: dict[str, Family] = {
             "attends to 12 latent frames: a sink of the first 3 and the last 9 (the chunk's own 3 included); "
             "runs a rank-256 LoRA unmerged; at a prompt switch it re-caches the last 12 frames in one pass "
             "(--switch-mode one-pass)",
-            dict(frames_per_block=3, denoising_steps=_SF_STEPS, shift=5.0, context_timestep=0.0, window=9, sink=3),
+            {**_SELF_FORCING, "window": 9, "sink": 3},
             switch="one-pass",
             weights="generator",
             lora="lora.pt",
@@ -192,15 +178,7 @@ FAMILIES: dict[str, Family] = {
             ("Efficient-Large-Model/LongLive-1.3B: models/longlive_base.pt", "... models/lora.pt"),
             "LongLive with its infinite-attention model: keys cached before RoPE and rotated by slot, so the "
             "positions never grow",
-            dict(
-                frames_per_block=3,
-                denoising_steps=_SF_STEPS,
-                shift=5.0,
-                context_timestep=0.0,
-                window=9,
-                sink=3,
-                rope="slot",
-            ),
+            {**_SELF_FORCING, "window": 9, "sink": 3, "rope": "slot"},
             switch="one-pass",
             weights="generator",
             lora="lora.pt",
@@ -214,16 +192,7 @@ FAMILIES: dict[str, Family] = {
             ("JaydenLu666/Reward-Forcing-T2V-1.3B: rewardforcing.pt",),
             "attends to 9 latent frames, a sink of 3 and the last 6; keys cached before RoPE and rotated by "
             "slot; at every eviction the sink becomes 0.999 sink + 0.001 evicted frames",
-            dict(
-                frames_per_block=3,
-                denoising_steps=_SF_STEPS,
-                shift=5.0,
-                context_timestep=0.0,
-                window=6,
-                sink=3,
-                rope="slot",
-                sink_ema=0.999,
-            ),
+            {**_SELF_FORCING, "window": 6, "sink": 3, "rope": "slot", "sink_ema": 0.999},
             checkpoint_names=("rewardforcing.pt",),
         ),
         Family(
@@ -234,15 +203,12 @@ FAMILIES: dict[str, Family] = {
             ("TencentARC/RollingForcing: checkpoints/rolling_forcing_dmd.pt",),
             "denoises a window of 5 chunks jointly, at 5 noise levels from oldest to newest, and commits only "
             "the oldest; the first chunk is an anchor rotated to sit just before the window",
-            dict(
-                frames_per_block=3,
-                denoising_steps=[1000.0, 800.0, 600.0, 400.0, 200.0],
-                shift=5.0,
-                context_timestep=0.0,
-                window=21,
-                rope="slot",
-                scheme="rolling",
-            ),
+            {
+                **_SELF_FORCING,
+                "denoising_steps": [1000.0, 800.0, 600.0, 400.0, 200.0],
+                "rope": "slot",
+                "scheme": "rolling",
+            },
             weights="generator_ema",
             checkpoint_names=("rolling_forcing_dmd.pt",),
         ),
@@ -255,14 +221,7 @@ FAMILIES: dict[str, Family] = {
             "Wan2.1-14B; 5 steps ending with one at t = 0 and no commit pass: every chunk rebuilds the cache "
             "from 3 context latents (the first a VAE re-encode of an earlier decoded frame); a prompt switch "
             "blends the text over 4 chunks; video-to-video",
-            dict(
-                frames_per_block=3,
-                denoising_steps=[1000.0, 750.0, 500.0, 250.0, 0.0],
-                shift=5.0,
-                context_timestep=0.0,
-                window=6,
-                scheme="rebuild",
-            ),
+            {**_SELF_FORCING, "denoising_steps": [*_SF_STEPS, 0.0], "window": 6, "scheme": "rebuild"},
             switch="blend",
             size="wan2.1-14b",
             checkpoint_names=("krea-realtime-video-14b.safetensors",),

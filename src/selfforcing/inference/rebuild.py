@@ -29,29 +29,29 @@ class Rebuild:
     """The context of one rebuilding stream: ``keep`` each chunk's latents and decoded frames as they come;
     ``prepare`` rebuilds ``cache`` for the next chunk and returns the frame position it denoises at."""
 
-    def __init__(self, model: TextToVideo, cache: KVCache, codec: Codec, keep_first: bool = False):
+    def __init__(self, model: TextToVideo, cache: KVCache, codec: Codec):
         if cache.sink:
             raise ValueError("the rebuild scheme keeps no sink: its context is rebuilt every chunk (causal.sink: 0)")
         if codec.temporal_compression != 1 and not codec.keeps_first_frame:
             raise ValueError("the rebuild scheme re-encodes a pixel frame as a first frame: it needs a causal VAE")
-        self.model, self.cache, self.codec, self.keep_first = model, cache, codec, keep_first
+        self.model, self.cache, self.codec = model, cache, codec
         self.context = cache.window - cache.frames_per_block  # K
+        if self.context < 1:
+            raise ValueError("the rebuild scheme needs context frames: causal.window > causal.frames_per_block")
         self.latents: list[torch.Tensor] = []  # [B, 1, C, h, w] per latent frame of this scene
         self.last_pixels: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # each latent's last frame
 
     def keep(self, x0: torch.Tensor, frames: torch.Tensor, ready: torch.cuda.Event | None = None) -> None:
         """A chunk's latents ``[B, f, C, h, w]`` and its decoded frames ``[B, F, 3, H, W]`` (``ready``: when a
         decode on another CUDA stream has written them)."""
-        c = self.codec.temporal_compression
-        counts = [1 if not self.latents and i == 0 and self.codec.keeps_first_frame else c for i in range(x0.shape[1])]
-        ends = torch.tensor(counts).cumsum(0) - 1
+        c, first = self.codec.temporal_compression, not self.latents and self.codec.keeps_first_frame
+        # the last pixel frame of each latent: a causal VAE's first latent decodes to 1 frame, every other to c
+        ends = [i * c if first else (i + 1) * c - 1 for i in range(x0.shape[1])]
         self.latents += list(x0.split(1, dim=1))
-        self.last_pixels += [(frames[:, int(e)], ready) for e in ends]
-        keep = 1 + self.context  # latent 0 and the last K (older ones are never context again)
-        if len(self.latents) > keep:
-            drop = range(1, len(self.latents) - self.context)
-            self.latents = [x for i, x in enumerate(self.latents) if i not in drop]
-            self.last_pixels = [x for i, x in enumerate(self.last_pixels) if i not in drop]
+        self.last_pixels += [(frames[:, e], ready) for e in ends]
+        # latent 0 and the last K: older ones are never context again
+        self.latents = self.latents[:1] + self.latents[1:][-self.context :]
+        self.last_pixels = self.last_pixels[:1] + self.last_pixels[1:][-self.context :]
 
     @torch.no_grad()
     def prepare(self, text_kv: TextKV, position: int) -> int:
@@ -62,7 +62,7 @@ class Rebuild:
             return 0
         k, f = self.context, self.cache.frames_per_block
         recent = self.latents[1:][-(k - 1) :] if k > 1 else []
-        if self.keep_first or position < k + f:
+        if position < k + f:
             context = torch.cat([self.latents[0], *recent], dim=1)[:, :k]
         else:
             pixels, ready = self.last_pixels[-k]

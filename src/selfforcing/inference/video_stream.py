@@ -85,8 +85,8 @@ class VideoStream:
         layout = (rows, gh * gw, fpb, window, settings.sink)
         self.cache = KVCache.for_model(model.dit, *layout, **settings.cache_options())
         self.generator = torch.Generator().manual_seed(seed)
-        self.strength = strength  # video-to-video: the step lists start lower (``CausalConfig.sigmas``)
-        self.sigmas = settings.sigmas(None, strength).to(p.device)  # every generated chunk's levels, but the first's:
+        # every generated chunk's levels but the first's (video-to-video: starting lower, ``CausalConfig.sigmas``)
+        self.sigmas = settings.sigmas(None, strength).to(p.device)
         self.first_sigmas = settings.sigmas(0, strength).to(p.device)  # ``first_chunk_steps`` (Causal Forcing++)
         self.denoised = 0  # chunks generated since the stream began (or a reset cut to a new scene)
         self.context_sigma = settings.context_timestep / 1000.0
@@ -166,7 +166,6 @@ class VideoStream:
             )
         t0 = time.perf_counter()
         embedding = self._embed(prompts)  # raises (unknown words, ...) before anything changes
-        text_kv = self.model.dit.text_kv(*embedding)
         if mode == "reset":
             self.cache.reset()
             self._pending, self._held, self._recent, self.position, self.denoised = None, [], [], 0, 0
@@ -180,7 +179,7 @@ class VideoStream:
             mask = None if old_mask is None or new_mask is None else old_mask | new_mask
             self._blend = [(torch.lerp(old, new, w), mask) for w in blend_weights()]
         else:
-            self.embedding, self.text_kv = embedding, text_kv
+            self.embedding, self.text_kv = embedding, self.model.dit.text_kv(*embedding)
         if mode == "recache":
             held = [(start, self._rows(x), sigma) for start, x, sigma in self._held]
             recache_causal(self.model, self.cache, held, self.text_kv)

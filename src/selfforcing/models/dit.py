@@ -285,6 +285,8 @@ class VideoDiT(nn.Module):
         q_dtype = torch.promote_types(tokens.dtype, self.blocks[0].self_attn.q.weight.dtype)
         context_rope = None
         if kv_cache is not None and kv_cache.policy.by_slot:  # positions by slot (``models.cache_policy``)
+            if frame_positions is not None:
+                raise ValueError("a KV cache with rope='slot' places the chunk itself: pass no frame_positions")
             frame_positions = kv_cache.chunk_positions(frame_offset, nf)
             held = kv_cache.context_positions()
             ctx = rope_3d_angles(len(held), h, w, self.cfg.head_dim, 0, self.cfg.rope_theta, held, tokens.device)

@@ -363,20 +363,19 @@ class FP8KVCache(KVCache):
 
     def context(self, layer: int) -> KV | None:
         """The held frames' keys/values, dequantised: new tensors ``[B, heads, num_frames * N, D]``."""
-        frames, n = self.num_frames, self.tokens_per_frame
-        if frames == 0:
-            return None
-        out = []
-        for buf, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            x = buf[layer, :, :, : frames * n].unflatten(2, (frames, n)).to(self.compute_dtype)
-            out.append((x * scale[layer, :, :, :frames, None, None].to(self.compute_dtype)).flatten(2, 3))
-        return out[0], out[1]
+        return self._dequantised(layer, 0, self.num_frames) if self.num_frames else None
 
     def read_frame(self, layer: int, slot: int) -> KV:
+        return self._dequantised(layer, slot, slot + 1)
+
+    def _dequantised(self, layer: int, a: int, b: int) -> KV:
+        """Slots ``a .. b-1`` of one layer in ``compute_dtype``: ``[B, heads, (b - a) * N, D]`` each."""
         n = self.tokens_per_frame
         k, v = (
-            buf[layer, :, :, slot * n : (slot + 1) * n].to(self.compute_dtype)
-            * scale[layer, :, :, slot, None, None].to(self.compute_dtype)
+            (
+                buf[layer, :, :, a * n : b * n].unflatten(2, (b - a, n)).to(self.compute_dtype)
+                * scale[layer, :, :, a:b, None, None].to(self.compute_dtype)
+            ).flatten(2, 3)
             for buf, scale in ((self.k, self.k_scale), (self.v, self.v_scale))
         )
         return k, v
