@@ -18,7 +18,7 @@ from pathlib import Path
 
 from selfforcing.config import config_from_yaml
 from selfforcing.eval.evaluate import EvalSettings, aggregate, evaluate
-from selfforcing.training.checkpoint import checkpoint_step, resolve_checkpoint
+from selfforcing.weights import checkpoint_step, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = [("frame_ok", "frame ok"), ("frame_ok_change", "drift"), ("fd", "FD")]

@@ -21,9 +21,9 @@ import torch
 
 from selfforcing.config import load_config
 from selfforcing.device import cpu_randn_like
-from selfforcing.training.checkpoint import latest_checkpoint
-from selfforcing.training.self_forcing import SelfForcingTrainer
 from selfforcing.training.teacher import velocity_loss
+from selfforcing.training.trainer import Trainer
+from selfforcing.weights import latest_checkpoint
 
 SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -42,7 +42,7 @@ def critic_fit(run: Path, num: int, seed: int) -> dict:
     cfg = load_config(run / "config.yaml", ["resume=false"])
     if cfg.distill.loss == "gan":
         raise SystemExit(f"{run} trains a GAN: its critic is a discriminator, not a score; give a DMD/SiD run")
-    trainer = SelfForcingTrainer(cfg)
+    trainer = Trainer(cfg)
     trainer.load(ckpt)
     trainer.model.eval()
     s = len(cfg.causal.denoising_steps)
@@ -50,7 +50,7 @@ def critic_fit(run: Path, num: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     while sum(len(p) for p in prompts) < num:
         videos, batch_prompts = trainer.batches(int(torch.randint(2**62, (1,), generator=g)))
-        fake.append(trainer.rollout(batch_prompts, g, grad=False, exit_step=s))
+        fake.append(trainer.objective.rollout(batch_prompts, g, grad=False, exit_step=s))
         real.append(trainer.codec.encode(videos.to(trainer.device)))
         prompts.append(batch_prompts)
     videos_measured = sum(len(p) for p in prompts)
@@ -58,7 +58,7 @@ def critic_fit(run: Path, num: int, seed: int) -> dict:
     for sigma in SIGMAS:
         row = {"sigma": sigma}
         for side, videos in (("fake", fake), ("real", real)):
-            for name, net in (("critic", trainer.critic), ("teacher", trainer.teacher)):
+            for name, net in (("critic", trainer.objective.critic), ("teacher", trainer.objective.teacher)):
                 losses = [
                     denoising_loss(net, x, sigma, net.encode_text(p), seed + i)
                     for i, (x, p) in enumerate(zip(videos, prompts, strict=True))

@@ -38,9 +38,9 @@ from selfforcing.data.video_io import video_grid, write_video
 from selfforcing.eval.analyser import analyse_video
 from selfforcing.eval.metrics import direction_adherence
 from selfforcing.eval.score import HELD_OUT_SEED
-from selfforcing.inference.pipeline import load_pipeline, stream_settings
 from selfforcing.inference.stream import stream_video
 from selfforcing.inference.video_stream import SWITCH_MODES
+from selfforcing.pipeline import load_pipeline, stream_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 OPPOSITE = {name: next(n for n, v in DIRECTIONS.items() if v == (-d[0], -d[1])) for name, d in DIRECTIONS.items()}

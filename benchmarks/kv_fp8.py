@@ -33,8 +33,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     from selfforcing.eval.analyser import analyse_batch
     from selfforcing.eval.score import held_out_prompts
-    from selfforcing.inference.pipeline import load_pipeline, stream_guidance, stream_settings
     from selfforcing.inference.stream import stream_video
+    from selfforcing.pipeline import load_pipeline, stream_guidance, stream_settings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="sf_dmd_chunk_toy")

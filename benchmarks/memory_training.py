@@ -5,7 +5,7 @@
     python benchmarks/memory.py --training --device cuda   # on a GPU: the 1-GPU row for real
 
 The recipe (configs/wan/sf_dmd_1.3b.yaml) runs as it is: bf16, FSDP2, gradient checkpointing, 21 latent
-frames of 832x480, one video per GPU. Its own trainer takes one step (``SelfForcingTrainer.train_step``
+frames of 832x480, one video per GPU. Its own trainer takes one step (``Trainer.train_step``
 at step 0: the generator's rollout with gradient at the exit step, the DMD loss through the teacher
 with CFG and the critic, the critic's rollout and flow-matching loss, both backward passes and both
 optimizers' first step, which creates their state). It runs as rank 0 of a process group of N ranks
@@ -189,7 +189,7 @@ def recipe(size: str, folder: Path, out: Path, device: str):
 
 def hand_over_embeddings(cfg) -> None:
     """The prompts' (and the negative prompt's) umT5 embeddings, in the shared text encoder's memory."""
-    from selfforcing.inference.pipeline import wan_text_encoder
+    from selfforcing.pipeline import wan_text_encoder
     from selfforcing.wan.text_encoder import clean_prompt
 
     lazy = wan_text_encoder(cfg.model.wan, cfg.model.text_cache).shared
@@ -203,9 +203,9 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
     import torch.distributed as dist
     from memory import peak_tracker
 
-    from selfforcing.inference.pipeline import wan_vae
+    from selfforcing.pipeline import wan_vae
     from selfforcing.training.fsdp import local
-    from selfforcing.training.self_forcing import SelfForcingTrainer
+    from selfforcing.training.trainer import Trainer
 
     if world > 1:
         from torch.distributed._tools import fake_collectives  # noqa: F401  (collectives on fake tensors)
@@ -219,7 +219,7 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        trainer = SelfForcingTrainer(cfg)
+        trainer = Trainer(cfg)
         trainer.train_step()
         if device == "cuda":
             return {"cuda_peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
@@ -229,10 +229,14 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
     stay_put()
     mode = HostRealFakeMode()
     with mode:
-        trainer = SelfForcingTrainer(cfg)
+        trainer = Trainer(cfg)
     tracker = peak_tracker()
-    networks = [*trainer.networks().values(), trainer.teacher, trainer.codec.vae]  # the teacher is not checkpointed
-    tracker.track_external(*networks, *trainer.optimizers().values())
+    networks = [
+        *trainer.networks().values(),
+        trainer.objective.teacher,
+        trainer.codec.vae,
+    ]  # the teacher is not checkpointed
+    tracker.track_external(*networks, *trainer.optimizers.values())
     with mode, tracker:
         stats = trainer.train_step()
     assert "generator_loss" in stats, "step 0 updates the generator and the critic"
@@ -244,7 +248,7 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
         return sum(s["Total"] for s in tracker.get_tracker_snapshot(kind).values())
 
     params = [p for n in networks for p in n.parameters()]
-    states = [v for o in trainer.optimizers().values() for s in o.state.values() for v in s.values()]
+    states = [v for o in trainer.optimizers.values() for s in o.state.values() for v in s.values()]
     parts = {
         "peak": total("peak"),
         "weights": local_bytes(params),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from selfforcing.inference.pipeline import load_pipeline
+from selfforcing.pipeline import load_pipeline
 from selfforcing.training.ode_init import ode_regression_loss, x0_mse
 from selfforcing.training.ode_pairs import ODEPairs
 

@@ -23,7 +23,7 @@ from selfforcing.config import CausalConfig
 from selfforcing.data.shapes import ShapesWorld
 from selfforcing.eval.analyser import analyse_batch
 from selfforcing.eval.score import score_checkpoint
-from selfforcing.inference.pipeline import load_pipeline
+from selfforcing.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

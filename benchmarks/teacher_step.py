@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from selfforcing.config import load_config
-from selfforcing.training.teacher import TeacherTrainer
+from selfforcing.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def bench(recipe: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"out_dir={tmp}", f"device={args.device}", f"precision={args.precision}", *args.overrides]
-        trainer = TeacherTrainer(load_config(ROOT / "configs" / recipe, overrides))
+        trainer = Trainer(load_config(ROOT / "configs" / recipe, overrides))
         for _ in range(args.warmup):
             trainer.train_step()
         if trainer.device.type == "cuda":

@@ -78,8 +78,8 @@ def write_wan_assets(size: str, out: Path) -> Path:
 
 
 def run_one(recipe: str, args: argparse.Namespace) -> dict:
-    from selfforcing.cli import trainer_for
     from selfforcing.config import load_config
+    from selfforcing.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
@@ -97,7 +97,7 @@ def run_one(recipe: str, args: argparse.Namespace) -> dict:
             if args.device == "cpu":
                 overrides.append("precision=fp32")
         cfg = load_config(ROOT / "configs" / recipe, overrides)
-        trainer = trainer_for(cfg)(cfg)
+        trainer = Trainer(cfg)
         cycle = cfg.distill.critic_steps_per_generator_step if cfg.distill.loss != "diffusion" else 1
         for _ in range(cycle):  # warm-up: one whole cycle
             trainer.train_step()

@@ -38,9 +38,7 @@ def tiny_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory):
     """A tiny bidirectional teacher (6 frames of 16x16) trained for 2 steps: its samples need not be good."""
-    from selfforcing.training.teacher import TeacherTrainer
+    from selfforcing.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("teacher")
-    return TeacherTrainer(
-        load_config(None, [*TINY, f"out_dir={out}", "name=teacher", "steps=2", "data.frames=6"])
-    ).train()
+    return Trainer(load_config(None, [*TINY, f"out_dir={out}", "name=teacher", "steps=2", "data.frames=6"])).train()

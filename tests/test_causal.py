@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from selfforcing.config import CausalConfig
-from selfforcing.data.text import prompt_vocabulary
 from selfforcing.inference.stream import stream_video
 from selfforcing.models import ShapesTextEncoder, VideoDiT, dit_config
 from selfforcing.models.causal import block_causal_mask, frame_visibility
 from selfforcing.models.codec import IdentityCodec
 from selfforcing.models.kv_cache import KVCache
 from selfforcing.models.t2v import TextToVideo
+from selfforcing.models.tokens import prompt_vocabulary
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from selfforcing.config import ConfigError, load_config
-from selfforcing.training.causal_diffusion import CausalDiffusionTrainer
+from selfforcing.training.trainer import Trainer
 
 
 def cfg(teacher, tmp_path, paradigm, *extra):
@@ -36,7 +36,7 @@ def cfg(teacher, tmp_path, paradigm, *extra):
 
 @pytest.mark.parametrize("paradigm", ["teacher_forcing", "diffusion_forcing"])
 def test_many_step_baselines_train(teacher, tmp_path, paradigm):
-    t = CausalDiffusionTrainer(cfg(teacher, tmp_path, paradigm, "steps=30"))
+    t = Trainer(cfg(teacher, tmp_path, paradigm, "steps=30"))
     before = [p.detach().clone() for p in t.model.parameters()]
     t.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))

@@ -108,8 +108,8 @@ def test_a_shipped_model_is_named_and_streams(tmp_path, capsys):
     """`--checkpoint NAME` finds a model that ships with the package; an unknown name lists them."""
     from selfforcing.cli import main
     from selfforcing.data.video_io import read_video
-    from selfforcing.inference.pipeline import load_pipeline
-    from selfforcing.training.checkpoint import shipped_models
+    from selfforcing.pipeline import load_pipeline
+    from selfforcing.weights import shipped_models
 
     assert {"teacher_toy", "student_toy", "sf_dmd_chunk_toy", "sf_dmd_frame_toy"} <= set(shipped_models())
     for name, fpb in [("sf_dmd_chunk_toy", 3), ("sf_dmd_frame_toy", 1)]:  # the Self Forcing students

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from selfforcing.training.self_forcing import SelfForcingTrainer
+from selfforcing.training.trainer import Trainer
 
 
 def _free_port() -> int:
@@ -48,11 +48,9 @@ def as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
 def _train_worker(rank: int, port: int, cfg, out: str) -> None:
     """A torchrun process, then an ordinary training run."""
     as_torchrun_rank(rank, port)
-    trainer = SelfForcingTrainer(cfg)
+    trainer = Trainer(cfg)
     exit_steps = []
-    for trainer.step in range(6):
-        exit_steps.append(trainer.exit_step("generator", 0))
-    trainer.step = 0
+    exit_steps = [trainer.objective.exit_step("generator", 0, step) for step in range(6)]
     trainer.train()
     state = {name: net.state_dict() for name, net in trainer.networks().items()}
     torch.save({**state, "exits": exit_steps}, f"{out}.{rank}")
@@ -72,11 +70,11 @@ def test_two_process_training_equals_one_process_with_accumulation(teacher, tmp_
     exits = [rank0.pop("exits"), rank1.pop("exits")]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
     assert exits[0] == exits[1] and len(set(exits[0])) > 1  # every rank's k-th rollout shares its s*
-    single = SelfForcingTrainer(cfg("single", "grad_accum_steps=2"))
-    draw = single.exit_step  # one process plays both ranks' first (k = 0) rollouts: micro-batch i is rank i's
-    single.exit_step = lambda kind, i: draw(kind, i % 1)
+    single = Trainer(cfg("single", "grad_accum_steps=2"))
+    draw = single.objective.exit_step  # one process plays both ranks' first (k = 0) rollouts: micro-batch i is rank i's
+    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
     single.train()
-    start = SelfForcingTrainer(cfg("start"))
+    start = Trainer(cfg("start"))
     for name, net in single.networks().items():
         for key, value in net.state_dict().items():
             assert torch.equal(rank0[name][key], rank1[name][key]), f"ranks differ: {name}.{key}"
@@ -87,12 +85,17 @@ def test_two_process_training_equals_one_process_with_accumulation(teacher, tmp_
 
 def _nan_worker(rank: int, port: int, cfg, out: str) -> None:
     """Rank 1 reports a NaN loss at step 1 while its gradient stays finite."""
-    from selfforcing.training.teacher import TeacherTrainer
+    from selfforcing.training.trainer import Trainer
 
     as_torchrun_rank(rank, port)
-    trainer = TeacherTrainer(cfg)
-    loss = trainer.loss
-    trainer.loss = lambda g: loss(g) + (torch.tensor(float("nan")) if rank == 1 and trainer.step == 1 else 0.0)
+    trainer = Trainer(cfg)
+    loss = trainer.objective.loss
+
+    def nan_on_rank_1(*args):
+        value, stats = loss(*args)
+        return value + (torch.tensor(float("nan")) if rank == 1 and trainer.step == 1 else 0.0), stats
+
+    trainer.objective.loss = nan_on_rank_1
     trainer.train()
     torch.save({"model": trainer.model.state_dict(), "skipped": trainer.skipped_updates}, f"{out}.{rank}")
     dist.destroy_process_group()

@@ -9,14 +9,14 @@ from selfforcing.data.shapes import ShapesWorldConfig
 from selfforcing.data.video_io import read_video
 from selfforcing.eval.encoder import EncoderConfig, train_encoder
 from selfforcing.eval.evaluate import EvalSettings, aggregate, evaluate, markdown_table, write_comparison
-from selfforcing.training.self_forcing import SelfForcingTrainer
+from selfforcing.training.trainer import Trainer
 from tests.test_self_forcing import sf_cfg
 
 
 @pytest.fixture(scope="module")
 def setup(teacher, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    student = SelfForcingTrainer(sf_cfg(teacher, tmp, "steps=2", "name=student")).train()
+    student = Trainer(sf_cfg(teacher, tmp, "steps=2", "name=student")).train()
     world = ShapesWorldConfig(height=16, width=16, frames=6, max_objects=1)
     train_encoder(world, tmp / "enc", steps=3, batch_size=4, cfg=EncoderConfig([8], 4), progress=False)
     return teacher, student, tmp / "enc", tmp
@@ -88,7 +88,7 @@ def test_sink_frames_change_the_streamed_videos_past_the_window(setup):
     import torch
 
     from selfforcing.eval.score import sample_videos
-    from selfforcing.inference.pipeline import load_pipeline
+    from selfforcing.pipeline import load_pipeline
 
     pipe = load_pipeline(setup[1])
     prompts = ["a large red circle moving right"] * 2

@@ -184,7 +184,7 @@ def test_training_starts_from_longlive_with_its_lora_merged(folder, weights, tmp
     """``init_from=longlive_base.pt init_lora=lora.pt``: the trainer's DiT is LongLive's network ("generator",
     as its inference script reads) with the LoRA merged; a LoRA without a Wan model is refused."""
     from selfforcing.config import ConfigError, load_config
-    from selfforcing.inference.pipeline import wan_model
+    from selfforcing.pipeline import wan_model
     from selfforcing.wan.dit_weights import load_dit
     from selfforcing.wan.lora_weights import load_lora
 

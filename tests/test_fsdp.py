@@ -5,15 +5,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from selfforcing.training.self_forcing import SelfForcingTrainer
-from selfforcing.training.teacher import TeacherTrainer
+from selfforcing.training.trainer import Trainer
 from tests.test_distributed import as_torchrun_rank, spawn_ranks
 
 
 def _worker(rank: int, port: int, cfgs, kind: str) -> None:
     as_torchrun_rank(rank, port)
     for cfg in cfgs:  # several runs in one process group (e.g. a run, then its resumption)
-        trainer = (SelfForcingTrainer if kind == "sf" else TeacherTrainer)(cfg)
+        trainer = (Trainer if kind == "sf" else Trainer)(cfg)
         assert trainer.sharded
         trainer.train()
     dist.destroy_process_group()
@@ -22,7 +21,7 @@ def _worker(rank: int, port: int, cfgs, kind: str) -> None:
 def _weights(run_dir):
     from safetensors.torch import load_file
 
-    from selfforcing.training.checkpoint import latest_checkpoint
+    from selfforcing.weights import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     return {f.stem: load_file(f) for f in ckpt.glob("*.safetensors")}, ckpt
@@ -46,9 +45,9 @@ def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_p
     fsdp = ("distributed=fsdp", "ckpt_every=1")
     runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
     spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "fsdp", tmp_path / "resumed"))
-    single = SelfForcingTrainer(cfg("single", "steps=3", "grad_accum_steps=2"))
-    draw = single.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-    single.exit_step = lambda kind, i: draw(kind, i % 1)
+    single = Trainer(cfg("single", "steps=3", "grad_accum_steps=2"))
+    draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
+    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
     single.train()
     sharded, ckpt = _weights(tmp_path / "fsdp")
     reference, _ = _weights(tmp_path / "single")
@@ -58,10 +57,10 @@ def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_p
     assert_same(sharded, reference, atol=1e-5 if loss == "gan" else 1e-6)
     resumed, _ = _weights(tmp_path / "resumed")
     assert_same(resumed, sharded, atol=0)  # stopped at step 2 and resumed: the uninterrupted run, exactly
-    start = SelfForcingTrainer(cfg("start"))
+    start = Trainer(cfg("start"))
     assert any(not torch.equal(start.model.state_dict()[k], v) for k, v in sharded["model"].items())
     # a sharded run's checkpoint is an ordinary one: it loads without FSDP
-    from selfforcing.inference.pipeline import load_pipeline
+    from selfforcing.pipeline import load_pipeline
 
     assert load_pipeline(ckpt).model.dit.cfg == single.model.dit.cfg
 
@@ -74,7 +73,7 @@ def test_fsdp_teacher_with_accumulation_equals_one_process(tmp_path):
         return load_config(None, [*TINY, f"out_dir={tmp_path}", f"name={name}", "steps=2", "num_threads=1", *extra])
 
     spawn_ranks(_worker, [cfg("fsdp", "distributed=fsdp", "grad_accum_steps=2")], "t", fresh=(tmp_path / "fsdp",))
-    TeacherTrainer(cfg("single", "grad_accum_steps=4")).train()
+    Trainer(cfg("single", "grad_accum_steps=4")).train()
     assert_same(_weights(tmp_path / "fsdp")[0], _weights(tmp_path / "single")[0])
 
 
@@ -89,7 +88,7 @@ def test_sharded_checkpoints_resume_exactly_on_two_processes_or_one(teacher, tmp
     """checkpoint_format=sharded under FSDP: each rank writes its shards (no safetensors); the run resumes
     exactly on 2 ranks and on 1 process (a different world size), and its gathered networks equal the
     uninterrupted single-process run's."""
-    from selfforcing.training.checkpoint import checkpoint_path, read_checkpoint_weights
+    from selfforcing.weights import checkpoint_path, read_checkpoint_weights
     from tests.test_self_forcing import sf_cfg
 
     def cfg(name: str, *extra: str):
@@ -101,10 +100,10 @@ def test_sharded_checkpoints_resume_exactly_on_two_processes_or_one(teacher, tmp
     step2 = checkpoint_path(tmp_path / "two", 2)
     assert not list(step2.glob("*.safetensors")) and len(list((step2 / "sharded").glob("*.distcp"))) == 2
 
-    def single(name: str, steps: int) -> SelfForcingTrainer:
-        t = SelfForcingTrainer(cfg(name, f"steps={steps}", "grad_accum_steps=2"))
-        draw = t.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-        t.exit_step = lambda kind, i: draw(kind, i % 1)
+    def single(name: str, steps: int) -> Trainer:
+        t = Trainer(cfg(name, f"steps={steps}", "grad_accum_steps=2"))
+        draw = t.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
+        t.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
         return t
 
     single("straight", 3).train()
@@ -144,13 +143,9 @@ def test_saving_before_the_first_update_changes_nothing(tmp_path, fmt):
     """An optimizer saved before its first step (the generator's, during the critic's warm-up) keeps no
     state, and its checkpoint holds none: its first update, straight on or resumed, is the one of a run
     that never saved (torch's state-dict API would give it state by a step at lr 0, which Adam counts)."""
-    from selfforcing.training.checkpoint import (
-        checkpoint_path,
-        load_sharded_checkpoint,
-        save_sharded_checkpoint,
-        sharded_keys,
-    )
+    from selfforcing.training.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
     from selfforcing.training.fsdp import load_optimizer_state, load_sharded_state, optimizer_state, sharded_state
+    from selfforcing.weights import checkpoint_path, sharded_keys
 
     reference = _update(*_adam())
     model, opt = _adam()
@@ -181,13 +176,13 @@ def test_a_sharded_checkpoint_before_the_generators_first_update_leaves_the_run_
 
     def run(name: str, *extra: str) -> None:
         flags = ("checkpoint_format=sharded", "distill.critic_warmup_steps=1", "num_threads=1")
-        SelfForcingTrainer(sf_cfg(teacher, tmp_path, f"name={name}", *flags, *extra)).train()
+        Trainer(sf_cfg(teacher, tmp_path, f"name={name}", *flags, *extra)).train()
 
     run("straight", "steps=2", "ckpt_every=1000")  # saves at its end only
     run("saved", "steps=2", "ckpt_every=1")  # saves at step 1, before the generator's first update
     run("resumed", "steps=1", "ckpt_every=1")
     run("resumed", "steps=2", "ckpt_every=1")
-    from selfforcing.training.checkpoint import latest_checkpoint, read_checkpoint_weights
+    from selfforcing.weights import latest_checkpoint, read_checkpoint_weights
 
     def weights(name: str) -> dict:
         ckpt = latest_checkpoint(tmp_path / name)

@@ -7,8 +7,9 @@ import torch
 
 from selfforcing.config import load_config
 from selfforcing.diffusion.flow_matching import sampling_sigmas, warp_timesteps
-from selfforcing.training.ode_init import ODEInitTrainer, pick_levels
+from selfforcing.training.ode_init import pick_levels
 from selfforcing.training.ode_pairs import ODEPairs, ODEPairSettings, generate_ode_pairs, teacher_segments
+from selfforcing.training.trainer import Trainer
 
 SETTINGS = ODEPairSettings(num_samples=5, shard_size=2, batch_size=2, teacher_steps=6, guidance_scale=2.0)
 
@@ -93,8 +94,8 @@ def ode_cfg(teacher, pairs, tmp_path, *extra):
 
 def test_ode_init_trains_from_the_teacher_and_resumes_exactly(teacher, tmp_path):
     pairs = generate_ode_pairs(teacher, tmp_path / "pairs", SETTINGS)
-    trainer = ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "steps=40"))
-    from selfforcing.inference.pipeline import load_pipeline
+    trainer = Trainer(ode_cfg(teacher, pairs, tmp_path, "steps=40"))
+    from selfforcing.pipeline import load_pipeline
 
     t = load_pipeline(teacher).model
     assert all(
@@ -106,11 +107,11 @@ def test_ode_init_trains_from_the_teacher_and_resumes_exactly(teacher, tmp_path)
     assert (trainer.run_dir / "samples" / "step_000040.gif").is_file()  # streamed with the KV cache
 
     # interrupted at step 4 and resumed == uninterrupted, to the bit
-    a = ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "steps=8", "name=a"))
+    a = Trainer(ode_cfg(teacher, pairs, tmp_path, "steps=8", "name=a"))
     a.train()
-    b = ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "steps=4", "name=b"))
+    b = Trainer(ode_cfg(teacher, pairs, tmp_path, "steps=4", "name=b"))
     b.train()
-    b = ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "steps=8", "name=b"))
+    b = Trainer(ode_cfg(teacher, pairs, tmp_path, "steps=8", "name=b"))
     b.train()
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
@@ -119,9 +120,9 @@ def test_ode_init_trains_from_the_teacher_and_resumes_exactly(teacher, tmp_path)
 def test_ode_init_refuses_pairs_at_other_levels(teacher, tmp_path):
     pairs = generate_ode_pairs(teacher, tmp_path / "pairs", SETTINGS)
     with pytest.raises(ValueError, match="noise levels"):
-        ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "causal.shift=8.0"))
+        Trainer(ode_cfg(teacher, pairs, tmp_path, "causal.shift=8.0"))
     with pytest.raises(ValueError, match="latents"):
-        ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "data.frames=3"))
+        Trainer(ode_cfg(teacher, pairs, tmp_path, "data.frames=3"))
 
 
 def test_stream_cli_writes_a_long_video_with_the_rolling_cache(teacher, tmp_path, capsys):
@@ -129,7 +130,7 @@ def test_stream_cli_writes_a_long_video_with_the_rolling_cache(teacher, tmp_path
     from selfforcing.data.video_io import read_video
 
     pairs = generate_ode_pairs(teacher, tmp_path / "pairs", SETTINGS)
-    run = ODEInitTrainer(ode_cfg(teacher, pairs, tmp_path, "steps=2")).train()
+    run = Trainer(ode_cfg(teacher, pairs, tmp_path, "steps=2")).train()
     out = tmp_path / "long.mp4"
     # 4x the training length (6 frames): the cache holds 3 past frames and rolls
     main(

@@ -4,7 +4,7 @@ import pytest
 
 from selfforcing.cli import main
 from selfforcing.recipe import run_recipe
-from selfforcing.training.checkpoint import latest_checkpoint
+from selfforcing.weights import latest_checkpoint
 from tests.conftest import TINY
 
 TRAIN = [*TINY, "data.frames=6", "batch_size=2", "steps=2", "ckpt_every=2", "sample_every=1000", "num_threads=1"]

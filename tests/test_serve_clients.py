@@ -360,7 +360,7 @@ def test_a_stream_the_gpu_has_no_room_for_is_refused_before_it_opens():
 
 def test_a_streams_memory_estimate_counts_its_kv_cache_exactly():
     """``stream_bytes``: the KV cache a stream allocates, computed on the meta device (nothing allocated)."""
-    from selfforcing.inference.pipeline import load_pipeline, stream_settings
+    from selfforcing.pipeline import load_pipeline, stream_settings
     from selfforcing.serve.server import stream_bytes
 
     pipe = load_pipeline("sf_dmd_frame_toy")

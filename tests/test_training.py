@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from selfforcing.config import ConfigError
-from selfforcing.inference import generate_videos, load_pipeline
-from selfforcing.training.checkpoint import latest_checkpoint, load_weights, read_checkpoint_weights
-from selfforcing.training.teacher import TeacherTrainer
+from selfforcing.inference import generate_videos
+from selfforcing.pipeline import load_pipeline
+from selfforcing.training.trainer import Trainer
+from selfforcing.weights import latest_checkpoint, load_weights, read_checkpoint_weights
 
 
 def losses(run_dir):
@@ -16,7 +17,7 @@ def losses(run_dir):
 
 def test_short_training_run_lowers_the_loss(tiny_cfg):
     cfg = tiny_cfg("name=fall", "steps=100", "optim.lr=3e-3", "sample_every=1000", "ckpt_every=1000")
-    run = TeacherTrainer(cfg).train()
+    run = Trainer(cfg).train()
     curve = losses(run)
     assert len(curve) == 100
     assert sum(curve[-10:]) / 10 < 0.75 * sum(curve[:10]) / 10
@@ -25,10 +26,10 @@ def test_short_training_run_lowers_the_loss(tiny_cfg):
 @pytest.mark.parametrize("fmt", ["full", "sharded"])
 def test_resume_replays_the_uninterrupted_loss_curve(tiny_cfg, fmt):
     common = ["steps=8", "sample_every=1000", "ckpt_every=4", "optim.lr=1e-3", f"checkpoint_format={fmt}"]
-    straight = TeacherTrainer(tiny_cfg("name=straight", *common))
+    straight = Trainer(tiny_cfg("name=straight", *common))
     straight.train()
     # an interrupted run: it crashes during step 7, after the checkpoint at step 4
-    crashed = TeacherTrainer(tiny_cfg("name=resumed", *common))
+    crashed = Trainer(tiny_cfg("name=resumed", *common))
     step = crashed.train_step
 
     def crash_at_step_7():
@@ -40,7 +41,7 @@ def test_resume_replays_the_uninterrupted_loss_curve(tiny_cfg, fmt):
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
     assert len(losses(crashed.run_dir)) == 6
-    resumed = TeacherTrainer(tiny_cfg("name=resumed", *common))
+    resumed = Trainer(tiny_cfg("name=resumed", *common))
     resumed.train()
     assert resumed.step == 8
     assert losses(straight.run_dir) == losses(resumed.run_dir)  # exact; steps 5-6 re-run, not duplicated
@@ -56,9 +57,9 @@ def test_a_sharded_checkpoint_loads_gathers_and_reports_damage(tiny_cfg, capsys)
     from safetensors.torch import load_file
 
     from selfforcing.cli import main
-    from selfforcing.inference.pipeline import load_pipeline
+    from selfforcing.pipeline import load_pipeline
 
-    t = TeacherTrainer(tiny_cfg("name=sharded", "steps=2", "sample_every=1000", "checkpoint_format=sharded"))
+    t = Trainer(tiny_cfg("name=sharded", "steps=2", "sample_every=1000", "checkpoint_format=sharded"))
     ckpt = latest_checkpoint(t.train())
     assert not list(ckpt.glob("*.safetensors")) and (ckpt / "sharded" / ".metadata").is_file()
     pipe = load_pipeline(ckpt)
@@ -74,7 +75,7 @@ def test_a_sharded_checkpoint_loads_gathers_and_reports_damage(tiny_cfg, capsys)
         assert all(torch.equal(gathered[k], v) for k, v in net.state_dict().items())
     (ckpt / "sharded" / ".metadata").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read the sharded checkpoint"):
-        TeacherTrainer(tiny_cfg("name=sharded", "steps=3", "sample_every=1000", "checkpoint_format=sharded")).train()
+        Trainer(tiny_cfg("name=sharded", "steps=3", "sample_every=1000", "checkpoint_format=sharded")).train()
     with pytest.raises(ConfigError, match="checkpoint_format must be full or sharded, got 'dcp'"):
         tiny_cfg("checkpoint_format=dcp")
 
@@ -98,7 +99,7 @@ def test_a_sharded_checkpoint_missing_one_tensor_is_refused_with_its_name(tiny_c
     """One tensor (a weight, or one optimizer moment of one weight) gone from the shards, its index entry, or
     its shard file cut short: resuming or reading the network refuses it and names the tensor (a lost
     optimizer moment used to be left at zeros, a lost piece of a weight at the new run's values)."""
-    t = TeacherTrainer(tiny_cfg("name=sharded", "steps=1", "sample_every=1000", "checkpoint_format=sharded"))
+    t = Trainer(tiny_cfg("name=sharded", "steps=1", "sample_every=1000", "checkpoint_format=sharded"))
     ckpt = latest_checkpoint(t.train())
     weight = "networks.model.dit.blocks.0.self_attn.q.weight"
     moment = "optimizers.optimizer.state.0.dit.blocks.0.self_attn.q.weight.exp_avg_sq"
@@ -125,19 +126,19 @@ def test_a_sharded_checkpoint_missing_one_tensor_is_refused_with_its_name(tiny_c
     for i, (edit, message) in enumerate(cases):
         bad = damaged(ckpt, f"bad_{i}", edit)
         with pytest.raises(ValueError, match=message):
-            TeacherTrainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(bad)
+            Trainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(bad)
     with pytest.raises(ValueError, match=f"pieces of {weight} cover 0"):
         read_checkpoint_weights(damaged(ckpt, "bad_read", lose_piece(weight)), "model")
     cut = damaged(ckpt, "cut", lambda meta: None)
     shard = next((cut / "sharded").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match=f"the shard file {shard.name} holding .* is truncated"):
-        TeacherTrainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(cut)
-    TeacherTrainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(ckpt)  # the intact one loads
+        Trainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(cut)
+    Trainer(tiny_cfg("name=sharded", "checkpoint_format=sharded")).load(ckpt)  # the intact one loads
 
 
 def test_checkpoint_roundtrip_gives_the_same_videos(tiny_cfg):
-    trainer = TeacherTrainer(tiny_cfg("name=rt", "steps=3", "sample_every=1000", "ckpt_every=3"))
+    trainer = Trainer(tiny_cfg("name=rt", "steps=3", "sample_every=1000", "ckpt_every=3"))
     run = trainer.train()
     pipe = load_pipeline(run)  # the run folder resolves to its latest checkpoint
     assert pipe.checkpoint.name == "step_000003"
@@ -152,20 +153,18 @@ def test_checkpoint_roundtrip_gives_the_same_videos(tiny_cfg):
 
 
 def test_old_checkpoints_are_pruned_and_no_temporary_folder_is_left(tiny_cfg):
-    run = TeacherTrainer(
-        tiny_cfg("name=prune", "steps=6", "sample_every=1000", "ckpt_every=2", "keep_checkpoints=2")
-    ).train()
+    run = Trainer(tiny_cfg("name=prune", "steps=6", "sample_every=1000", "ckpt_every=2", "keep_checkpoints=2")).train()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step_000004", "step_000006"]
 
 
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_cfg):
-    run = TeacherTrainer(tiny_cfg("name=bad", "steps=2", "sample_every=1000", "ckpt_every=2")).train()
+    run = Trainer(tiny_cfg("name=bad", "steps=2", "sample_every=1000", "ckpt_every=2")).train()
     ckpt = run / "checkpoints" / "step_000002"
-    other = TeacherTrainer(tiny_cfg("name=other", "model.num_layers=3")).model
+    other = Trainer(tiny_cfg("name=other", "model.num_layers=3")).model
     with pytest.raises(ValueError, match=r"does not match the model(.|\n)*unexpected|missing"):
         load_weights(other, ckpt / "model.safetensors")
-    wide = TeacherTrainer(tiny_cfg("name=wide", "model.ffn_dim=48")).model
+    wide = Trainer(tiny_cfg("name=wide", "model.ffn_dim=48")).model
     with pytest.raises(ValueError, match="shape mismatch"):
         load_weights(wide, ckpt / "model.safetensors")
     data = (ckpt / "ema.safetensors").read_bytes()
@@ -178,11 +177,11 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_cfg):
 
 def test_bf16_autocast_trains_and_fp16_needs_cuda(tiny_cfg):
     cfg = tiny_cfg("name=bf16", "steps=3", "precision=bf16", "sample_every=100", "ckpt_every=100")
-    run = TeacherTrainer(cfg).train()
+    run = Trainer(cfg).train()
     assert all(torch.isfinite(torch.tensor(losses(run))))
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="fp16 needs a CUDA device"):
-            TeacherTrainer(tiny_cfg("name=fp16", "steps=1", "precision=fp16")).train()
+            Trainer(tiny_cfg("name=fp16", "steps=1", "precision=fp16")).train()
 
 
 def test_training_on_a_video_folder(tiny_cfg, tmp_path):
@@ -200,7 +199,7 @@ def test_training_on_a_video_folder(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
         "name=folder", "steps=2", "ckpt_every=2", "sample_every=2", "data.source=folder", f"data.folder={folder}"
     )
-    run = TeacherTrainer(cfg).train()
+    run = Trainer(cfg).train()
     pipe = load_pipeline(run)
     assert set(pipe.cfg.text.vocab) == {"clip", "number", "0", "1", "2", "a", "sunny", "day"}
     assert (run / "samples" / "step_000002.gif").is_file()
@@ -213,19 +212,26 @@ def test_a_non_finite_update_is_skipped_counted_and_never_saved(tiny_cfg):
     keep failing halts with the fix; non-finite weights are never checkpointed."""
     import math
 
-    from selfforcing.training.teacher import NonFiniteTraining, TeacherTrainer
+    from selfforcing.training.trainer import NonFiniteTraining, Trainer
 
-    t = TeacherTrainer(tiny_cfg("steps=4", "ckpt_every=1", "max_nonfinite_steps=2"))
-    loss = t.loss
+    t = Trainer(tiny_cfg("steps=4", "ckpt_every=1", "max_nonfinite_steps=2"))
+    loss = t.objective.loss
     poisoned = {1}  # steps whose loss is NaN
-    t.loss = lambda g: loss(g) * (math.nan if t.step in poisoned else 1.0)
+
+    def poisoned_loss(*args):
+        value, stats = loss(*args)
+        return value * (math.nan if t.step in poisoned else 1.0), stats
+
+    t.objective.loss = poisoned_loss
     t.train_step()
     before = [p.detach().clone() for p in t.model.parameters()]
-    moments = [s["exp_avg"].clone() for s in t.optimizer.state.values()]
+    moments = [s["exp_avg"].clone() for s in t.optimizers["generator"].state.values()]
     stats = t.train_step()
     assert stats["skipped_updates"] == 1 and math.isnan(stats["grad_norm"])
     assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters(), strict=True))
-    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, t.optimizer.state.values(), strict=True))
+    assert all(
+        torch.equal(a, s["exp_avg"]) for a, s in zip(moments, t.optimizers["generator"].state.values(), strict=True)
+    )
     stats = t.train_step()  # a good step resets the count in a row
     assert stats["skipped_updates"] == 1 and t.nonfinite_in_a_row == 0
     assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters(), strict=True))
@@ -238,6 +244,6 @@ def test_a_non_finite_update_is_skipped_counted_and_never_saved(tiny_cfg):
     with torch.no_grad():
         next(t.model.parameters()).fill_(math.nan)
     assert t.save() is None
-    from selfforcing.training.checkpoint import latest_checkpoint
+    from selfforcing.weights import latest_checkpoint
 
     assert latest_checkpoint(t.run_dir) == good

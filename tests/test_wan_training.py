@@ -12,10 +12,10 @@ pytest.importorskip("diffusers")
 from selfforcing.cli import main  # noqa: E402
 from selfforcing.config import load_config  # noqa: E402
 from selfforcing.data.video_io import read_video  # noqa: E402
-from selfforcing.training.checkpoint import latest_checkpoint, read_checkpoint_weights  # noqa: E402
-from selfforcing.training.self_forcing import SelfForcingTrainer  # noqa: E402
+from selfforcing.training.trainer import Trainer  # noqa: E402
 from selfforcing.wan.dit_weights import load_dit  # noqa: E402
 from selfforcing.wan.pipeline import RELEASED_CAUSAL, WAN_NEGATIVE_PROMPT, trained_causal  # noqa: E402
+from selfforcing.weights import latest_checkpoint, read_checkpoint_weights  # noqa: E402
 
 from .test_distributed import spawn_ranks  # noqa: E402
 from .test_fsdp import _weights, _worker, assert_same  # noqa: E402
@@ -77,8 +77,8 @@ def test_the_bf16_recipe_trains_its_critic_under_fsdp_with_checkpointing(wan_fol
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         overrides = ["precision=bf16", "distributed=fsdp", "gradient_checkpointing=true"]
-        t = SelfForcingTrainer(recipe(wan_folder, tmp_path, "bf16", *overrides))
-        assert t.sharded and t.model.dit.gradient_checkpointing and t.critic.dit.gradient_checkpointing
+        t = Trainer(recipe(wan_folder, tmp_path, "bf16", *overrides))
+        assert t.sharded and t.model.dit.gradient_checkpointing and t.objective.critic.dit.gradient_checkpointing
         stats = t.train_step()  # a generator update, then the critic's
         assert "generator_loss" in stats and "critic_grad_norm" in stats
     finally:
@@ -117,14 +117,14 @@ def stream(wan_folder, checkpoint, out):
 
 
 def test_the_wan_recipe_trains_and_its_checkpoint_streams(wan_folder, tmp_path):
-    t = SelfForcingTrainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "causal.window=3"))
-    assert t.latent_shape == (6, 16, 4, 6) and t.cfg.causal.frames_per_block == 3
+    t = Trainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "causal.window=3"))
+    assert t.objective.latent_shape == (6, 16, 4, 6) and t.cfg.causal.frames_per_block == 3
     assert not any(True for _ in t.model.text_encoder.parameters())  # umT5 is shared and frozen
-    assert t.teacher.text_encoder is t.model.text_encoder is t.critic.text_encoder
+    assert t.objective.teacher.text_encoder is t.model.text_encoder is t.objective.critic.text_encoder
     start = {k: v.clone() for k, v in t.model.dit.state_dict().items()}
     encoded = []
-    encode = t.teacher.encode_text
-    t.teacher.encode_text = lambda prompts: encoded.extend(prompts) or encode(prompts)
+    encode = t.objective.teacher.encode_text
+    t.objective.teacher.encode_text = lambda prompts: encoded.extend(prompts) or encode(prompts)
     run = t.train()
     assert t.cfg.distill.negative_prompt == WAN_NEGATIVE_PROMPT in encoded  # CFG's unconditional branch
     weights, ckpt = _weights(run)
@@ -139,7 +139,7 @@ def test_the_wan_recipe_trains_and_its_checkpoint_streams(wan_folder, tmp_path):
     from selfforcing.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.wan takes the DiT's size from .*drop model.num_layers"):
-        SelfForcingTrainer(recipe(wan_folder, tmp_path, "bad", "model.num_layers=3"))
+        Trainer(recipe(wan_folder, tmp_path, "bad", "model.num_layers=3"))
 
 
 def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder, tmp_path):
@@ -150,9 +150,9 @@ def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder,
     runs = [recipe(wan_folder, tmp_path, "fsdp", *fsdp), recipe(wan_folder, tmp_path, "resumed", *sharded, "steps=2")]
     runs.append(recipe(wan_folder, tmp_path, "resumed", *sharded))
     spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "fsdp", tmp_path / "resumed"))
-    single = SelfForcingTrainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "grad_accum_steps=2"))
-    draw = single.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-    single.exit_step = lambda kind, i: draw(kind, i % 1)
+    single = Trainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "grad_accum_steps=2"))
+    draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
+    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
     single.train()
     full = _weights(tmp_path / "fsdp")[0]
     assert_same(full, _weights(tmp_path / "single")[0], atol=1e-5)  # float summation order, through Adam
@@ -188,7 +188,7 @@ def test_every_wan_recipe_trains_at_a_tiny_size(wan_folder, tmp_path, name):
     loss and chunking its file names. The ones that need real videos read encoded latents."""
     import json
 
-    from selfforcing.cli import trainer_for
+    from selfforcing.training.trainer import Trainer
 
     extra = ["steps=2"]
     needs_videos = "source: latents" in (ROOT / f"configs/wan/{name}.yaml").read_text()
@@ -202,7 +202,7 @@ def test_every_wan_recipe_trains_at_a_tiny_size(wan_folder, tmp_path, name):
     assert cfg.data.source == ("latents" if needs_videos else "prompts")
     paradigm = {"sf": "self_forcing", "tf": "teacher_forcing", "df": "diffusion_forcing"}[name[:2]]
     assert (cfg.distill.paradigm, cfg.distill.loss) == (paradigm, name.split("_")[1])
-    run = trainer_for(cfg)(cfg).train()
+    run = Trainer(cfg).train()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert "generator_loss" in rows[0]
@@ -215,7 +215,6 @@ def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path
 
     from selfforcing.data.latent_shards import LatentShards
     from selfforcing.data.video_folder import VideoFolder
-    from selfforcing.training.causal_diffusion import CausalDiffusionTrainer
     from selfforcing.wan.vae import load_vae
 
     videos = write_video_folder(tmp_path / "videos")
@@ -248,7 +247,7 @@ def test_a_video_folder_encoded_once_trains_teacher_forcing(wan_folder, tmp_path
         f"data.latents={tmp_path / 'lat'}",
         "steps=2",
     )
-    run = CausalDiffusionTrainer(cfg).train()
+    run = Trainer(cfg).train()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
@@ -287,7 +286,6 @@ def test_wan_ode_pairs_initialise_the_student_that_self_forcing_starts_from(wan_
     """`ode-pairs --model WAN` samples the folder's teacher on a prompt file (CFG on Wan's negative prompt);
     the trajectories start at the stored noise and end at the teacher's own Euler sample; the ODE-init
     recipe trains on them, and its run folder is the Self Forcing recipe's init_from."""
-    from selfforcing.cli import trainer_for
     from selfforcing.diffusion.samplers import sample_euler
     from selfforcing.training.ode_pairs import ODEPairs, teacher_segments
     from selfforcing.wan.pipeline import load_wan
@@ -322,9 +320,9 @@ def test_wan_ode_pairs_initialise_the_student_that_self_forcing_starts_from(wan_
         "configs/wan/ode_init_1.3b.yaml",
         [*tiny_overrides(wan_folder, tmp_path, "ode"), f"ode.pairs={pairs}", "steps=2", "optim.ema_start=0"],
     )
-    run = trainer_for(ode)(ode).train()
+    run = Trainer(ode).train()
     ema = read_checkpoint_weights(latest_checkpoint(run), "ema")
-    sf = SelfForcingTrainer(recipe(wan_folder, tmp_path, "sf", "distributed=ddp", f"init_from={run}"))
+    sf = Trainer(recipe(wan_folder, tmp_path, "sf", "distributed=ddp", f"init_from={run}"))
     for k, v in sf.model.dit.state_dict().items():
         assert torch.equal(v, ema[f"dit.{k}"]), k
 
@@ -334,7 +332,7 @@ def test_a_text_cache_of_every_prompt_spares_loading_umt5(wan_folder, tmp_path, 
     GPU) when the cache holds every prompt of the run; a prompt it lacks loads umT5 once, in bf16 (Wan's own
     dtype), kept on the CPU between new prompts on CUDA, and the embeddings are the same either way."""
     import selfforcing.wan.text_encoder as wan_text
-    from selfforcing.inference.pipeline import LazyUMT5, wan_text_encoder
+    from selfforcing.pipeline import LazyUMT5, wan_text_encoder
 
     load = wan_text.load_text_encoder
     cache = tmp_path / "umt5"
@@ -347,9 +345,7 @@ def test_a_text_cache_of_every_prompt_spares_loading_umt5(wan_folder, tmp_path, 
 
     monkeypatch.setattr(wan_text, "load_text_encoder", refuse)
     wan_text_encoder.cache_clear()
-    t = SelfForcingTrainer(
-        recipe(wan_folder, tmp_path, "cached", "distributed=ddp", "steps=1", f"model.text_cache={cache}")
-    )
+    t = Trainer(recipe(wan_folder, tmp_path, "cached", "distributed=ddp", "steps=1", f"model.text_cache={cache}"))
     t.train()
     umt5 = t.model.text_encoder.shared
     assert isinstance(umt5, LazyUMT5) and not umt5.loaded

@@ -8,23 +8,12 @@ import sys
 from pathlib import Path
 
 
-def trainer_for(cfg):
-    """The trainer class of a run config: by ``stage`` (and ``distill.loss`` for causal students)."""
-    from .training.causal_diffusion import CausalDiffusionTrainer
-    from .training.ode_init import ODEInitTrainer
-    from .training.self_forcing import SelfForcingTrainer
-    from .training.teacher import TeacherTrainer
-
-    if cfg.stage == "causal":
-        return CausalDiffusionTrainer if cfg.distill.loss == "diffusion" else SelfForcingTrainer
-    return {"teacher": TeacherTrainer, "ode_init": ODEInitTrainer}[cfg.stage]
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = trainer_for(cfg)(cfg).train()
+    run_dir = Trainer(cfg).train()
     print(f"done: checkpoints, samples and metrics.jsonl are in {run_dir}")
 
 
@@ -38,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .data.video_io import video_grid, write_video
     from .device import resolve_device
     from .inference.generate import generate_videos
-    from .inference.pipeline import load_pipeline
+    from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.checkpoint, weights=args.weights or "ema", device=resolve_device(args.device))
     if args.lora:
@@ -56,8 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         input_video, frames = read_input_video(args, height, width, pipe.codec, fpb)
     video = (pipe.model, pipe.codec, prompts, frames, height, width)  # what to generate, either way
     if args.stream or pipe.cfg.causal is not None:
-        from .inference.pipeline import stream_guidance, stream_settings
         from .inference.stream import stream_video
+        from .pipeline import stream_guidance, stream_settings
 
         settings, fam = stream_settings(pipe.cfg, window=args.window), None
         if args.family:  # its inference rules on this model (families.Family.rules_for)
@@ -751,11 +740,14 @@ def kv_cache_kind(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
-    from .training.teacher import NonFiniteTraining
+    from .training.checkpoint import CheckpointWriteError
+    from .training.distributed import RankFailure
+    from .training.trainer import NonFiniteTraining
 
+    clear = (ConfigError, FileNotFoundError, ValueError, NotImplementedError, NonFiniteTraining, RankFailure)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError, NonFiniteTraining) as e:
+    except (*clear, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -54,16 +54,10 @@ class ModelConfig:
     patch_size: tuple[int, int, int] | None = None
 
     def dit(self, in_channels: int, text_dim: int) -> DiTConfig:
-        """The DiT's config: the Wan folder's, or the preset's with the size fields that are set."""
+        """The preset's DiT config with the size fields that are set. A Wan folder's DiT config is in the
+        folder (``selfforcing.pipeline.dit_config`` reads either)."""
         if self.wan:
-            from .wan.dit_weights import folder_config
-
-            sizes = [f.name for f in fields(self) if f.name not in SOURCES and getattr(self, f.name) is not None]
-            if sizes:
-                raise ConfigError(
-                    f"model.wan takes the DiT's size from {self.wan}: drop model.{', model.'.join(sizes)}"
-                )
-            return folder_config(self.wan)
+            raise ConfigError(f"model.wan={self.wan}: its DiT's size is the folder's (selfforcing.pipeline.dit_config)")
         if self.preset not in DIT_PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(DIT_PRESETS)}")
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SOURCES}
@@ -326,6 +320,7 @@ class TrainConfig:
     checkpoint_format: str = "full"  # full (one safetensors per network) | sharded (each process its shards)
     distributed: str = "ddp"  # ddp | fsdp (FSDP2: weights, gradients and optimizer sharded) under torchrun
     max_nonfinite_steps: int = 5  # halt after this many updates in a row with a non-finite loss or gradient
+    collective_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this fails the run
     resume: bool = True  # continue from the run folder's latest checkpoint if there is one
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -351,6 +346,7 @@ class TrainConfig:
             (self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
             (self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1 (1 halts at the first bad update)"),
+            (self.collective_timeout_s > 0, "collective_timeout_s must be > 0 (seconds a collective may wait)"),
             (
                 self.precision in ("fp32", "bf16", "fp16"),
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
@@ -457,6 +453,14 @@ class TrainConfig:
                     "positions and a fixed sink. Remove them from the training config and give them to the stream "
                     "(generate --family, or CausalConfig(rope=..., sink_ema=..., scheme=...))"
                 )
+        if self.model.wan:  # the DiT's size is the folder's, and the Wan VAE checks the video's size
+            sizes = [f.name for f in fields(self.model) if f.name not in SOURCES]
+            sizes = [name for name in sizes if getattr(self.model, name) is not None]
+            if sizes:
+                raise ConfigError(
+                    f"model.wan takes the DiT's size from {self.model.wan}: drop model.{', model.'.join(sizes)}"
+                )
+            return
         dit = self.model.dit(in_channels=3, text_dim=self.text.dim)
         pf, ph, pw = dit.patch_size
         if self.data.frames % pf or self.data.height % ph or self.data.width % pw:

@@ -22,8 +22,8 @@ from .config import load_config
 from .data.shapes import ShapesWorld, ShapesWorldConfig
 from .data.video_io import video_grid, write_video
 from .eval.evaluate import EvalSettings, evaluate, write_report
-from .training.checkpoint import ASSETS
-from .training.self_forcing import SelfForcingTrainer
+from .training.trainer import Trainer
+from .weights import ASSETS
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = ASSETS / "teacher_toy"
@@ -60,7 +60,7 @@ def run_demo(out: Path, steps: int | None = None, overrides: list[str] | None = 
     settings = [f"out_dir={out}", "name=self_forcing", "resume=false", f"steps={budget}", f"sample_every={budget}"]
     cfg = load_config(recipe, [*(overrides or []), *settings, f"ckpt_every={budget}"])
     t0 = time.perf_counter()
-    run_dir = SelfForcingTrainer(cfg).train()
+    run_dir = Trainer(cfg).train()
     train_s = time.perf_counter() - t0
 
     print("3/4 streaming both students at 1x and 4x the training length (rolling KV cache) and scoring them")

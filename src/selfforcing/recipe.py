@@ -16,8 +16,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, load_config
-from .training.checkpoint import checkpoint_step, latest_checkpoint
 from .training.ode_pairs import ODEPairSettings, generate_ode_pairs, is_complete
+from .weights import checkpoint_step, latest_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = ("teacher", "pairs", "ode_init", "self_forcing")
@@ -57,13 +57,13 @@ def pair_settings(student: TrainConfig, overrides: list[str]) -> ODEPairSettings
 
 def train_stage(cfg: TrainConfig) -> Path:
     """Train one stage unless it is finished; returns its run folder."""
-    from .cli import trainer_for
+    from .training.trainer import Trainer
 
     if is_finished(cfg):
         print(f"[recipe] {cfg.name}: finished already ({cfg.steps} steps in {cfg.run_dir}), skipped")
         return cfg.run_dir
     print(f"[recipe] {cfg.name}: training {cfg.steps} steps into {cfg.run_dir}")
-    return trainer_for(cfg)(cfg).train()
+    return Trainer(cfg).train()
 
 
 def run_recipe(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .text import tokenize
+from ..models.tokens import tokenize
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data.shapes import COLOURS, DIRECTIONS, SHAPES, SIZES, ShapesWorld, ShapesWorldConfig
-from ..training.checkpoint import load_weights
+from ..weights import load_weights
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from ..data.shapes import ShapesWorld, ShapesWorldConfig
 from ..data.video_io import from_uint8, to_uint8, video_grid, write_video
 from ..families import family
-from ..inference.pipeline import load_pipeline
-from ..training.checkpoint import resolve_checkpoint
+from ..pipeline import load_pipeline
+from ..weights import resolve_checkpoint
 from .analyser import analyse_batch
 from .encoder import TOY_ENCODER, encode_videos, frechet_distance, load_encoder
 from .metrics import FRAME_FIGURES, drift_curve, flicker, quarters, video_motion

@@ -12,11 +12,11 @@ from ..data.shapes import ShapesWorld
 from ..data.video_io import video_grid, write_video
 from ..families import family as family_named
 from ..inference.generate import generate_videos
-from ..inference.pipeline import load_pipeline, stream_guidance, stream_settings
 from ..inference.stream import generate_stream
+from ..pipeline import load_pipeline, stream_guidance, stream_settings
 from .analyser import analyse_batch
 
-HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.teacher.step_seed)
+HELD_OUT_SEED = 123_456  # training batches use other seeds (see training.objective.step_seed)
 
 
 def sample_videos(

@@ -1,6 +1,7 @@
-"""Sampling trained models."""
+"""Sampling models: the chunk loop, streams (rolling, rebuilt, switched), and many-step sampling.
+
+Building a model from a config or a checkpoint is ``selfforcing.pipeline``'s."""
 
 from .generate import generate_videos
-from .pipeline import Pipeline, build_model, load_pipeline
 
-__all__ = ["Pipeline", "build_model", "generate_videos", "load_pipeline"]
+__all__ = ["generate_videos"]

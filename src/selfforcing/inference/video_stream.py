@@ -69,7 +69,7 @@ class VideoStream:
         if not settings.window:
             raise ValueError(
                 "an open-ended stream needs a finite attention window (settings.window, in latent frames) for "
-                "its cache to roll past; inference.pipeline.stream_settings fills in the training length"
+                "its cache to roll past; selfforcing.pipeline.stream_settings fills in the training length"
             )
         self.model, self.codec, self.guidance = model, codec, guidance_scale
         self.negative_prompt = negative_prompt

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.text import tokenize
+from .tokens import tokenize
 
 PAD, EMPTY, UNK = "<pad>", "<empty>", "<unk>"
 

@@ -87,7 +87,7 @@ def toy_source(
     ``kv_cache``: ``causal.kv_cache`` for its streams (None: the model's); ``family``: stream it by that
     released model's rules (``families.Family.rules_for``)."""
     from ..families import family as family_named
-    from ..inference.pipeline import load_pipeline, stream_settings
+    from ..pipeline import load_pipeline, stream_settings
 
     pipe = load_pipeline(checkpoint, device=device)
     if pipe.cfg.causal is None:

@@ -18,7 +18,8 @@ from ..config import TrainConfig
 from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, sample_training_sigmas, velocity_target
 from ..models.causal import block_causal_mask, teacher_forcing_mask
-from .teacher import TeacherTrainer
+from .objective import Objective
+from .teacher import drop_prompts
 
 
 def causal_diffusion_loss(
@@ -28,8 +29,7 @@ def causal_diffusion_loss(
     c, d = cfg.causal, cfg.diffusion
     b, f = x0.shape[:2]
     fpb = c.frames_per_block
-    drop = torch.rand(b, generator=g) < d.prompt_dropout
-    prompts = ["" if dropped else p for p, dropped in zip(prompts, drop.tolist(), strict=True)]
+    prompts = drop_prompts(prompts, d.prompt_dropout, g)
     levels = sample_training_sigmas(
         b * (f // fpb), g, d.timestep_distribution, d.train_shift, d.logit_mean, d.logit_std
     )
@@ -67,10 +67,9 @@ def forced_velocity(
     return v[:, f:]
 
 
-class CausalDiffusionTrainer(TeacherTrainer):
+class CausalDiffusion(Objective):
     """``stage: causal`` with ``distill.loss: diffusion``: Teacher or Diffusion Forcing, many-step."""
 
-    def loss(self, g: torch.Generator) -> torch.Tensor:
-        video, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
-        x0 = self.latents(video)
-        return causal_diffusion_loss(self.model, x0, prompts, self.cfg, g)
+    def loss(self, kind: str, k: int, step: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        video, prompts = self.batch(g)
+        return causal_diffusion_loss(self.model, self.latents(video), prompts, self.cfg, g), {}

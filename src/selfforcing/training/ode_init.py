@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..diffusion.flow_matching import x0_from_velocity
 from ..models.causal import block_causal_mask
+from .objective import Objective, Setup
 from .ode_pairs import ODEPairs
-from .teacher import TeacherTrainer
 
 
 def pick_levels(
@@ -71,13 +71,13 @@ def load_student_pairs(cfg: TrainConfig, codec) -> tuple[ODEPairs, torch.Tensor]
     return pairs, torch.cat([pairs.sigmas, torch.zeros(1)])
 
 
-class ODEInitTrainer(TeacherTrainer):
-    """Regresses a causal student (initialised with ``init_from``, usually the teacher) on ODE pairs."""
+class ODERegression(Objective):
+    """``stage: ode_init``: regresses a causal student (from ``init_from``, usually the teacher) on ODE pairs."""
 
-    def __init__(self, cfg: TrainConfig):
-        super().__init__(cfg)
-        self.pairs, self.levels = load_student_pairs(cfg, self.codec)
+    def __init__(self, setup: Setup):
+        super().__init__(setup)
+        self.pairs, self.levels = load_student_pairs(self.cfg, self.codec)
 
-    def loss(self, g: torch.Generator) -> torch.Tensor:
+    def loss(self, kind: str, k: int, step: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         trajectory, prompts = self.pairs.sample(self.cfg.batch_size, g)
-        return ode_regression_loss(self.model, trajectory.to(self.device), self.levels, prompts, self.cfg, g)
+        return ode_regression_loss(self.model, trajectory.to(self.device), self.levels, prompts, self.cfg, g), {}

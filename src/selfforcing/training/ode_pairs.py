@@ -95,8 +95,8 @@ def generate_ode_pairs(
 ) -> Path:
     """Write (or finish writing) the ODE-pair folder ``out_dir`` from a teacher checkpoint of this project
     (its data's size and prompts)."""
-    from ..inference.pipeline import load_pipeline
-    from .teacher import Batches
+    from ..pipeline import load_pipeline
+    from .batches import Batches
 
     pipe = load_pipeline(teacher_checkpoint, device=device)
     data = pipe.cfg.data

@@ -17,24 +17,30 @@ import copy
 
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError
 from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, x0_from_velocity
-from ..inference.pipeline import load_pipeline, wan_model
+from ..pipeline import load_pipeline, wan_model
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
 from .fsdp import reshard, shard_module
 from .gan import Discriminator, finite_difference_penalty, gan_discriminator_loss, gan_generator_loss, noised
+from .objective import STREAMS, Objective, Setup, lr_at, step_seed
 from .ode_init import load_student_pairs, ode_regression_loss
 from .rollout import draw_exit_step, self_forcing_rollout
 from .sid import sid_generator_loss
-from .teacher import STREAMS, TeacherTrainer, lr_at, step_seed, velocity_loss
+from .teacher import velocity_loss
 
 
-class SelfForcingTrainer(TeacherTrainer):
-    def __init__(self, cfg: TrainConfig):
-        super().__init__(cfg)
-        d = cfg.distill
+class SelfForcing(Objective):
+    """``stage: causal`` with ``distill.loss: dmd | sid | gan``: a generator update every
+    ``critic_steps_per_generator_step``-th step (after ``critic_warmup_steps``), a critic update every step."""
+
+    kinds = ("generator", "critic")
+
+    def __init__(self, setup: Setup):
+        super().__init__(setup)
+        cfg, d = self.cfg, self.cfg.distill
         self.teacher = self.load_teacher().eval().requires_grad_(False)
         self.critic = copy.deepcopy(self.teacher).train()
         self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
@@ -45,16 +51,12 @@ class SelfForcingTrainer(TeacherTrainer):
             n = self.critic.dit.cfg.num_layers
             taps = tuple(d.gan_taps) or tuple(sorted({n // 3, 2 * n // 3, n - 1}))
             self.discriminator = Discriminator(self.critic, taps).to(self.device)
-        if self.sharded:  # FSDP2: the frozen teacher, the critic and the head are sharded like the generator
+        if self.mesh is not None:  # FSDP2: the frozen teacher, the critic and the head are sharded like the generator
             self.shard(self.teacher)
             self.shard(self.critic)
             if self.discriminator is not None:
                 shard_module(self.discriminator.head, self.mesh)
-        critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
-        o = cfg.optim
-        self.critic_optimizer = torch.optim.AdamW(
-            critic_params, lr=d.critic_lr, betas=tuple(o.betas), weight_decay=o.weight_decay
-        )
+        self.critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
         self.rollout_frames, self.score_frames = self.rollout_window(f)
@@ -72,6 +74,109 @@ class SelfForcingTrainer(TeacherTrainer):
         if teacher.cfg.causal is not None:
             raise ValueError(f"distill.teacher {d.teacher} is a causal student; give the bidirectional teacher")
         return teacher.model
+
+    # -- what the Trainer asks -------------------------------------------------------------------
+    def updates(self, step: int) -> tuple[str, ...]:
+        d = self.cfg.distill
+        since = step - d.critic_warmup_steps  # the critic first fits the student alone
+        generator_step = since >= 0 and since % d.critic_steps_per_generator_step == 0
+        return ("generator", "critic") if generator_step else ("critic",)
+
+    def generator_updates(self, step: int) -> int:
+        d = self.cfg.distill
+        return (step - d.critic_warmup_steps) // d.critic_steps_per_generator_step + 1
+
+    def learning_rate(self, kind: str, step: int) -> float:
+        return self.cfg.distill.critic_lr if kind == "critic" else lr_at(step, self.cfg)
+
+    def trainable(self, kind: str) -> list[torch.nn.Module]:
+        if kind == "generator":
+            return [self.model]
+        return [self.critic.dit] + ([self.discriminator.head] if self.discriminator is not None else [])
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        nets = {"critic": self.critic}
+        if self.discriminator is not None:
+            nets["discriminator_head"] = self.discriminator.head
+        return nets
+
+    def loss(self, kind: str, k: int, step: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator's: the video-level loss of its rollout with gradient (plus the optional regression
+        anchor). The critic's: fitting fresh rollouts made without gradient."""
+        if kind == "generator":
+            video, prompts, real = self.videos(g, grad=True, kind=kind, k=k, step=step)
+            loss, stats = self.generator_loss(self.scored(video), prompts, g, real)
+            if self.pairs is not None:  # the regression anchor
+                trajectory, pair_prompts = self.pairs.sample(self.cfg.batch_size, g)
+                trajectory = trajectory.to(self.device)
+                regression = ode_regression_loss(self.model, trajectory, self.levels, pair_prompts, self.cfg, g)
+                loss = loss + self.cfg.distill.regression_weight * regression
+                stats["regression"] = float(regression.detach())
+            return loss, stats
+        video, prompts, real = self.videos(g, grad=False, kind=kind, k=k, step=step)
+        video = self.scored(video.detach())
+        if self.discriminator is not None:
+            return self.gan_critic_loss(video, real, prompts, g)
+        return self.critic_loss(video, prompts, g), {}
+
+    # -- the generator's videos ------------------------------------------------------------------
+    def videos(
+        self, g: torch.Generator, grad: bool, kind: str, k: int, step: int
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Micro-batch ``k``'s generated videos (with gradient for the generator update, without for the
+        critic's), their prompts, and the real videos of the same prompts (used by TF/DF to make the
+        outputs, and by the GAN as the real side). Self Forcing: the generator's own rollout."""
+        real, prompts = self.batch(g)
+        if self.cfg.distill.paradigm == "self_forcing":
+            video = self.rollout(prompts, g, grad, self.exit_step(kind, k, step), self.rollout_end(kind, k, step))
+            return video, prompts, real
+        return self.forced_output(real, prompts, g, grad), prompts, real
+
+    def rollout(
+        self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None, frames: int = 0
+    ) -> torch.Tensor:
+        """The generator's video for ``prompts`` ([B, F, C, H, W], F = ``frames`` or ``rollout_frames``),
+        chunk by chunk against its own KV cache as at inference, with gradient at the exit step only; the
+        exit step is drawn from ``g`` if not given."""
+        c = self.cfg
+        if exit_step is None:
+            exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
+        with torch.set_grad_enabled(grad):
+            text_kv = self.model.dit.text_kv(*self.model.encode_text(prompts))
+            _, ch, h, w = self.latent_shape
+            return self_forcing_rollout(
+                self.model,
+                text_kv,
+                (len(prompts), frames or self.rollout_frames, ch, h, w),
+                c.causal,
+                exit_step,
+                g,
+                grad_frames=self.score_frames,  # no loss reaches the chunks before the scored window
+                grad=grad,
+            )
+
+    def exit_step(self, kind: str, k: int, step: int) -> int:
+        """The exit step s* of micro-batch ``k`` of ``step``'s ``generator``/``critic`` update: one draw per
+        rollout, a function of (seed, step, kind, k). Successive micro-batches of a step differ; the k-th
+        rollout of every rank shares its s*, so the ranks run the same number of generator passes (FSDP
+        gathers weights for each pass in lockstep; the reference shares s* across ranks too)."""
+        return draw_exit_step(len(self.cfg.causal.denoising_steps), self.rollout_draw(10_000, kind, k, step))
+
+    def rollout_end(self, kind: str, k: int, step: int) -> int:
+        """Latent frames that micro-batch ``k`` of ``step``'s ``generator``/``critic`` update rolls out:
+        ``rollout_frames``, or with ``score_window=random`` a chunk boundary drawn uniformly from those
+        at or past ``score_frames``. A function of (seed, step, kind, k), shared by the ranks like s*."""
+        if self.cfg.distill.score_window == "last":
+            return self.rollout_frames
+        fpb = self.cfg.causal.frames_per_block
+        ends = range(-(-self.score_frames // fpb) * fpb, self.rollout_frames + 1, fpb)
+        return ends[int(torch.randint(len(ends), (1,), generator=self.rollout_draw(20_000, kind, k, step)))]
+
+    def rollout_draw(self, stream: int, kind: str, k: int, step: int) -> torch.Generator:
+        """A generator for one per-rollout draw (``stream`` names which), seeded by (seed, step, kind, k)
+        alone, so every rank draws the same value."""
+        seed = self.cfg.seed * 1_000_003 + stream + STREAMS[kind] * 1_000 + k
+        return torch.Generator().manual_seed(step_seed(seed, step))
 
     def rollout_window(self, data_frames: int) -> tuple[int, int]:
         """(latent frames rolled out, latent frames scored at the end of the rollout), checked."""
@@ -98,71 +203,27 @@ class SelfForcingTrainer(TeacherTrainer):
             )
         return rollout, score
 
-    def rollout_end(self, kind: str, k: int) -> int:
-        """Latent frames that micro-batch ``k`` of this step's ``generator``/``critic`` update rolls out:
-        ``rollout_frames``, or with ``score_window=random`` a chunk boundary drawn uniformly from those
-        at or past ``score_frames``. A function of (seed, step, kind, k), shared by the ranks like s*."""
-        if self.cfg.distill.score_window == "last":
-            return self.rollout_frames
-        fpb = self.cfg.causal.frames_per_block
-        ends = range(-(-self.score_frames // fpb) * fpb, self.rollout_frames + 1, fpb)
-        return ends[int(torch.randint(len(ends), (1,), generator=self.rollout_draw(20_000, kind, k)))]
-
-    def rollout_draw(self, stream: int, kind: str, k: int) -> torch.Generator:
-        """A generator for one per-rollout draw (``stream`` names which), seeded by (seed, step, kind, k)
-        alone, so every rank draws the same value."""
-        seed = self.cfg.seed * 1_000_003 + stream + STREAMS[kind] * 1_000 + k
-        return torch.Generator().manual_seed(step_seed(seed, self.step))
-
     def scored(self, video: torch.Tensor) -> torch.Tensor:
         """The part of a video ``[B, F, ...]`` the losses see: its last ``score_frames`` frames."""
         return video[:, -self.score_frames :]
 
-    def networks(self) -> dict[str, torch.nn.Module]:
-        nets = {**super().networks(), "critic": self.critic}
-        if self.discriminator is not None:
-            nets["discriminator_head"] = self.discriminator.head
-        return nets
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {**super().optimizers(), "critic_optimizer": self.critic_optimizer}
-
-    def trainable(self, kind: str) -> list[torch.nn.Module]:
-        if kind == "generator":
-            return [self.model]
-        return [self.critic.dit] + ([self.discriminator.head] if self.discriminator is not None else [])
-
-    # -- one step ------------------------------------------------------------------------------
-    def exit_step(self, kind: str, k: int) -> int:
-        """The exit step s* of micro-batch ``k`` of this step's ``generator``/``critic`` update: one draw per
-        rollout, a function of (seed, step, kind, k). Successive micro-batches of a step differ; the k-th
-        rollout of every rank shares its s*, so the ranks run the same number of generator passes (FSDP
-        gathers weights for each pass in lockstep; the reference shares s* across ranks too)."""
-        return draw_exit_step(len(self.cfg.causal.denoising_steps), self.rollout_draw(10_000, kind, k))
-
-    def rollout(
-        self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None, frames: int = 0
-    ) -> torch.Tensor:
-        """The generator's video for ``prompts`` ([B, F, C, H, W], F = ``frames`` or ``rollout_frames``);
-        the exit step is drawn from ``g`` if not given."""
-        c = self.cfg
-        if exit_step is None:
-            exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
+    def forced_output(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
+        """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random
+        few-step level per chunk, in one pass with clean (TF) or noisy (DF) real context."""
+        c = self.cfg.causal
+        x0 = self.latents(video)
+        b, f = x0.shape[:2]
+        sigmas = c.sigmas().to(x0.device)
+        pick = torch.randint(len(sigmas), (b, f // c.frames_per_block), generator=g).to(x0.device)
+        sigma = sigmas[pick.repeat_interleave(c.frames_per_block, dim=1)]
+        x_t = add_noise(x0, cpu_randn_like(x0, g), sigma)
         with torch.set_grad_enabled(grad):
-            text_kv = self.model.dit.text_kv(*self.model.encode_text(prompts))
-            _, ch, h, w = self.latent_shape
-            return self_forcing_rollout(
-                self.model,
-                text_kv,
-                (len(prompts), frames or self.rollout_frames, ch, h, w),
-                c.causal,
-                exit_step,
-                g,
-                grad_frames=self.score_frames,  # no loss reaches the chunks before the scored window
-                grad=grad,
-            )
+            v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg, g)
+            return x0_from_velocity(x_t, v, sigma)
 
+    # -- the video-level loss --------------------------------------------------------------------
     def generator_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, real=None):
+        """DMD, SiD or GAN on the generated ``video`` ``[B, F, C, H, W]``."""
         d = self.cfg.distill
         cond = self.teacher.encode_text(prompts)
         uncond = self.teacher.encode_text([d.negative_prompt] * len(prompts))
@@ -182,9 +243,8 @@ class SelfForcingTrainer(TeacherTrainer):
                 return sid_generator_loss(video, sigma, noise, scores, alpha=d.sid_alpha)
             return dmd_generator_loss(video, sigma, noise, scores)
         finally:
-            for group in self.critic_optimizer.param_groups:
-                for p in group["params"]:
-                    p.requires_grad_(True)
+            for p in self.critic_params:
+                p.requires_grad_(True)
 
     def loss_sigma(self, batch: int, g: torch.Generator) -> torch.Tensor:
         """One noise level per video for the DMD/SiD/GAN scores and the critic: shifted, clamped."""
@@ -204,6 +264,13 @@ class SelfForcingTrainer(TeacherTrainer):
             d_real = self._disc(self.scored(self.latents(real)), sigma, text, g)
         return gan_generator_loss(d_fake, d_real), {"gan/generator_d_fake": float(d_fake.detach().mean())}
 
+    # -- the critic ------------------------------------------------------------------------------
+    def critic_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
+        """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
+        sigma = self.loss_sigma(video.shape[0], g)
+        noise = cpu_randn_like(video, g)
+        return velocity_loss(self.critic, video, noise, sigma, self.critic.encode_text(prompts))
+
     def gan_critic_loss(self, fake, real, prompts, g):
         """Discriminator loss on real vs generated videos (same noise level), plus R1 (real) and R2 (fake)."""
         d = self.cfg.distill
@@ -222,75 +289,3 @@ class SelfForcingTrainer(TeacherTrainer):
         )
         stats = {"gan/d_real": float(d_real.detach().mean()), "gan/d_fake": float(d_fake.detach().mean())}
         return loss + d.gan_penalty_weight * penalty, stats
-
-    def critic_loss(self, video: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
-        """Flow matching of the critic on the generator's (detached) videos, at DMD's noise levels."""
-        sigma = self.loss_sigma(video.shape[0], g)
-        noise = cpu_randn_like(video, g)
-        return velocity_loss(self.critic, video, noise, sigma, self.critic.encode_text(prompts))
-
-    def forced_output(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
-        """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random
-        few-step level per chunk, in one pass with clean (TF) or noisy (DF) real context."""
-        c = self.cfg.causal
-        x0 = self.latents(video)
-        b, f = x0.shape[:2]
-        sigmas = c.sigmas().to(x0.device)
-        pick = torch.randint(len(sigmas), (b, f // c.frames_per_block), generator=g).to(x0.device)
-        sigma = sigmas[pick.repeat_interleave(c.frames_per_block, dim=1)]
-        x_t = add_noise(x0, cpu_randn_like(x0, g), sigma)
-        with torch.set_grad_enabled(grad):
-            v = forced_velocity(self.model, x0, x_t, sigma, self.model.encode_text(prompts), self.cfg, g)
-            return x0_from_velocity(x_t, v, sigma)
-
-    def generate(self, g: torch.Generator, grad: bool, k: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """Micro-batch ``k``'s generated videos (with gradient for the generator update, without for the
-        critic's), their prompts, and the real videos of the same prompts (used by TF/DF to make the
-        outputs, and by the GAN as the real side)."""
-        real, prompts = self.batches(int(torch.randint(2**62, (1,), generator=g)))
-        if self.cfg.distill.paradigm == "self_forcing":
-            kind = "generator" if grad else "critic"
-            video = self.rollout(prompts, g, grad, self.exit_step(kind, k), self.rollout_end(kind, k))
-            return video, prompts, real
-        return self.forced_output(real, prompts, g, grad), prompts, real
-
-    def generator_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
-        g = self.micro_generator("generator", k)
-        video, prompts, real = self.generate(g, grad=True, k=k)
-        loss, stats = self.generator_loss(self.scored(video), prompts, g, real)
-        if self.pairs is not None:  # the regression anchor
-            trajectory, pair_prompts = self.pairs.sample(self.cfg.batch_size, g)
-            trajectory = trajectory.to(self.device)
-            regression = ode_regression_loss(self.model, trajectory, self.levels, pair_prompts, self.cfg, g)
-            loss = loss + self.cfg.distill.regression_weight * regression
-            stats["regression"] = float(regression.detach())
-        return loss, stats
-
-    def critic_micro_loss(self, k: int) -> tuple[torch.Tensor, dict[str, float]]:
-        g = self.micro_generator("critic", k)
-        video, prompts, real = self.generate(g, grad=False, k=k)  # fresh outputs, no gradient
-        video = self.scored(video.detach())
-        if self.discriminator is not None:
-            return self.gan_critic_loss(video, real, prompts, g)
-        return self.critic_loss(video, prompts, g), {}
-
-    def train_step(self) -> dict[str, float]:
-        cfg, d = self.cfg, self.cfg.distill
-        stats: dict[str, float] = {}
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
-        self.model.train()
-        since = self.step - d.critic_warmup_steps  # the critic first fits the student alone
-        generator_step = since >= 0 and since % d.critic_steps_per_generator_step == 0
-        if generator_step:
-            loss, extra = self.accumulate("generator", self.optimizer)
-            stats["generator_grad_norm"] = self.optimizer_step(self.optimizer, loss)
-            stats.update({"generator_loss": loss, **extra})
-        critic_loss, critic_stats = self.accumulate("critic", self.critic_optimizer)
-        stats.update(critic_stats)
-        stats["critic_grad_norm"] = self.optimizer_step(self.critic_optimizer, critic_loss)
-        stats["skipped_updates"] = self.skipped_updates
-        if generator_step:
-            self.ema.update(self.model, since // d.critic_steps_per_generator_step + 1)  # counts generator updates
-        self.step += 1
-        return {"loss": critic_loss, **stats, "lr": self.optimizer.param_groups[0]["lr"]}

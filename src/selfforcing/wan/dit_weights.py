@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import config_from_yaml
 from ..models.dit import DIT_PRESETS, DiTConfig, VideoDiT
-from ..training.checkpoint import read_checkpoint_weights, resolve_checkpoint, state_mismatches
+from ..weights import read_checkpoint_weights, resolve_checkpoint, state_mismatches
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -172,7 +172,19 @@ def read_weight_folder(folder: Path) -> dict[str, torch.Tensor]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map: the index file is damaged")
-        return read_safetensors([folder / name for name in sorted(set(weight_map.values()))])
+        state = {}
+        for name in sorted(set(weight_map.values())):
+            shard = read_safetensors([folder / name])
+            listed = {k for k, v in weight_map.items() if v == name}
+            if listed - set(shard):
+                lost = sorted(listed - set(shard))
+                raise CheckpointError(
+                    f"{folder / name} holds {len(shard)} tensors but {index.name} lists {len(listed)} in it: "
+                    f"{len(lost)} missing ({', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}). The shard is "
+                    "damaged or from another download: fetch it again"
+                )
+            state.update(shard)
+        return state
     raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 

@@ -27,7 +27,7 @@ from ..inference.stream import stream_video
 from ..inference.video_stream import VideoStream
 from ..models.dit import DIT_PRESETS
 from ..models.t2v import TextToVideo
-from ..training.checkpoint import resolve_checkpoint
+from ..weights import resolve_checkpoint
 from .dit_weights import CheckpointError, check_same_size, detect_layout, folder_config, load_dit
 from .tae import TAEW21, load_tae
 from .text_encoder import load_text_encoder

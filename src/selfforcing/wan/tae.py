@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.codec import Codec
-from ..training.checkpoint import state_mismatches
+from ..weights import state_mismatches
 from .dit_weights import CheckpointError, load_torch_file, read_safetensors
 
 

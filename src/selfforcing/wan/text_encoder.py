@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.text_encoder import TextEncoder
-from ..training.checkpoint import state_mismatches
+from ..weights import state_mismatches
 from .dit_weights import CheckpointError, load_torch_file
 
 TEXT_LEN = 512

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..models.codec import Codec
-from ..training.checkpoint import state_mismatches
+from ..weights import state_mismatches
 from .dit_weights import CheckpointError, load_torch_file
 
 ORIGINAL_VAE_NAME = "Wan2.1_VAE.pth"

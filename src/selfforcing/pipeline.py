@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import CausalConfig, TrainConfig, config_from_yaml
-from ..models.codec import Codec, IdentityCodec
-from ..models.dit import VideoDiT
-from ..models.t2v import TextToVideo
-from ..models.text_encoder import ShapesTextEncoder, TextEncoder
-from ..training.checkpoint import load_network, resolve_checkpoint
-from .video_stream import VideoStream
+from .config import CausalConfig, TrainConfig, config_from_yaml
+from .inference.video_stream import VideoStream
+from .models.codec import Codec, IdentityCodec
+from .models.dit import DiTConfig, VideoDiT
+from .models.t2v import TextToVideo
+from .models.text_encoder import ShapesTextEncoder, TextEncoder
+from .weights import load_network, resolve_checkpoint
 
 
 def stream_settings(cfg: TrainConfig, window: int | None = None) -> CausalConfig:
@@ -44,7 +44,7 @@ def stream_guidance(cfg: TrainConfig) -> float:
 @functools.cache
 def wan_vae(folder: str) -> Codec:
     """The Wan folder's VAE, loaded once per process (frozen; every model of a run shares it)."""
-    from ..wan.vae import load_vae
+    from .wan.vae import load_vae
 
     return load_vae(folder)
 
@@ -58,7 +58,7 @@ class LazyUMT5(TextEncoder):
 
     def __init__(self, folder: str | Path, dim: int, cache_dir: str | Path | None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        from ..wan.text_encoder import UMT5TextEncoder
+        from .wan.text_encoder import UMT5TextEncoder
 
         self.folder, self.dim, self.dtype = folder, dim, dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -78,7 +78,7 @@ class LazyUMT5(TextEncoder):
 
     def missing(self, prompts: list[str]) -> list[str]:
         """The (cleaned) prompts whose embedding is neither in memory nor in ``cache_dir``."""
-        from ..wan.text_encoder import clean_prompt
+        from .wan.text_encoder import clean_prompt
 
         cleaned = [clean_prompt(p) for p in prompts]
         on_disk = self.cache_dir is not None
@@ -94,7 +94,7 @@ class LazyUMT5(TextEncoder):
 
     def load(self) -> None:
         """Load umT5 in place of the cache reader, keeping what was read, where ``place`` said."""
-        from ..wan.text_encoder import load_text_encoder
+        from .wan.text_encoder import load_text_encoder
 
         reader = self.encoder
         encoder = load_text_encoder(self.folder, self.dtype, reader.device, reader.offload, cache_dir=self.cache_dir)
@@ -106,8 +106,8 @@ class LazyUMT5(TextEncoder):
 def wan_text_encoder(folder: str, text_cache: str = "") -> TextEncoder:
     """The Wan folder's umT5, loaded once per process, and only if a prompt is missing from ``text_cache``
     (``LazyUMT5``; frozen and shared: see ``FrozenTextEncoder``)."""
-    from ..wan.dit_weights import folder_config
-    from ..wan.text_encoder import FrozenTextEncoder
+    from .wan.dit_weights import folder_config
+    from .wan.text_encoder import FrozenTextEncoder
 
     return FrozenTextEncoder(LazyUMT5(folder, folder_config(folder).text_dim, text_cache or None))
 
@@ -118,18 +118,27 @@ def wan_model(
     """``model.wan``'s shared frozen umT5 with the DiT of ``dit_weights`` (any Wan DiT layout: the folder
     itself, a Self Forcing / ODE-init ``.pt``, any released causal model's file: ``families.py``, whose
     network it reads), which must be the folder's size, with ``lora`` merged in. Frozen, in eval mode."""
-    from ..families import detect_family
-    from ..wan.dit_weights import check_same_size, load_dit
+    from .families import detect_family
+    from .wan.dit_weights import check_same_size, load_dit
 
-    size = cfg.model.dit(in_channels=0, text_dim=0)  # the folder's
+    size = dit_config(cfg)  # the folder's
     fam = detect_family(dit_weights)
     dit = load_dit(dit_weights, weights=fam.weights if fam else None, num_heads=size.num_heads)
     check_same_size(dit.cfg, size, dit_weights, cfg.model.wan)
     if lora:  # merged: the adapters become part of the weights that train
-        from ..wan.lora_weights import load_lora
+        from .wan.lora_weights import load_lora
 
         dit = load_lora(dit, lora, lora_alpha or (fam.lora_alpha if fam else None), merge=True)
     return TextToVideo(wan_text_encoder(cfg.model.wan, cfg.model.text_cache), dit)
+
+
+def dit_config(cfg: TrainConfig, in_channels: int = 0, text_dim: int = 0) -> DiTConfig:
+    """The DiT's config: the Wan folder's for ``model.wan``, else the preset's with its size overrides."""
+    if cfg.model.wan:
+        from .wan.dit_weights import folder_config
+
+        return folder_config(cfg.model.wan)
+    return cfg.model.dit(in_channels, text_dim)
 
 
 def build_codec(cfg: TrainConfig) -> Codec:
@@ -142,14 +151,14 @@ def build_model(cfg: TrainConfig) -> TextToVideo:
     the DiT takes the folder's size and the text encoder is the folder's frozen, shared umT5."""
     if cfg.model.wan:
         text_encoder = wan_text_encoder(cfg.model.wan, cfg.model.text_cache)
-        dit = VideoDiT(cfg.model.dit(in_channels=0, text_dim=0))
+        dit = VideoDiT(dit_config(cfg))
         return TextToVideo(text_encoder, dit)
     if not cfg.text.vocab:
         raise ValueError("cfg.text.vocab is empty: fill it with the training data's words (Batches.vocabulary)")
     t = cfg.text
     text_encoder = ShapesTextEncoder(t.vocab, t.dim, t.num_layers, t.num_heads, t.max_len, t.unknown_words)
     codec = build_codec(cfg)
-    dit = VideoDiT(cfg.model.dit(in_channels=codec.latent_channels, text_dim=t.dim))
+    dit = VideoDiT(dit_config(cfg, codec.latent_channels, t.dim))
     return TextToVideo(text_encoder, dit)
 
 
