@@ -3,9 +3,9 @@ the weights stay identical on both ranks, and every rank's k-th rollout shares i
 
 import faulthandler
 import os
-import shutil
+import random
 import socket
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,25 +16,26 @@ from selfforcing.training.trainer import Trainer
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for the rendezvous store, below the kernel's ephemeral range as torchrun's 29500 is: a port
+    from that range could be handed to another socket as its own port before the store binds it, or a client
+    retrying to connect to it could connect to itself (Linux TCP self-connect)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.is_file() else 32768
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(20_000, max(20_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port below the ephemeral range")
 
 
-def spawn_ranks(fn, *args, fresh: tuple = ()) -> None:
-    """``fn(rank, port, *args)`` on 2 processes. A rank killed by a signal is retried (up to 3 attempts) on a
-    new port, after removing the ``fresh`` run folders; a Python error in a rank fails at once. Known issue:
-    about one 2-process run in 10 here loses a rank to SIGABRT (in gloo) or SIGSEGV, not yet explained."""
-    for attempt in (1, 2, 3):
-        try:
-            mp.spawn(fn, args=(_free_port(), *args), nprocs=2, join=True)
-            return
-        except mp.ProcessExitedException as e:
-            if attempt == 3 or e.signal_name is None:
-                raise
-            warnings.warn(f"a rank died ({e}); retrying", stacklevel=2)
-            for folder in fresh:
-                shutil.rmtree(folder, ignore_errors=True)
+def spawn_ranks(fn, *args) -> None:
+    """``fn(rank, port, *args)`` on 2 processes; a rank that crashes prints where (faulthandler) and fails."""
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=2, join=True)
 
 
 def as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
@@ -65,7 +66,7 @@ def test_two_process_training_equals_one_process_with_accumulation(teacher, tmp_
         return sf_cfg(teacher, tmp_path, f"name={name}", "steps=2", f"distill.loss={loss}", "num_threads=1", *extra)
 
     out = str(tmp_path / "ddp_state")
-    spawn_ranks(_train_worker, cfg("ddp"), out, fresh=(tmp_path / "ddp",))
+    spawn_ranks(_train_worker, cfg("ddp"), out)
     rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
     exits = [rank0.pop("exits"), rank1.pop("exits")]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
@@ -103,7 +104,7 @@ def _nan_worker(rank: int, port: int, cfg, out: str) -> None:
 
 def test_a_bad_update_on_one_rank_is_skipped_on_every_rank(tiny_cfg, tmp_path):
     out = str(tmp_path / "nan")
-    spawn_ranks(_nan_worker, tiny_cfg("steps=3", "num_threads=1"), out, fresh=(tmp_path / "teacher",))
+    spawn_ranks(_nan_worker, tiny_cfg("steps=3", "num_threads=1"), out)
     rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
     assert rank0["skipped"] == rank1["skipped"] == 1
     for key, value in rank0["model"].items():

@@ -44,7 +44,7 @@ def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_p
 
     fsdp = ("distributed=fsdp", "ckpt_every=1")
     runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
-    spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "fsdp", tmp_path / "resumed"))
+    spawn_ranks(_worker, runs, "sf")
     single = Trainer(cfg("single", "steps=3", "grad_accum_steps=2"))
     draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
     single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
@@ -72,7 +72,7 @@ def test_fsdp_teacher_with_accumulation_equals_one_process(tmp_path):
     def cfg(name, *extra):
         return load_config(None, [*TINY, f"out_dir={tmp_path}", f"name={name}", "steps=2", "num_threads=1", *extra])
 
-    spawn_ranks(_worker, [cfg("fsdp", "distributed=fsdp", "grad_accum_steps=2")], "t", fresh=(tmp_path / "fsdp",))
+    spawn_ranks(_worker, [cfg("fsdp", "distributed=fsdp", "grad_accum_steps=2")], "t")
     Trainer(cfg("single", "grad_accum_steps=4")).train()
     assert_same(_weights(tmp_path / "fsdp")[0], _weights(tmp_path / "single")[0])
 
@@ -96,7 +96,7 @@ def test_sharded_checkpoints_resume_exactly_on_two_processes_or_one(teacher, tmp
 
     sharded = ("distributed=fsdp", "checkpoint_format=sharded")
     runs = [cfg("two", "steps=2", *sharded), cfg("two", "steps=3", *sharded)]
-    spawn_ranks(_worker, runs, "sf", fresh=(tmp_path / "two",))
+    spawn_ranks(_worker, runs, "sf")
     step2 = checkpoint_path(tmp_path / "two", 2)
     assert not list(step2.glob("*.safetensors")) and len(list((step2 / "sharded").glob("*.distcp"))) == 2
 

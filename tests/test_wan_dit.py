@@ -159,3 +159,23 @@ def test_convert_command(tmp_path, capsys):
     assert json.loads((tmp_path / "wan" / "config.json").read_text())["num_heads"] == 2
     with pytest.raises(SystemExit):
         main(["convert", str(tmp_path / "tr"), "--to", "onnx", str(tmp_path / "x")])
+
+
+def test_a_sharded_diffusers_dit_with_a_shard_missing_or_short_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = diffusers_dit()
+    folder = tmp_path / "pipe" / "transformer"
+    ref.save_pretrained(folder, max_shard_size="30KB")  # diffusers' own shards + index
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    read_dit(tmp_path / "pipe", num_heads=2)  # intact: loads
+    tensors = load_file(shards[1])
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, shards[1])
+    with pytest.raises(CheckpointError, match=f"{shards[1].name} holds {len(tensors) - 1} tensors but .* lists "):
+        read_dit(tmp_path / "pipe", num_heads=2)
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shards[1].name} is missing"):
+        read_dit(tmp_path / "pipe", num_heads=2)

@@ -15,14 +15,15 @@ import contextlib
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a sharded checkpoint
 ASSETS = Path(__file__).resolve().parent / "assets"  # the models that ship with the package
@@ -42,6 +43,8 @@ def sharded_keys(ckpt: Path) -> set[str]:
 
 
 def sharded_metadata(ckpt: Path) -> Metadata:
+    from torch.distributed.checkpoint import FileSystemReader  # (imported when needed: a second to import)
+
     try:
         return FileSystemReader(str(Path(ckpt) / SHARDED)).read_metadata()
     except Exception as e:  # a missing or damaged .metadata file
@@ -53,6 +56,8 @@ def sharded_tensors(ckpt: Path) -> dict[str, TensorStorageMetadata]:
     shard file that is there and long enough. A ValueError names the first tensor that is not."""
     folder = Path(ckpt) / SHARDED
     meta = sharded_metadata(ckpt)
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
     tensors = {k: m for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     sizes: dict[str, int] = {}  # shard file -> bytes
     for name, m in tensors.items():
@@ -113,6 +118,8 @@ def read_sharded_network(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     if not target:
         raise FileNotFoundError(f"{ckpt} holds no network {name!r}; it holds {checkpoint_networks(ckpt)}")
     with single_process_ok():
+        import torch.distributed.checkpoint as dcp
+
         dcp.load({"networks": {name: target}}, checkpoint_id=Path(ckpt) / SHARDED, no_dist=True)
     return target
 

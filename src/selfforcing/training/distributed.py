@@ -115,7 +115,8 @@ def silent_ranks(tag: str, rank: int, world_size: int, wait_s: float = 10.0) -> 
         deadline = time.monotonic() + wait_s
         while True:
             silent = [r for r in range(world_size) if not store.check([f"{tag}/{r}"])]
-            if not silent or time.monotonic() > deadline:
+            failed = [r for r in silent if store.check([f"selfforcing/failed/{r}"])]
+            if len(failed) == len(silent) or time.monotonic() > deadline:  # all answered, or said why not
                 break
             time.sleep(0.2)
         reasons = {}

@@ -363,7 +363,7 @@ class Trainer:
                 report_failure(self.rank, e)
                 raise
             tag = f"selfforcing/rollcall/{self.cfg.name}/{self.step}"
-            silent = silent_ranks(tag, self.rank, self.world_size, min(10.0, self.cfg.collective_timeout_s))
+            silent = silent_ranks(tag, self.rank, self.world_size, min(5.0, self.cfg.collective_timeout_s))
             if not silent:
                 raise
             names = "; ".join(f"rank {r}: {why}" for r, why in silent.items())
