@@ -48,3 +48,24 @@ def test_recipe_with_a_given_teacher_and_bad_settings(teacher, tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["recipe", "--out", str(tmp_path), "--teacher", str(teacher), "--set", "teacher:steps=3"])
     assert "not trained" in capsys.readouterr().err
+
+
+def test_recipe_starts_self_forcing_from_a_given_causal_student(teacher, tmp_path, capsys):
+    """--init: no ODE pairs, no ODE init; the Self Forcing stage starts from the given student's weights.
+    A bidirectional model, or overrides for the stages it skips, are refused."""
+    from selfforcing.training.trainer import Trainer
+    from tests.test_self_forcing import sf_cfg
+
+    student = latest_checkpoint(Trainer(sf_cfg(teacher, tmp_path / "s", "steps=1", "name=student")).train())
+    sf = [*TRAIN, "data.frames=6", "distill.critic_steps_per_generator_step=2"]
+    out = run_recipe(tmp_path / "r", teacher=teacher, init=student, overrides={"self_forcing": sf}, device="cpu")
+    assert list(out) == ["teacher", "ode_init", "self_forcing"] and out["ode_init"] == student
+    assert not (tmp_path / "r" / "pairs").exists()
+    assert f"init_from: {student}" in (out["self_forcing"] / "config.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main(["recipe", "--out", str(tmp_path / "x"), "--teacher", str(teacher), "--init", str(teacher)])
+    assert "is a bidirectional teacher model; give a causal student" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["recipe", "--out", str(tmp_path / "x"), "--teacher", str(teacher), "--init", str(student), "--set",
+              "pairs:num_samples=4"])  # fmt: skip
+    assert "stages that --init skips" in capsys.readouterr().err

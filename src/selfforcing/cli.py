@@ -360,7 +360,7 @@ def cmd_recipe(args: argparse.Namespace) -> None:
         if not sep or stage not in STAGES or "=" not in kv:
             raise ConfigError(f"--set {item!r}: write STAGE:key=value with STAGE one of {STAGES}")
         overrides.setdefault(stage, []).append(kv)
-    run_recipe(args.out, loss=args.loss, teacher=args.teacher, overrides=overrides, device=args.device)
+    run_recipe(args.out, args.loss, args.teacher, overrides, args.device, init=args.init)
 
 
 def cmd_world(args: argparse.Namespace) -> None:
@@ -574,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/recipe", help="folder of the stages' run folders (a rerun resumes)")
     r.add_argument("--loss", default="dmd", choices=["dmd", "sid", "gan"], help="the Self Forcing loss")
     r.add_argument("--teacher", default=None, help="use this trained teacher instead of training one")
+    r.add_argument(
+        "--init", default=None, help="start Self Forcing from this causal student (skips the ODE pairs and ODE init)"
+    )
     r.add_argument(
         "--set",
         action="append",

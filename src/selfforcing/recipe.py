@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, config_from_yaml, load_config
 from .training.ode_pairs import ODEPairSettings, generate_ode_pairs, is_complete
-from .weights import checkpoint_step, latest_checkpoint
+from .weights import checkpoint_step, latest_checkpoint, resolve_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = ("teacher", "pairs", "ode_init", "self_forcing")
@@ -55,6 +55,18 @@ def pair_settings(student: TrainConfig, overrides: list[str]) -> ODEPairSettings
     return settings
 
 
+def causal_student(path: str | Path) -> Path:
+    """The checkpoint folder of a causal student to start Self Forcing from; a teacher is refused."""
+    ckpt = resolve_checkpoint(path)
+    cfg = config_from_yaml((ckpt / "config.yaml").read_text())
+    if cfg.causal is None:
+        raise ConfigError(
+            f"--init {path}: {ckpt} is a bidirectional {cfg.stage} model; give a causal student (an ODE-initialised "
+            "or Self Forcing checkpoint, e.g. student_toy or sf_dmd_chunk_toy)"
+        )
+    return ckpt
+
+
 def train_stage(cfg: TrainConfig) -> Path:
     """Train one stage unless it is finished; returns its run folder."""
     from .training.trainer import Trainer
@@ -72,12 +84,15 @@ def run_recipe(
     teacher: str | Path | None = None,
     overrides: dict[str, list[str]] | None = None,
     device: str = "auto",
+    init: str | Path | None = None,
 ) -> dict[str, Path]:
     """Run (or finish) every stage; returns each stage's output folder.
 
     teacher: an already trained bidirectional teacher (e.g. ``src/selfforcing/assets/teacher_toy``)
-    instead of training one. overrides: per stage (``teacher``, ``pairs``, ``ode_init``,
-    ``self_forcing``), ``key=value`` items for that stage's config (``pairs``: ``ODEPairSettings``).
+    instead of training one. init: a causal student to start Self Forcing from (a checkpoint or run folder,
+    or a shipped one such as ``student_toy`` or ``sf_dmd_chunk_toy``) instead of the ODE pairs and the ODE
+    initialisation. overrides: per stage (``teacher``, ``pairs``, ``ode_init``, ``self_forcing``),
+    ``key=value`` items for that stage's config (``pairs``: ``ODEPairSettings``).
     """
     from .device import resolve_device
 
@@ -98,15 +113,21 @@ def run_recipe(
         if overrides.get("teacher"):
             raise ConfigError("teacher: overrides were given for a teacher that is not trained (--teacher)")
         done["teacher"] = Path(teacher)
-    student = config("ode_init", f"init_from={done['teacher']}", f"ode.pairs={out / 'pairs'}")
-    settings = pair_settings(student, overrides.get("pairs", []))
-    if is_complete(out / "pairs", settings):
-        print(f"[recipe] pairs: {settings.num_samples} ODE pairs are in {out / 'pairs'} already, skipped")
-        done["pairs"] = out / "pairs"
+    if init is not None:
+        if overrides.get("pairs") or overrides.get("ode_init"):
+            raise ConfigError("pairs/ode_init: overrides were given for stages that --init skips")
+        done["ode_init"] = causal_student(init)
+        print(f"[recipe] pairs, ode_init: Self Forcing starts from {done['ode_init']}, skipped")
     else:
-        print(f"[recipe] pairs: sampling {settings.num_samples} teacher trajectories into {out / 'pairs'}")
-        done["pairs"] = generate_ode_pairs(done["teacher"], out / "pairs", settings, device=resolve_device(device))
-    done["ode_init"] = train_stage(student)
+        student = config("ode_init", f"init_from={done['teacher']}", f"ode.pairs={out / 'pairs'}")
+        settings = pair_settings(student, overrides.get("pairs", []))
+        if is_complete(out / "pairs", settings):
+            print(f"[recipe] pairs: {settings.num_samples} ODE pairs are in {out / 'pairs'} already, skipped")
+            done["pairs"] = out / "pairs"
+        else:
+            print(f"[recipe] pairs: sampling {settings.num_samples} teacher trajectories into {out / 'pairs'}")
+            done["pairs"] = generate_ode_pairs(done["teacher"], out / "pairs", settings, device=resolve_device(device))
+        done["ode_init"] = train_stage(student)
     sf = config("self_forcing", f"init_from={done['ode_init']}", f"distill.teacher={done['teacher']}")
     done["self_forcing"] = train_stage(sf)
     print("[recipe] done: " + ", ".join(f"{k} -> {v}" for k, v in done.items()))
