@@ -295,6 +295,16 @@ STAGES = ("teacher", "ode_init", "causal")
 
 
 @dataclass
+class LoRAConfig:
+    """Train LoRA adapters on the generator's DiT instead of its weights (``rank`` > 0): the base stays frozen
+    and is stored once; only the adapters are in the optimizer and in the checkpoints."""
+
+    rank: int = 0  # 0: train every weight
+    alpha: float | None = None  # adapters scale by alpha / rank (null: alpha = rank)
+    targets: list[str] = field(default_factory=list)  # DiT Linear names (empty: every Linear of the blocks)
+
+
+@dataclass
 class TrainConfig:
     name: str = "teacher"
     stage: str = "teacher"  # teacher (bidirectional flow matching) | ode_init (causal student on ODE pairs)
@@ -328,6 +338,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     causal: CausalConfig | None = None  # set for causal students
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -347,6 +358,12 @@ class TrainConfig:
             (self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1 (1 halts at the first bad update)"),
             (self.collective_timeout_s > 0, "collective_timeout_s must be > 0 (seconds a collective may wait)"),
+            (self.lora.rank >= 0, f"lora.rank must be >= 0 (0: no adapters), got {self.lora.rank}"),
+            (
+                not self.lora.rank or self.distributed == "ddp" and self.checkpoint_format == "full",
+                "lora.rank > 0 trains with distributed: ddp and checkpoint_format: full for now (FSDP2 and sharded "
+                "checkpoints of adapters are not built yet)",
+            ),
             (
                 self.precision in ("fp32", "bf16", "fp16"),
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",

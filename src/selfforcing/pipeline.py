@@ -16,7 +16,7 @@ from .models.codec import Codec, IdentityCodec
 from .models.dit import DiTConfig, VideoDiT
 from .models.t2v import TextToVideo
 from .models.text_encoder import ShapesTextEncoder, TextEncoder
-from .weights import load_network, resolve_checkpoint
+from .weights import load_network, load_subset, read_checkpoint_weights, resolve_checkpoint
 
 
 def stream_settings(cfg: TrainConfig, window: int | None = None) -> CausalConfig:
@@ -162,6 +162,37 @@ def build_model(cfg: TrainConfig) -> TextToVideo:
     return TextToVideo(text_encoder, dit)
 
 
+def initial_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> TextToVideo:
+    """The model a run starts from, on ``device`` (``cfg.text.vocab`` filled in): a Wan DiT (``init_from`` in any
+    layout, its LoRA merged, else the folder's own) with the shared frozen umT5; or a fresh shapes-world model
+    loaded from ``init_from``'s EMA weights. With ``lora.rank``, fresh adapters on its DiT and everything
+    else frozen."""
+    from .models.lora import add_adapters
+
+    torch.manual_seed(cfg.seed)  # weight initialisation
+    if cfg.model.wan:
+        model = wan_model(cfg, cfg.init_from or cfg.model.wan, cfg.init_lora, cfg.init_lora_alpha).to(device)
+        model.dit.requires_grad_(True)
+        # umT5 is shared and frozen; in bf16, loaded only for prompts missing from model.text_cache, and on
+        # CUDA kept on the CPU between them (LazyUMT5).
+        model.text_encoder.shared.place(device)
+    else:
+        model = build_model(cfg).to(device)
+        if cfg.init_from:
+            load_network(model, resolve_checkpoint(cfg.init_from), "ema")
+    if cfg.lora.rank:
+        model.requires_grad_(False)
+        add_adapters(model.dit, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets) or None)
+    return model
+
+
+def saved_keys(cfg: TrainConfig, model: torch.nn.Module) -> list[str] | None:
+    """The keys of ``model``'s state dict a checkpoint holds: a LoRA run's adapters only, else all (None)."""
+    from .models.lora import is_adapter
+
+    return [k for k in model.state_dict() if is_adapter(k)] if cfg.lora.rank else None
+
+
 @dataclass
 class Pipeline:
     """A trained text-to-video model with its codec and the config it was trained with."""
@@ -216,6 +247,10 @@ def load_pipeline(path: str | Path, weights: str = "ema", device: str | torch.de
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     cfg = config_from_yaml((ckpt / "config.yaml").read_text())
-    model = build_model(cfg)
-    load_network(model, ckpt, weights)  # its safetensors file, or assembled from a sharded checkpoint
+    if cfg.lora.rank:  # adapters only: on the run's own starting model (init_from must still be there)
+        model = initial_model(cfg)
+        load_subset(model, read_checkpoint_weights(ckpt, weights), saved_keys(cfg, model), f"{ckpt} ({weights})")
+    else:
+        model = build_model(cfg)
+        load_network(model, ckpt, weights)  # its safetensors file, or assembled from a sharded checkpoint
     return Pipeline(model.to(device).eval().requires_grad_(False), build_codec(cfg), cfg, ckpt)

@@ -214,3 +214,13 @@ def load_weights(module: nn.Module, file: Path) -> None:
 def load_network(module: nn.Module, ckpt: Path, name: str) -> None:
     """Load network ``name`` of a checkpoint folder (either format) into ``module``, checked."""
     module.load_state_dict(check_weights(module, read_checkpoint_weights(ckpt, name), f"{ckpt} ({name})"))
+
+
+def load_subset(module: nn.Module, tensors: dict[str, torch.Tensor], keys: list[str], source: Path | str) -> None:
+    """Load ``tensors``, which must be exactly ``keys`` of ``module``'s state dict (a LoRA run's adapters),
+    checked like ``check_weights``; the rest of ``module`` stays as it is."""
+    state = module.state_dict()
+    problems = state_mismatches({k: state[k] for k in keys}, tensors)
+    if problems:
+        raise ValueError("\n".join([f"checkpoint {source} does not match the model's adapters:", *problems]))
+    module.load_state_dict(tensors, strict=False)

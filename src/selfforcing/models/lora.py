@@ -84,3 +84,44 @@ def apply_lora(
     model.to(p.device, p.dtype)
     dit = model.merge_and_unload() if merge else model.base_model.model
     return dit.eval().requires_grad_(False)
+
+
+def block_linears(dit: VideoDiT) -> list[str]:
+    """Every Linear of the DiT's blocks (attention, cross-attention, FFN): LongLive's LoRA targets."""
+    return [name for name, m in dit.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+
+
+def add_adapters(dit: VideoDiT, rank: int, alpha: float | None = None, targets: list[str] | None = None) -> VideoDiT:
+    """Fresh trainable adapters on ``targets`` (default ``block_linears``), in place: A random, B zero, so the
+    adapted DiT starts equal to the base. Everything but the adapters is frozen. Returns ``dit``."""
+    import peft
+
+    names = targets or block_linears(dit)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=names)
+    peft.inject_adapter_in_model(config, dit)
+    for name, p in dit.named_parameters():
+        p.requires_grad_(is_adapter(name))
+    return dit
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name (of a DiT with ``add_adapters``) is an adapter's."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def merged_state(dit: VideoDiT) -> dict[str, torch.Tensor]:
+    """The adapted DiT's weights with every adapter folded in (``W + (alpha / r) B A``), under the plain
+    DiT's names (``blocks.0.self_attn.q.weight``): a state dict any loader of the project's layouts reads."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            merged[f"{name}.weight"] = (base.weight + module.get_delta_weight("default")).detach().clone()
+            if base.bias is not None:
+                merged[f"{name}.bias"] = base.bias.detach().clone()
+    for key, value in dit.state_dict().items():
+        if ".base_layer." not in key and not is_adapter(key):
+            merged[key] = value.detach().clone()
+    return merged

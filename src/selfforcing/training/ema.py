@@ -18,11 +18,19 @@ class EMA:
     output head, a plain 0.998 average would still hold 13 % of the untrained head after 1000 steps.
     """
 
-    def __init__(self, model: nn.Module, decay: float, start: int = 0):
+    def __init__(self, model: nn.Module, decay: float, start: int = 0, share_frozen: bool = False):
+        """``share_frozen``: the average holds the model's own frozen parameters (a LoRA run's base) instead of
+        a copy, so they are stored once."""
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start = decay, start
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        if share_frozen:
+            for (name, module), twin in zip(model.named_modules(), self.model.modules(), strict=True):
+                for key, p in module.named_parameters(recurse=False):
+                    if (f"{name}.{key}" if name else key) in frozen:
+                        setattr(twin, key, p)
 
     def decay_at(self, step: int) -> float:
         if step < self.start:
@@ -33,6 +41,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         # sharded (FSDP) copies are averaged shard by shard
-        ema_p = [local(q) for q in reshard(self.model).parameters()]
-        p = [local(q.detach()) for q in reshard(model).parameters()]
-        torch._foreach_lerp_(ema_p, p, 1 - self.decay_at(step))
+        # a frozen parameter never moves from the copy it started as: only trained ones are averaged
+        both = zip(reshard(self.model).parameters(), reshard(model).parameters(), strict=True)
+        pairs = [(q, m) for q, m in both if m.requires_grad]
+        if pairs:
+            ema_p, p = [local(q) for q, _ in pairs], [local(m.detach()) for _, m in pairs]
+            torch._foreach_lerp_(ema_p, p, 1 - self.decay_at(step))

@@ -29,13 +29,14 @@ from ..config import TrainConfig, config_from_yaml, config_to_yaml
 from ..device import autocast, resolve_device
 from ..eval.plots import plot_training_curves
 from ..models.t2v import TextToVideo
-from ..pipeline import build_codec, build_model, wan_model
+from ..pipeline import build_codec, initial_model, saved_keys
 from ..weights import (
     SHARDED,
     checkpoint_path,
     latest_checkpoint,
-    load_network,
+    load_subset,
     load_weights,
+    read_safetensors_file,
     read_weights,
     resolve_checkpoint,
     sharded_keys,
@@ -90,24 +91,13 @@ def objective_for(cfg: TrainConfig) -> type[Objective]:
 
 
 def build_generator(cfg: TrainConfig, batches: Batches, device: torch.device) -> TextToVideo:
-    """The network the run trains, on ``device``: a Wan DiT (``init_from`` in any layout, LoRA merged, else the
-    folder's own) with the shared frozen umT5; or a fresh shapes-world model, loaded from ``init_from``'s
-    EMA weights. Fills in ``cfg.text.vocab`` (stored with every checkpoint)."""
+    """The network the run trains (``pipeline.initial_model``), after filling in ``cfg.text.vocab`` (stored with
+    every checkpoint): ``init_from``'s, else every word of the training prompts."""
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not cfg.model.wan else None
     if init is not None:  # the vocabulary comes with the weights
         cfg.text.vocab = cfg.text.vocab or config_from_yaml((init / "config.yaml").read_text()).text.vocab
     cfg.text.vocab = cfg.text.vocab or batches.vocabulary()
-    torch.manual_seed(cfg.seed)  # weight initialisation
-    if cfg.model.wan:
-        model = wan_model(cfg, cfg.init_from or cfg.model.wan, cfg.init_lora, cfg.init_lora_alpha).to(device)
-        model.dit.requires_grad_(True)
-        # umT5 is shared and frozen; in bf16, loaded only for prompts missing from model.text_cache, and on
-        # CUDA kept on the CPU between them (pipeline.LazyUMT5).
-        model.text_encoder.shared.place(device)
-    else:
-        model = build_model(cfg).to(device)
-    if init is not None:
-        load_network(model, init, "ema")
+    model = initial_model(cfg, device)
     model.dit.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
@@ -141,7 +131,7 @@ class Trainer:
         self.model = build_generator(cfg, self.batches, self.device)
         if cfg.model.wan:
             self.codec.vae.to(self.device)
-        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start)
+        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start, share_frozen=cfg.lora.rank > 0)
         self.sharded = cfg.distributed == "fsdp" and self.world_size > 1
         self.mesh = device_mesh(self.world_size, self.device) if self.sharded else None
         if self.sharded:  # before the optimizers, which then hold this process's shards
@@ -152,7 +142,7 @@ class Trainer:
         o = cfg.optim
         self.optimizers = {
             kind: torch.optim.AdamW(
-                [p for module in self.objective.trainable(kind) for p in module.parameters()],
+                self.trained_parameters(kind),
                 lr=self.objective.learning_rate(kind, 0),
                 betas=tuple(o.betas),
                 weight_decay=o.weight_decay,
@@ -166,7 +156,18 @@ class Trainer:
         self._loss_modules: dict[str, torch.nn.Module] = {}
         self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
 
+    def trained_parameters(self, kind: str) -> list[torch.nn.Parameter]:
+        """What the optimizer of ``kind`` updates: its networks' parameters (with ``lora.rank``, the adapters)."""
+        params = [p for module in self.objective.trainable(kind) for p in module.parameters()]
+        return [p for p in params if p.requires_grad] if self.cfg.lora.rank else params
+
     # -- state ---------------------------------------------------------------------------------
+    def state_to_save(self, name: str, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of network ``name``: its state dict, or a LoRA run's adapters only."""
+        state = net.state_dict()
+        keys = saved_keys(self.cfg, net) if name in ("model", "ema") else None
+        return state if keys is None else {k: state[k] for k in keys}
+
     def networks(self) -> dict[str, torch.nn.Module]:
         """Every network a checkpoint holds, by file name."""
         return {"model": self.model, "ema": self.ema.model, **self.objective.networks()}
@@ -206,7 +207,7 @@ class Trainer:
             for name, (modules, opt) in self.optimizer_owners().items():
                 state[name] = optimizer_state(modules, opt)
         else:
-            weights = {name: net.state_dict() for name, net in self.networks().items()}
+            weights = {name: self.state_to_save(name, net) for name, net in self.networks().items()}
             state.update({name: opt.state_dict() for name, (_, opt) in self.optimizer_owners().items()})
         path = checkpoint_path(self.run_dir, self.step)
         if self.is_main:
@@ -230,7 +231,12 @@ class Trainer:
                 load_optimizer_state(modules, opt, state[name])
         else:
             for name, module in self.networks().items():
-                load_weights(module, ckpt / f"{name}.safetensors")
+                keys = saved_keys(self.cfg, module) if name in ("model", "ema") else None
+                if keys is None:
+                    load_weights(module, ckpt / f"{name}.safetensors")
+                else:  # a LoRA run's adapters
+                    file = ckpt / f"{name}.safetensors"
+                    load_subset(module, read_safetensors_file(file), keys, file)
             for name, (_, opt) in self.optimizer_owners().items():
                 opt.load_state_dict(state[name])
         self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,73 @@
+"""Self Forcing with LoRA adapters on the generator (``lora.rank``): only the adapters train, are averaged and
+are checkpointed; the base is frozen and stored once; resume is exact; a run loads for streaming; merging
+the adapters into the weights changes nothing."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfforcing.config import ConfigError
+from selfforcing.models.dit import VideoDiT, dit_config
+from selfforcing.models.lora import add_adapters, is_adapter, merged_state
+from selfforcing.pipeline import load_pipeline
+from selfforcing.training.trainer import Trainer
+from selfforcing.weights import latest_checkpoint
+from tests.test_self_forcing import sf_cfg
+
+
+def lora_cfg(teacher, tmp_path, *extra):
+    return sf_cfg(teacher, tmp_path, "lora.rank=4", "lora.alpha=8", *extra)
+
+
+def test_only_the_adapters_train_and_are_checkpointed(teacher, tmp_path):
+    t = Trainer(lora_cfg(teacher, tmp_path, "steps=2"))
+    named = dict(t.model.named_parameters())
+    adapters = {n for n in named if is_adapter(n)}
+    assert adapters and {id(named[n]) for n in adapters} == {
+        id(p) for p in t.optimizers["generator"].param_groups[0]["params"]
+    }
+    base = {n: p.detach().clone() for n, p in named.items() if n not in adapters}
+    t.micro_loss("generator", 0)[0].backward()
+    assert all(named[n].grad is None for n in base)  # no gradient reaches the base, the text encoder included
+    assert all(named[n].grad is not None for n in adapters if ".lora_B." in n)
+    t.optimizers["generator"].zero_grad(set_to_none=True)
+    ema_q = t.ema.model.dit.blocks[0].self_attn.q.base_layer.weight
+    assert ema_q is t.model.dit.blocks[0].self_attn.q.base_layer.weight  # the base is stored once
+    run = t.train()
+    assert all(torch.equal(p, base[n]) for n, p in t.model.named_parameters() if n in base)
+    assert any(named[n].abs().sum() > 0 for n in adapters if ".lora_B." in n)  # B starts at 0 and moved
+    ckpt = latest_checkpoint(run)
+    for network in ("model", "ema"):
+        assert set(load_file(ckpt / f"{network}.safetensors")) == {f"{n}" for n in adapters}
+    assert len(load_file(ckpt / "critic.safetensors")) > 0  # the critic trains whole
+
+
+def test_a_lora_run_resumes_exactly_and_loads_for_streaming(teacher, tmp_path):
+    a = Trainer(lora_cfg(teacher, tmp_path, "steps=4", "name=a"))
+    a.train()
+    Trainer(lora_cfg(teacher, tmp_path, "steps=2", "name=b")).train()
+    b = Trainer(lora_cfg(teacher, tmp_path, "steps=4", "name=b"))
+    b.train()
+    for name in ("model", "ema", "critic"):
+        sa, sb = a.networks()[name].state_dict(), b.networks()[name].state_dict()
+        assert all(torch.equal(v, sb[k]) for k, v in sa.items()), name
+    pipe = load_pipeline(b.run_dir)  # the base from init_from, then the EMA adapters
+    want = b.ema.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
+    assert pipe.open_stream(["a small red circle moving right"], seed=0) is not None
+    with pytest.raises(ConfigError, match="lora.rank > 0 trains with distributed: ddp"):
+        lora_cfg(teacher, tmp_path, "distributed=fsdp").validate()
+
+
+def test_merged_adapters_give_the_same_model():
+    torch.manual_seed(0)
+    dit = add_adapters(VideoDiT(dit_config("tiny", in_channels=3, out_channels=3, text_dim=32)), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)  # trained adapters (B starts at 0)
+    plain = VideoDiT(dit_config("tiny", in_channels=3, out_channels=3, text_dim=32))
+    plain.load_state_dict(merged_state(dit))  # strict: exactly the plain DiT's names
+    x, t, ctx = torch.randn(2, 2, 3, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 32)
+    torch.testing.assert_close(plain(x, t, ctx), dit(x, t, ctx), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain.blocks[0].self_attn.q.weight, dit.blocks[0].self_attn.q.base_layer.weight)
