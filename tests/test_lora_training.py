@@ -71,3 +71,52 @@ def test_merged_adapters_give_the_same_model():
     x, t, ctx = torch.randn(2, 2, 3, 8, 8), torch.rand(2) * 1000, torch.randn(2, 5, 32)
     torch.testing.assert_close(plain(x, t, ctx), dit(x, t, ctx), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain.blocks[0].self_attn.q.weight, dit.blocks[0].self_attn.q.base_layer.weight)
+
+
+def test_the_exported_lora_file_loads_in_diffusers_wan_pipeline(tmp_path):
+    """original_lora_state as a .safetensors file: diffusers' WanPipeline.load_lora_weights reads it, and its
+    transformer then computes what our adapted DiT computes."""
+    pytest.importorskip("diffusers")
+    from diffusers import WanPipeline
+    from safetensors.torch import save_file
+
+    from selfforcing.models.lora import original_lora_state
+    from selfforcing.wan.dit_weights import load_dit
+    from tests.wan_tiny import diffusers_velocity, dit_inputs, write_diffusers_pipeline
+
+    folder = write_diffusers_pipeline(tmp_path / "pipe")
+    torch.manual_seed(0)
+    ours = add_adapters(load_dit(folder), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    save_file(original_lora_state(ours), tmp_path / "lora.safetensors")
+    pipe = WanPipeline.from_pretrained(folder)
+    x, t, ctx = dit_inputs(c=16)
+    before = diffusers_velocity(pipe.transformer, x, t, ctx)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    want = diffusers_velocity(pipe.transformer, x, t, ctx)
+    with torch.no_grad():
+        got = ours(x, t, ctx)
+    assert (want - before).abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_export_lora_writes_the_adapters_and_the_merged_dit(teacher, tmp_path, capsys):
+    from selfforcing.cli import main
+    from selfforcing.wan.dit_weights import load_dit
+
+    run = Trainer(lora_cfg(teacher, tmp_path, "steps=2")).train()
+    lora, merged_file = tmp_path / "lora.safetensors", tmp_path / "m.safetensors"
+    main(["export-lora", str(run), "--out", str(lora), "--merged", str(merged_file)])
+    pipe = load_pipeline(run)
+    adapters = load_file(lora)
+    assert len(adapters) == 3 * sum(".lora_A." in k for k in pipe.model.dit.state_dict())  # A, B, alpha
+    merged = load_dit(merged_file)
+    x, t, ctx = torch.randn(2, 6, 3, 16, 16), torch.rand(2) * 1000, torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, ctx), pipe.model.dit(x, t, ctx), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["export-lora", str(teacher), "--out", str(tmp_path / "x.safetensors")])
+    assert "is not a LoRA run" in capsys.readouterr().err

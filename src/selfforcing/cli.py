@@ -261,6 +261,26 @@ def cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    """A LoRA run's adapters as a file diffusers' WanPipeline.load_lora_weights reads, and optionally merged."""
+    from safetensors.torch import save_file
+
+    from .models.lora import merged_state, original_lora_state
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.checkpoint, weights=args.weights)
+    if not pipe.cfg.lora.rank:
+        raise ValueError(f"{pipe.checkpoint} is not a LoRA run (lora.rank: 0): its weights are whole, use convert")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(original_lora_state(pipe.model.dit), args.out)
+    print(f"wrote the {args.weights} adapters of {pipe.checkpoint} to {args.out} (original Wan LoRA layout)")
+    if args.merged:
+        from .wan.dit_weights import DiTCheckpoint, export_dit
+
+        dit = DiTCheckpoint(merged_state(pipe.model.dit), pipe.model.dit.cfg, "lora run", pipe.checkpoint)
+        print(f"wrote {export_dit(dit, args.to, args.merged)}: the adapters merged ({args.to} layout)")
+
+
 def cmd_gather_checkpoint(args: argparse.Namespace) -> None:
     """A sharded checkpoint's networks, each assembled on this process and written as ``<name>.safetensors``."""
     from .training.checkpoint import gather_checkpoint
@@ -538,6 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lora", default=None, help="a PEFT LoRA state dict to merge first (LongLive's models/lora.pt)")
     c.add_argument("--lora-alpha", type=float, default=None, help="its alpha (PEFT files omit it; default the rank)")
     c.set_defaults(func=cmd_convert)
+
+    el = sub.add_parser("export-lora", help="a LoRA run's adapters as a file diffusers loads, or merged")
+    el.add_argument("checkpoint", help="a run or checkpoint folder trained with lora.rank > 0")
+    el.add_argument("--out", required=True, help="the adapters, e.g. lora.safetensors (WanPipeline.load_lora_weights)")
+    el.add_argument("--weights", default="ema", choices=["ema", "model"])
+    el.add_argument("--merged", default=None, help="also write the DiT with the adapters merged here")
+    el.add_argument("--to", default="safetensors", choices=["safetensors", "wan", "diffusers"], help="its layout")
+    el.set_defaults(func=cmd_export_lora)
 
     gc = sub.add_parser("gather-checkpoint", help="write a sharded checkpoint's networks as one safetensors each")
     gc.add_argument("checkpoint", help="a sharded checkpoint folder, or a run folder (its latest checkpoint)")

@@ -125,3 +125,22 @@ def merged_state(dit: VideoDiT) -> dict[str, torch.Tensor]:
         if ".base_layer." not in key and not is_adapter(key):
             merged[key] = value.detach().clone()
     return merged
+
+
+def original_lora_state(dit: VideoDiT) -> dict[str, torch.Tensor]:
+    """The adapters in the original Wan LoRA layout (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``,
+    ``...lora_B.weight`` and the scale as ``...alpha``), which diffusers' ``WanPipeline.load_lora_weights``
+    reads (and converts to its own names)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"diffusion_model.{name}"
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            out[f"{key}.lora_A.weight"] = a.detach().contiguous().clone()
+            out[f"{key}.lora_B.weight"] = b.detach().contiguous().clone()
+            out[f"{key}.alpha"] = torch.tensor(float(module.scaling["default"] * a.shape[0]))
+    if not out:
+        raise LoRAError("this DiT has no adapters to export (train with lora.rank > 0)")
+    return out
