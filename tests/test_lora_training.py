@@ -120,3 +120,24 @@ def test_export_lora_writes_the_adapters_and_the_merged_dit(teacher, tmp_path, c
     with pytest.raises(SystemExit):
         main(["export-lora", str(teacher), "--out", str(tmp_path / "x.safetensors")])
     assert "is not a LoRA run" in capsys.readouterr().err
+
+
+def test_lora_under_ddp_equals_one_process_with_accumulation(teacher, tmp_path):
+    from tests.test_distributed import _train_worker, spawn_ranks
+
+    def cfg(name: str, *extra: str):
+        return lora_cfg(teacher, tmp_path, f"name={name}", "steps=2", "num_threads=1", *extra)
+
+    out = str(tmp_path / "ddp_state")
+    spawn_ranks(_train_worker, cfg("ddp"), out)
+    rank0 = torch.load(f"{out}.0")
+    single = Trainer(cfg("single", "grad_accum_steps=2"))
+    draw = single.objective.exit_step  # one process plays both ranks' first rollouts (they share s*)
+    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single.train()
+    moved = False
+    for name, net in single.networks().items():
+        for key, value in net.state_dict().items():
+            assert torch.allclose(rank0[name][key], value, atol=1e-6), f"{name}.{key}"
+            moved |= is_adapter(key) and ".lora_B." in key and bool(value.abs().sum() > 0)
+    assert moved
