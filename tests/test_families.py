@@ -201,3 +201,32 @@ def test_training_starts_from_longlive_with_its_lora_merged(folder, weights, tmp
         assert torch.equal(model.dit.state_dict()[k], v), k
     with pytest.raises(ConfigError, match="init_lora merges a LoRA into a Wan DiT"):
         load_config("configs/sf_dmd_toy.yaml", [f"init_lora={lora}"])
+
+
+@pytest.mark.parametrize(
+    "name,network,decoy,prefix",
+    [  # the file, the entry its inference script reads (None: a flat state dict), another entry, key prefix
+        ("checkpoints/self_forcing_dmd.pt", "generator_ema", "generator", "model."),
+        ("CausVid/autoregressive_checkpoint/model.pt", "generator", "generator_ema", "model."),
+        ("framewise/causal_forcing.pt", "generator_ema", "generator", "model."),
+        ("rewardforcing.pt", None, None, "model."),
+        ("rolling_forcing_dmd.pt", "generator_ema", "generator", "model._fsdp_wrapped_module."),
+        ("krea-realtime-video-14b.safetensors", None, None, "model."),
+    ],
+)
+def test_training_starts_from_every_released_causal_checkpoint(folder, weights, tmp_path, name, network, decoy, prefix):
+    """``init_from`` a released causal model's file: the run's first model holds the network its own inference
+    script reads (``initial_model``, what the Trainer builds), not the file's other networks."""
+    from safetensors.torch import save_file
+
+    from selfforcing.config import load_config
+    from selfforcing.pipeline import initial_model
+
+    state = {f"{prefix}{k}": v.contiguous() for k, v in weights.items()}
+    data = state if network is None else {network: state, decoy: {k: v + 1 for k, v in state.items()}}
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(data, path) if path.suffix == ".safetensors" else torch.save(data, path)
+    cfg = load_config("configs/wan/sf_dmd_1.3b.yaml", [f"model.wan={folder}", f"init_from={path}"])
+    dit = initial_model(cfg).dit.state_dict()
+    assert all(torch.equal(dit[k], v) for k, v in weights.items())
