@@ -141,3 +141,29 @@ def test_lora_under_ddp_equals_one_process_with_accumulation(teacher, tmp_path):
             assert torch.allclose(rank0[name][key], value, atol=1e-6), f"{name}.{key}"
             moved |= is_adapter(key) and ".lora_B." in key and bool(value.abs().sum() > 0)
     assert moved
+
+
+@pytest.mark.parametrize("loss", ["dmd", "gan"])
+def test_adapters_on_the_critic_share_the_teacher_s_weights_and_resume_exactly(teacher, tmp_path, loss):
+    """lora.critic: the critic is the teacher's own weights (the same tensors) plus adapters; only the adapters
+    (and the GAN's head) train and are checkpointed; a resumed run equals an uninterrupted one."""
+    flags = ("lora.critic=true", f"distill.loss={loss}")
+    a = Trainer(lora_cfg(teacher, tmp_path, "steps=4", "name=a", *flags))
+    critic, q = a.objective.critic.dit, a.objective.teacher.dit.blocks[0].self_attn.q
+    assert critic.blocks[0].self_attn.q.base_layer.weight is q.weight  # stored once
+    optimized = {id(p) for p in a.optimizers["critic"].param_groups[0]["params"]}
+    adapters = {id(p) for n, p in critic.named_parameters() if is_adapter(n)}
+    head = {id(p) for p in a.objective.discriminator.head.parameters()} if loss == "gan" else set()
+    assert adapters and optimized == adapters | head
+    teacher_weights = {k: v.clone() for k, v in a.objective.teacher.state_dict().items()}
+    a.train()
+    assert all(torch.equal(v, teacher_weights[k]) for k, v in a.objective.teacher.state_dict().items())
+    assert all(is_adapter(k) for k in load_file(latest_checkpoint(a.run_dir) / "critic.safetensors"))
+    Trainer(lora_cfg(teacher, tmp_path, "steps=2", "name=b", *flags)).train()
+    b = Trainer(lora_cfg(teacher, tmp_path, "steps=4", "name=b", *flags))
+    b.train()
+    for name in a.networks():
+        sa, sb = a.networks()[name].state_dict(), b.networks()[name].state_dict()
+        assert all(torch.equal(v, sb[k]) for k, v in sa.items()), name
+    with pytest.raises(ConfigError, match="lora.critic needs lora.rank"):
+        sf_cfg(teacher, tmp_path, "lora.critic=true").validate()

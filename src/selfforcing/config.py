@@ -302,6 +302,7 @@ class LoRAConfig:
     rank: int = 0  # 0: train every weight
     alpha: float | None = None  # adapters scale by alpha / rank (null: alpha = rank)
     targets: list[str] = field(default_factory=list)  # DiT Linear names (empty: every Linear of the blocks)
+    critic: bool = False  # distillation: adapters on the critic too, its base the frozen teacher's own weights
 
 
 @dataclass
@@ -359,6 +360,7 @@ class TrainConfig:
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1 (1 halts at the first bad update)"),
             (self.collective_timeout_s > 0, "collective_timeout_s must be > 0 (seconds a collective may wait)"),
             (self.lora.rank >= 0, f"lora.rank must be >= 0 (0: no adapters), got {self.lora.rank}"),
+            (not self.lora.critic or self.lora.rank > 0, "lora.critic needs lora.rank > 0 (the adapters' rank)"),
             (
                 not self.lora.rank or self.distributed == "ddp" and self.checkpoint_format == "full",
                 "lora.rank > 0 trains with distributed: ddp and checkpoint_format: full for now (FSDP2 and sharded "

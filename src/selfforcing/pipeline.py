@@ -187,10 +187,13 @@ def initial_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> TextT
 
 
 def saved_keys(cfg: TrainConfig, model: torch.nn.Module) -> list[str] | None:
-    """The keys of ``model``'s state dict a checkpoint holds: a LoRA run's adapters only, else all (None)."""
+    """The keys of ``model``'s state dict a checkpoint holds: in a LoRA run, a network with adapters holds
+    only them; else all (None)."""
     from .models.lora import is_adapter
 
-    return [k for k in model.state_dict() if is_adapter(k)] if cfg.lora.rank else None
+    if not cfg.lora.rank:
+        return None
+    return [k for k in model.state_dict() if is_adapter(k)] or None
 
 
 @dataclass

@@ -24,13 +24,8 @@ class EMA:
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start = decay, start
-        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
-        if share_frozen:
-            for (name, module), twin in zip(model.named_modules(), self.model.modules(), strict=True):
-                for key, p in module.named_parameters(recurse=False):
-                    if (f"{name}.{key}" if name else key) in frozen:
-                        setattr(twin, key, p)
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad} if share_frozen else {}
+        self.model = copy.deepcopy(model, shared).requires_grad_(False).eval()  # shared: kept, not copied
 
     def decay_at(self, step: int) -> float:
         if step < self.start:

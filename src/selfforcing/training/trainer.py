@@ -163,9 +163,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_to_save(self, name: str, net: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds of network ``name``: its state dict, or a LoRA run's adapters only."""
+        """What a checkpoint holds of network ``name``: its state dict, or in a LoRA run its adapters only."""
         state = net.state_dict()
-        keys = saved_keys(self.cfg, net) if name in ("model", "ema") else None
+        keys = saved_keys(self.cfg, net)
         return state if keys is None else {k: state[k] for k in keys}
 
     def networks(self) -> dict[str, torch.nn.Module]:
@@ -231,7 +231,7 @@ class Trainer:
                 load_optimizer_state(modules, opt, state[name])
         else:
             for name, module in self.networks().items():
-                keys = saved_keys(self.cfg, module) if name in ("model", "ema") else None
+                keys = saved_keys(self.cfg, module)
                 if keys is None:
                     load_weights(module, ckpt / f"{name}.safetensors")
                 else:  # a LoRA run's adapters
