@@ -162,8 +162,8 @@ class Trainer:
         return [p for p in params if p.requires_grad] if self.cfg.lora.rank else params
 
     # -- state ---------------------------------------------------------------------------------
-    def state_to_save(self, name: str, net: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds of network ``name``: its state dict, or in a LoRA run its adapters only."""
+    def state_to_save(self, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of ``net``: its state dict, or in a LoRA run its adapters only."""
         state = net.state_dict()
         keys = saved_keys(self.cfg, net)
         return state if keys is None else {k: state[k] for k in keys}
@@ -207,7 +207,7 @@ class Trainer:
             for name, (modules, opt) in self.optimizer_owners().items():
                 state[name] = optimizer_state(modules, opt)
         else:
-            weights = {name: self.state_to_save(name, net) for name, net in self.networks().items()}
+            weights = {name: self.state_to_save(net) for name, net in self.networks().items()}
             state.update({name: opt.state_dict() for name, (_, opt) in self.optimizer_owners().items()})
         path = checkpoint_path(self.run_dir, self.step)
         if self.is_main:
