@@ -2,6 +2,9 @@
 are checkpointed; the base is frozen and stored once; resume is exact; a run loads for streaming; merging
 the adapters into the weights changes nothing."""
 
+import json
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -167,3 +170,32 @@ def test_adapters_on_the_critic_share_the_teacher_s_weights_and_resume_exactly(t
         assert all(torch.equal(v, sb[k]) for k, v in sa.items()), name
     with pytest.raises(ConfigError, match="lora.critic needs lora.rank"):
         sf_cfg(teacher, tmp_path, "lora.critic=true").validate()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_frozen_weights_in_bf16_train_in_fp32(teacher, tmp_path, lora):
+    """frozen_precision=bf16: the teacher (and a LoRA run's bases, the critic's being the teacher's) are stored
+    in bf16; everything an optimizer updates stays fp32; the run trains, resumes exactly and streams."""
+    flags = ("lora.rank=4", "lora.alpha=8", "lora.critic=true") if lora else ()
+    cfg = sf_cfg(teacher, tmp_path, "frozen_precision=bf16", "steps=2", *flags)
+    t = Trainer(cfg)
+    assert {p.dtype for p in t.objective.teacher.dit.parameters()} == {torch.bfloat16}
+    for net in (t.model.dit, t.ema.model.dit, t.objective.critic.dit):
+        dtypes = {n: p.dtype for n, p in net.named_parameters()}
+        trains = {n for n, p in net.named_parameters() if is_adapter(n)} if lora else set(dtypes)
+        assert {dtypes[n] for n in trains} == {torch.float32}, "what trains (and its average) is fp32"
+        assert {d for n, d in dtypes.items() if n not in trains} <= {torch.bfloat16}, "the frozen base is bf16"
+    for opt in t.optimizers.values():
+        assert {p.dtype for g in opt.param_groups for p in g["params"]} == {torch.float32}
+    run = t.train()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[0]["generator_grad_norm"] > 0
+    Trainer(sf_cfg(teacher, tmp_path, "frozen_precision=bf16", "steps=1", "name=b", *flags)).train()
+    b = Trainer(sf_cfg(teacher, tmp_path, "frozen_precision=bf16", "steps=2", "name=b", *flags))
+    b.train()
+    for name, net in t.networks().items():
+        other = b.networks()[name].state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in net.state_dict().items()), name
+    assert load_pipeline(run).open_stream(["a small red circle moving right"], seed=0) is not None
+    with pytest.raises(ConfigError, match="frozen_precision must be fp32 or bf16"):
+        sf_cfg(teacher, tmp_path, "frozen_precision=fp16").validate()

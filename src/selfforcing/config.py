@@ -321,6 +321,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size x this)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA)
+    # the dtype of the weights that never train: the distillation teacher, and with lora.rank the generator's
+    # and critic's bases (the adapters stay fp32). bf16 halves them; they then compute in bf16
+    frozen_precision: str = "fp32"  # fp32 | bf16
     num_threads: int = 0  # torch CPU threads, 0 = torch's default
     gradient_checkpointing: bool = False  # recompute DiT block activations in backward (less memory, ~1.3x time)
     log_every: int = 10
@@ -369,6 +372,10 @@ class TrainConfig:
             (
                 self.precision in ("fp32", "bf16", "fp16"),
                 f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+            ),
+            (
+                self.frozen_precision in ("fp32", "bf16"),
+                f"frozen_precision must be fp32 or bf16 (the frozen weights' dtype), got {self.frozen_precision!r}",
             ),
             (
                 self.data.source in ("shapes", "folder", "prompts", "latents"),

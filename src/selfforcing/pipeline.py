@@ -182,8 +182,13 @@ def initial_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> TextT
             load_network(model, resolve_checkpoint(cfg.init_from), "ema")
     if cfg.lora.rank:
         model.requires_grad_(False)
-        add_adapters(model.dit, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets) or None)
+        add_adapters(model.dit, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets) or None, frozen_dtype(cfg))
     return model
+
+
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype of a run's weights that never train (``frozen_precision``)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.frozen_precision]
 
 
 def saved_keys(cfg: TrainConfig, model: torch.nn.Module) -> list[str] | None:

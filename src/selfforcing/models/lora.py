@@ -91,14 +91,28 @@ def block_linears(dit: VideoDiT) -> list[str]:
     return [name for name, m in dit.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
 
 
-def add_adapters(dit: VideoDiT, rank: int, alpha: float | None = None, targets: list[str] | None = None) -> VideoDiT:
+def add_adapters(
+    dit: VideoDiT,
+    rank: int,
+    alpha: float | None = None,
+    targets: list[str] | None = None,
+    base_dtype: torch.dtype | None = None,
+) -> VideoDiT:
     """Fresh trainable adapters on ``targets`` (default ``block_linears``), in place: A random, B zero, so the
-    adapted DiT starts equal to the base. Everything but the adapters is frozen. Returns ``dit``."""
+    adapted DiT starts equal to the base. Everything but the adapters is frozen; ``base_dtype`` (e.g. bf16)
+    stores the frozen base in that dtype. The adapters are fp32 whatever the base's. Returns ``dit``."""
     import peft
+    from peft.tuners.lora import LoraLayer
 
+    if base_dtype is not None:
+        dit.to(base_dtype)
     names = targets or block_linears(dit)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=names)
     peft.inject_adapter_in_model(config, dit)
+    for module in dit.modules():
+        if isinstance(module, LoraLayer):  # peft makes them in the base's dtype: the optimizer's need fp32
+            module.lora_A.float()
+            module.lora_B.float()
     for name, p in dit.named_parameters():
         p.requires_grad_(is_adapter(name))
     return dit

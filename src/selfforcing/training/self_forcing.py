@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..device import cpu_randn_like
 from ..diffusion.flow_matching import add_noise, x0_from_velocity
 from ..models.lora import add_adapters
-from ..pipeline import load_pipeline, wan_model
+from ..pipeline import frozen_dtype, load_pipeline, wan_model
 from .causal_diffusion import forced_velocity
 from .dmd import Scores, dmd_generator_loss, dmd_sigma, guidance_per_video
 from .fsdp import reshard, shard_module
@@ -43,12 +43,13 @@ class SelfForcing(Objective):
         super().__init__(setup)
         cfg, d = self.cfg, self.cfg.distill
         self.teacher = self.load_teacher().eval().requires_grad_(False)
+        if not cfg.lora.critic:  # a trainable copy, in fp32 whatever the teacher's dtype
+            self.critic = copy.deepcopy(self.teacher).train()
+            self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
+        self.teacher.dit.to(frozen_dtype(cfg))
         if cfg.lora.critic:  # adapters on the critic, whose base is the teacher's own weights (stored once)
             self.critic = copy.deepcopy(self.teacher, {id(p): p for p in self.teacher.parameters()}).train()
             add_adapters(self.critic.dit, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets) or None)
-        else:
-            self.critic = copy.deepcopy(self.teacher).train()
-            self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
         for score in (self.teacher, self.critic):  # the critic trains on whole videos: recompute its blocks too
             score.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.discriminator = None

@@ -307,6 +307,7 @@ class Trainer:
         if self.all_ranks(math.isfinite(norm) and math.isfinite(loss)):  # a rank's own loss may be the bad one
             self.scaler.step(optimizer)
             self.scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # freed now: the next update's backward has their memory
             self.nonfinite_in_a_row = 0
             return norm
         optimizer.zero_grad(set_to_none=True)  # the weights and the optimizer state stay as they were
