@@ -38,3 +38,5 @@ python3 benchmarks/wan_streaming.py $W $C --streams 2 --lengths 1 --out "$OUT/wa
 python3 benchmarks/memory.py $M --out "$OUT/memory_$S.json"
 python3 benchmarks/memory.py --training $M --out "$OUT/memory_training_$S.json"
 python3 benchmarks/training_step.py $T --cycles 1 --out "$OUT/training_step_wan_$S.json"
+python3 benchmarks/training_step.py $T --cycles 1 --recipes wan/sf_dmd_1.3b_1gpu_80gb.yaml wan/sf_dmd_1.3b_1gpu_48gb.yaml \
+    --out "$OUT/training_step_wan_1gpu_$S.json"

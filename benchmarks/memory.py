@@ -9,9 +9,9 @@ peak is what ``torch.cuda.max_memory_allocated`` reports on a GPU.
     python benchmarks/memory.py                 # the table: 1.3B and 14B, every option (~10 min on 2 cores)
     python benchmarks/memory.py --check         # the same code at a small size, fake vs a real allocation
     python benchmarks/memory.py --device cuda   # on a GPU: each row for real, beside the stored fake figure
-    python benchmarks/memory.py --training      # one SF + DMD training step per GPU at 1, 8, 64 GPUs (FSDP2)
+    python benchmarks/memory.py --training      # one SF + DMD training step per GPU: 1, 8, 64 GPUs; one-GPU recipes
 
-``--training`` (benchmarks/memory_training.py) runs the 1.3B recipe's own trainer for one step as rank 0
+``--training`` (benchmarks/memory_training.py) runs each 1.3B recipe's own trainer for one step as rank 0
 of a fake process group, with ``--check`` and ``--device cuda`` as for the streaming rows.
 
 Rows: the Wan VAE or the TAEW2.1 preview decoder; umT5 resident on the GPU or offloaded (on the CPU,
@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="chunks per stream (default: 7 with the preview decoder, whose peak comes when the cache is full; 3 "
         "with the VAE, whose decoding peaks from the second chunk on, above any DiT step)",
     )
-    p.add_argument("--training", action="store_true", help="(c): one SF + DMD training step of the 1.3B recipe")
+    p.add_argument("--training", action="store_true", help="one SF + DMD training step of each 1.3B recipe")
     p.add_argument("--gpus", type=int, nargs="+", default=None, help="with --training: GPU counts (1 8 64)")
+    p.add_argument("--recipes", nargs="+", default=None, help="with --training: recipe names (configs/wan/NAME.yaml)")
     p.add_argument("--out", default=None)
     p.add_argument("--real-cpu", default=None, help=argparse.SUPPRESS)  # --check's measuring subprocess
     p.add_argument("--training-step", default=None, help=argparse.SUPPRESS)  # --training's subprocess
@@ -274,10 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.training_step:
         return memory_training.one_step(args.training_step)
     if args.training:
-        results, cols = memory_training.table(args.check, args.device, args.gpus)
+        results, cols = memory_training.table(args.check, args.device, args.recipes, args.gpus)
         print_table(results, cols)
         meta = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-        meta["settings"] = "configs/wan/sf_dmd_1.3b.yaml as it is (bf16, FSDP2, gradient checkpointing), batch 1 a GPU"
+        meta["settings"] = "each recipe as it is (bf16, gradient checkpointing), one video a micro-batch and an update"
         name = f"memory_training{'_check' if args.check else ''}{'_cuda' if args.device == 'cuda' else ''}.json"
         path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
         return save(path, "memory.py", argv, meta, results)

@@ -1,11 +1,13 @@
-"""Peak memory per GPU of one Self Forcing + DMD training step of the 1.3B recipe, under FSDP2 on N GPUs.
+"""Peak memory per GPU of one Self Forcing + DMD training step of the 1.3B recipes: the reference recipe under
+FSDP2 on N GPUs, and the two one-GPU recipes (80 GB: every weight trained; 48 GB: LoRA).
 
-    python benchmarks/memory.py --training           # 1, 8 and 64 GPUs (~15 min on 2 cores)
+    python benchmarks/memory.py --training           # the five rows (~25 min on 2 cores)
     python benchmarks/memory.py --training --check   # a small DiT: the fake figure against a real step's RSS
     python benchmarks/memory.py --training --device cuda   # on a GPU: the 1-GPU row for real
 
-The recipe (configs/wan/sf_dmd_1.3b.yaml) runs as it is: bf16, FSDP2, gradient checkpointing, 21 latent
-frames of 832x480, one video per GPU. Its own trainer takes one step (``Trainer.train_step``
+Each recipe (configs/wan/sf_dmd_1.3b*.yaml) runs as it is (bf16, gradient checkpointing, 21 latent frames of
+832x480, one video a micro-batch), with one micro-batch an update: accumulating more adds no memory (the
+gradients are there from the first micro-batch's backward on). Its own trainer takes one step (``Trainer.train_step``
 at step 0: the generator's rollout with gradient at the exit step, the DMD loss through the teacher
 with CFG and the critic, the critic's rollout and flow-matching loss, both backward passes and both
 optimizers' first step, which creates their state). It runs as rank 0 of a process group of N ranks
@@ -47,7 +49,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "wan" / "sf_dmd_1.3b.yaml"
+RECIPES = ROOT / "configs" / "wan"
 GIB = 2**30
 PROMPTS = ["a red fox runs through snow", "waves break on a rocky shore at dusk", "a city street in the rain"]
 # the DiT and video of each size: the recipe's, and a small one this machine trains for real (--check)
@@ -68,7 +70,13 @@ SIZES = {
         width=224,
     ),
 }
-TABLE = [1, 8, 64]
+TABLE = [  # (recipe, GPUs)
+    ("sf_dmd_1.3b", 1),
+    ("sf_dmd_1.3b", 8),
+    ("sf_dmd_1.3b", 64),
+    ("sf_dmd_1.3b_1gpu_80gb", 1),
+    ("sf_dmd_1.3b_1gpu_48gb", 1),
+]
 
 
 def write_folder(size: str, out: Path) -> Path:
@@ -154,21 +162,28 @@ def read_weights_outside() -> None:
 
 
 def stay_put() -> None:
-    """``module.to(device)`` of a module already there returns it. (It would swap every fake parameter for
-    itself, which fake parameters loaded from a file refuse: their converter still refers to them.)"""
+    """``module.to(device)`` of a module already there returns it, and ``module.to(dtype)`` of fake parameters
+    casts each in place (``param.data``, as ``Module.to`` does for real ones). (``Module.to`` would swap every fake
+    parameter, which fake parameters loaded from a file refuse: their converter still refers to them.)"""
     to = torch.nn.Module.to
 
     def to_unless_there(module, *args, **kwargs):
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         tensors = [*module.parameters(), *module.buffers()]
-        if dtype is None and (device is None or all(t.device == device for t in tensors)):
-            return module
+        if device is None or all(t.device == device for t in tensors):
+            if dtype is None:
+                return module
+            if any(isinstance(t, FakeTensor) for t in tensors):
+                for t in tensors:
+                    if t.is_floating_point() and t.dtype != dtype:
+                        t.data = t.data.to(dtype)
+                return module
         return to(module, *args, **kwargs)
 
     torch.nn.Module.to = to_unless_there
 
 
-def recipe(size: str, folder: Path, out: Path, device: str):
+def recipe(name: str, size: str, folder: Path, out: Path, device: str):
     from selfforcing.config import load_config
 
     s = SIZES[size]
@@ -183,8 +198,9 @@ def recipe(size: str, folder: Path, out: Path, device: str):
         f"data.height={s['height']}",
         f"data.width={s['width']}",
         f"device={device}",
+        "grad_accum_steps=1",
     ]
-    return load_config(RECIPE, overrides)
+    return load_config(RECIPES / f"{name}.yaml", overrides)
 
 
 def hand_over_embeddings(cfg) -> None:
@@ -198,8 +214,8 @@ def hand_over_embeddings(cfg) -> None:
         lazy.encoder.cache[clean_prompt(p)] = torch.randn(64, lazy.dim, generator=g)
 
 
-def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -> dict:
-    """One training step of the recipe as rank 0 of ``world``: its peak memory (GiB) and parts."""
+def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu", name: str = "sf_dmd_1.3b") -> dict:
+    """One training step of the recipe ``name`` as rank 0 of ``world``: its peak memory (GiB) and parts."""
     import torch.distributed as dist
     from memory import peak_tracker
 
@@ -213,7 +229,7 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     out = Path(tempfile.mkdtemp(dir=folder.parent))  # removed with the folder
-    cfg = recipe(size, folder, out, device)
+    cfg = recipe(name, size, folder, out, device)
     hand_over_embeddings(cfg)
     if not fake:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -247,7 +263,7 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
     def total(kind: str) -> int:
         return sum(s["Total"] for s in tracker.get_tracker_snapshot(kind).values())
 
-    params = [p for n in networks for p in n.parameters()]
+    params = list({id(p): p for n in networks for p in n.parameters()}.values())  # a LoRA run shares its bases
     states = [v for o in trainer.optimizers.values() for s in o.state.values() for v in s.values()]
     parts = {
         "peak": total("peak"),
@@ -259,15 +275,15 @@ def step(size: str, world: int, folder: Path, fake: bool, device: str = "cpu") -
     return {f"{k}_gib": round(v / GIB, 2) for k, v in parts.items() if k != "grads"} | {"bytes": parts}
 
 
-def run_row(size: str, world: int, folder: Path, fake: bool, device: str) -> dict:
+def run_row(size: str, world: int, folder: Path, fake: bool, device: str, name: str = "sf_dmd_1.3b") -> dict:
     """``step`` in a fresh process (its own process group, caches and peak), with glibc told to give freed
     blocks back at once so that RSS follows the live tensors."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    spec = json.dumps(dict(size=size, world=world, folder=str(folder), fake=fake, device=device))
+    spec = json.dumps(dict(size=size, world=world, folder=str(folder), fake=fake, device=device, name=name))
     cmd = [sys.executable, str(Path(__file__).with_name("memory.py")), "--training-step", spec]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
-        raise RuntimeError(f"{size} on {world} GPUs failed:\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"{name} at size {size} on {world} GPUs failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -276,39 +292,50 @@ def one_step(spec: str) -> None:
     s = json.loads(spec)
     import diffusers  # noqa: F401  (imports are not what --check measures)
 
-    print(json.dumps(step(s["size"], s["world"], Path(s["folder"]), s["fake"], s["device"])))
+    print(json.dumps(step(s["size"], s["world"], Path(s["folder"]), s["fake"], s["device"], s["name"])))
 
 
-def table(check: bool, device: str, worlds: list[int] | None) -> tuple[list[dict], list[str]]:
+def table(
+    check: bool, device: str, recipes: list[str] | None, worlds: list[int] | None
+) -> tuple[list[dict], list[str]]:
+    """The rows of ``TABLE`` whose recipe is in ``recipes`` and GPU count in ``worlds`` (default: every row; with
+    --check or on a GPU, the one-GPU rows)."""
     size = "small" if check else "1.3b"
-    worlds = worlds or ([1] if check or device == "cuda" else TABLE)
-    rows = []
+    rows = [
+        (name, world)
+        for name, world in TABLE
+        if (recipes is None or name in recipes)
+        and (world in worlds if worlds else world == 1 or not (check or device == "cuda"))
+    ]
+    if not rows:
+        raise SystemExit(f"no row of the table is {recipes} on {worlds} GPUs: the rows are {TABLE}")
+    results = []
     table_file = ROOT / "benchmarks" / "results" / "memory_training.json"
     stored = {r["row"]: r for r in json.loads(table_file.read_text())["rows"]} if table_file.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         folder = write_folder(size, Path(tmp) / "wan")
         print(f"wrote a random {size} Wan folder in {time.perf_counter() - t0:.0f} s", flush=True)
-        for world in worlds:
+        for name, world in rows:
             t0 = time.perf_counter()
             s = SIZES[size]
-            r = {"row": f"{size} SF+DMD step, {world} GPU{'s' if world > 1 else ''}", "gpus": world}
-            r |= {"video": f"{s['frames']}x{s['height']}x{s['width']}"}
+            r = {"row": f"{name.replace('1.3b', size)}, {world} GPU{'s' if world > 1 else ''}", "gpus": world}
+            r |= {"recipe": f"configs/wan/{name}.yaml", "video": f"{s['frames']}x{s['height']}x{s['width']}"}
             if device == "cuda" and r["row"] in stored:  # the fake figure is not recomputed on the GPU machine
                 r.update(
                     {k: stored[r["row"]][k] for k in ("peak_gib", "weights_gib", "optimizer_gib", "between_steps_gib")}
                 )
             else:
-                r.update(run_row(size, world, folder, fake=True, device="cpu"))
+                r.update(run_row(size, world, folder, fake=True, device="cpu", name=name))
             if check:
-                r.update(run_row(size, world, folder, fake=False, device="cpu"))
+                r.update(run_row(size, world, folder, fake=False, device="cpu", name=name))
                 r["fake_vs_real"] = round(r["peak_gib"] / r["rss_gib"] - 1, 3)
             if device == "cuda":
-                r.update(run_row(size, world, folder, fake=False, device="cuda"))
+                r.update(run_row(size, world, folder, fake=False, device="cuda", name=name))
                 r["fake_vs_cuda"] = round(r["peak_gib"] / r["cuda_peak_gib"] - 1, 3)
             r["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(r)
+            results.append(r)
             print(json.dumps(r), flush=True)
     cols = ["row", "peak_gib", "weights_gib", "optimizer_gib", "between_steps_gib"]
-    cols += [c for c in ("rss_gib", "fake_vs_real", "cuda_peak_gib", "fake_vs_cuda") if c in rows[0]]
-    return rows, cols
+    cols += [c for c in ("rss_gib", "fake_vs_real", "cuda_peak_gib", "fake_vs_cuda") if c in results[0]]
+    return results, cols

@@ -92,6 +92,7 @@ def run_one(recipe: str, args: argparse.Namespace) -> dict:
         if args.wan:  # the recipe as it is, on the random folder, one process
             a, v = Path(args.assets), WAN_SIZES[args.wan]
             overrides += [f"model.wan={a / 'wan'}", "init_from=''", "model.text_cache=''", "distributed=ddp"]
+            overrides.append("grad_accum_steps=1")  # a step is one micro-batch (the 1-GPU recipes accumulate 64)
             overrides += [f"data.prompts={a / 'prompts.txt'}", f"data.latents={a / 'latents'}"]
             overrides += [f"data.{k}={n}" for k, n in v.items()]
             if args.device == "cpu":

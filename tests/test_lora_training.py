@@ -161,6 +161,7 @@ def test_adapters_on_the_critic_share_the_teacher_s_weights_and_resume_exactly(t
     teacher_weights = {k: v.clone() for k, v in a.objective.teacher.state_dict().items()}
     a.train()
     assert all(torch.equal(v, teacher_weights[k]) for k, v in a.objective.teacher.state_dict().items())
+    assert not any(p.requires_grad or p.grad is not None for p in a.objective.teacher.parameters())  # stays frozen
     assert all(is_adapter(k) for k in load_file(latest_checkpoint(a.run_dir) / "critic.safetensors"))
     Trainer(lora_cfg(teacher, tmp_path, "steps=2", "name=b", *flags)).train()
     b = Trainer(lora_cfg(teacher, tmp_path, "steps=4", "name=b", *flags))

@@ -111,8 +111,8 @@ def add_adapters(
     peft.inject_adapter_in_model(config, dit)
     for module in dit.modules():
         if isinstance(module, LoraLayer):  # peft makes them in the base's dtype: the optimizer's need fp32
-            module.lora_A.float()
-            module.lora_B.float()
+            module.lora_A.to(torch.float32)
+            module.lora_B.to(torch.float32)
     for name, p in dit.named_parameters():
         p.requires_grad_(is_adapter(name))
     return dit

@@ -62,7 +62,8 @@ class SelfForcing(Objective):
             self.shard(self.critic)
             if self.discriminator is not None:
                 shard_module(self.discriminator.head, self.mesh)
-        self.critic_params = [p for module in self.trainable("critic") for p in module.parameters()]
+        # what the critic's optimizer updates (with lora.critic its adapters: its base is the frozen teacher's)
+        self.critic_params = [p for module in self.trainable("critic") for p in module.parameters() if p.requires_grad]
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
         self.rollout_frames, self.score_frames = self.rollout_window(f)
