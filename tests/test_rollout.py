@@ -1,6 +1,7 @@
 """The Self Forcing rollout: the inference code path, with gradient only through each chunk's exit step."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -186,3 +187,29 @@ def test_a_chunk_straddling_the_grad_window_is_trained():
     want = torch.autograd.grad((rollout(None) * weights).sum(), params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fpb,window,sink,context", [(3, 0, 0, 0), (1, 3, 1, 0), (3, 0, 0, 100), (3, 0, 0, -1)])
+def test_a_rollout_from_a_given_first_frame_is_the_image_to_video_stream(fpb, window, sink, context):
+    """``first``: the given latent committed clean at position 0 as VideoStream commits an image, the rollout
+    then generating at positions 1, 1 + fpb, ... : the same video as the stream with that image (whatever
+    the window, sink or context noise), starting with the given frame."""
+    from selfforcing.inference.video_stream import VideoStream
+
+    t2v = tiny_t2v()
+    first_steps = [1000.0, 750.0, 500.0, 100.0] if context < 0 else []  # -1: the first generated chunk its own steps
+    causal = CausalConfig(
+        fpb, window=window, sink=sink, context_timestep=max(context, 0), first_chunk_steps=first_steps
+    )
+    image = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        text_kv = t2v.dit.text_kv(*t2v.encode_text(PROMPTS))
+        g = torch.Generator().manual_seed(5)
+        video = self_forcing_rollout(t2v, text_kv, (2, 6, 3, 8, 8), causal, 4, g, first=image[:, None])
+        settings = dataclasses.replace(causal, window=causal.window or 7)  # a stream of 7 frames, the image first
+        stream = VideoStream(t2v, IdentityCodec(), PROMPTS, 8, 8, settings, seed=5, image=image, length=7)
+        streamed = torch.cat([next(stream).latents for _ in range(1 + 6 // fpb)], dim=1)
+        plain = self_forcing_rollout(t2v, text_kv, (2, 6, 3, 8, 8), causal, 4, torch.Generator().manual_seed(5))
+    assert video.shape == (2, 7, 3, 8, 8) and torch.equal(video[:, 0], image)
+    torch.testing.assert_close(video, streamed, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(video[:, 1:], plain, atol=1e-3)  # the first frame conditions what follows

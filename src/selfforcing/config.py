@@ -277,6 +277,11 @@ class DistillConfig:
     # + regression_weight x the ODE-regression loss on ode.pairs (DMD1's regression term): anchors the
     # generator to the teacher's ODE outputs while it trains on DMD/SiD/GAN; 0 = off
     regression_weight: float = 0.0
+    # image-to-video: each rollout starts from the first latent frame of a real video of the batch (the data's
+    # first frame, encoded alone), committed clean as a stream commits an image; the generated frames follow
+    # (data.frames' latent frames minus that one: a whole number of chunks) and the losses score the video
+    # with its given first frame. Self Forcing, on videos (not data.source=prompts)
+    image_to_video: bool = False
 
 
 PARADIGMS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
@@ -436,6 +441,19 @@ class TrainConfig:
                 f"distill.paradigm={self.distill.paradigm} with distill.loss={self.distill.loss} is not implemented; "
                 f"choose one of {sorted(COMBINATIONS)}",
             ),
+            (
+                not self.distill.image_to_video
+                or self.stage == "causal"
+                and self.distill.paradigm == "self_forcing"
+                and self.data.source != "prompts",
+                "distill.image_to_video trains a Self Forcing rollout from the first frames of real videos: it needs "
+                "stage causal, distill.paradigm self_forcing and a data.source with videos (shapes, folder, latents)",
+            ),
+            (
+                not self.distill.image_to_video or not (self.distill.rollout_frames or self.distill.score_frames),
+                "distill.image_to_video rolls out and scores the data's length: leave distill.rollout_frames and "
+                "distill.score_frames at 0",
+            ),
             (self.distill.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step must be >= 1"),
             (self.distill.critic_warmup_steps >= 0, "distill.critic_warmup_steps must be >= 0"),
             (
@@ -458,7 +476,8 @@ class TrainConfig:
             raise ConfigError(str(e)) from e
         if self.causal is not None:
             try:
-                self.causal.validate(self.data.frames)
+                # image-to-video: the objective checks the generated latent frames (the codec knows how many)
+                self.causal.validate(None if self.distill.image_to_video else self.data.frames)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
             if self.causal.first_chunk_steps:

@@ -124,6 +124,7 @@ def causal_chunks(
     grad: bool = False,
     grad_frames: int | None = None,
     guidance: float = 1.0,
+    first: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The chunk loop against a KV cache: yields ``(start, x0 [B, fpb, C, H, W])`` for latents ``shape =
     (B, F, C, H, W)``, and commits each chunk but the last when the consumer asks for the next one.
@@ -133,30 +134,36 @@ def causal_chunks(
     all) carry gradient. ``window`` defaults to ``settings.window`` or the whole video. Streaming and
     the Self Forcing rollout both run this loop. ``guidance != 1``: classifier-free guidance, with
     ``text_kv`` for 2B rows (prompts, then empty prompts) and a cache of 2B rows, each branch
-    committing its own keys/values of the same chunk.
+    committing its own keys/values of the same chunk. ``first``: a given first latent frame ``[B, 1, C, H, W]``
+    (image-to-video), committed clean at position 0 as ``VideoStream`` commits an image, and not yielded; the
+    ``F`` generated frames follow at positions 1, 1 + fpb, ...
     """
     b, f, c, h, w = shape
     fpb = settings.frames_per_block
     settings.validate(f)
     p = next(model.dit.parameters())
     _, gh, gw = model.dit.token_grid(fpb, h, w)
-    window = window or settings.window or f
+    given = 0 if first is None else first.shape[1]
+    window = window or settings.window or given + f
     rows = b if guidance == 1.0 else 2 * b
     cache = KVCache.for_model(model.dit, rows, gh * gw, fpb, window, settings.sink, **settings.cache_options())
     # every chunk but the last is committed; when they all fit no frame is overwritten, so a checkpointed
     # exit-step forward keeps views of the cache instead of copies (the whole context, per chunk and layer)
-    cache.append_only = f - fpb <= cache.capacity
+    cache.append_only = given + f - fpb <= cache.capacity
+    if first is not None:
+        x_first = first.detach().to(p.device)
+        commit_chunk(model, x_first if rows == b else torch.cat([x_first, x_first]), 0.0, text_kv, cache, 0)
     first_sigmas, sigmas = settings.sigmas(0).to(p.device), settings.sigmas().to(p.device)
     ctx_sigma = settings.context_timestep / 1000.0
-    first_trained = 0 if grad_frames is None else f - grad_frames
-    for start in range(0, f, fpb):
+    first_trained = given + (0 if grad_frames is None else f - grad_frames)
+    for start in range(given, given + f, fpb):
         trained = grad and start + fpb > first_trained
         noise = to_device(torch.randn(b, fpb, c, h, w, generator=generator), p.device)
-        levels = first_sigmas if start == 0 else sigmas
+        levels = first_sigmas if start == given else sigmas
         x0 = denoise_chunk(
             model, noise, levels, text_kv, cache, start, generator, exit_step, trained, guidance, settings.zero_sigma
         )
-        if start + fpb == f:  # the last chunk: no later chunk reads its keys/values, so no commit
+        if start + fpb == given + f:  # the last chunk: no later chunk reads its keys/values, so no commit
             yield start, x0
             return
         x_ctx = commit_input(x0.detach(), ctx_sigma, generator)

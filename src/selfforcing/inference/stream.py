@@ -213,7 +213,10 @@ def generate_stream(
     settings: CausalConfig | None = None,
     seed: int = 0,
     guidance_scale: float = 1.0,
+    image: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole streamed video at once: ``[B, frames, 3, H, W]`` in [-1, 1]."""
-    chunks = stream_video(model, codec, prompts, frames, height, width, settings, seed, guidance_scale=guidance_scale)
+    """The whole streamed video at once: ``[B, frames, 3, H, W]`` in [-1, 1] (``image``: its first frame)."""
+    chunks = stream_video(
+        model, codec, prompts, frames, height, width, settings, seed, guidance_scale=guidance_scale, image=image
+    )
     return torch.cat([chunk.frames for chunk in chunks], dim=1)

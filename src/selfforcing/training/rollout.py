@@ -33,13 +33,17 @@ def self_forcing_rollout(
     grad_frames: int | None = None,
     window: int | None = None,
     grad: bool = True,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate a video of latent ``shape = (B, F, C, H, W)``: the x0 of each chunk's exit step.
 
     The streaming chunk loop (``causal_chunks``), so with ``exit_step = S`` the rollout is the streamed
     video. With ``grad``, gradient reaches the generator only through each chunk's exit-step forward,
     and only for chunks that overlap the last ``grad_frames`` frames (default: all). ``window``:
-    KV-cache window in frames (default ``causal.window``, or the whole video).
+    KV-cache window in frames (default ``causal.window``, or the whole video). ``first``: image-to-video,
+    a given first latent frame ``[B, 1, C, H, W]`` committed clean before the ``F`` generated frames; the
+    video returned starts with it (``[B, 1 + F, C, H, W]``, no gradient through the first frame).
     """
-    chunks = causal_chunks(model, text_kv, shape, causal, generator, window, exit_step, grad, grad_frames)
-    return torch.cat([x0 for _, x0 in chunks], dim=1)
+    chunks = causal_chunks(model, text_kv, shape, causal, generator, window, exit_step, grad, grad_frames, first=first)
+    generated = [x0 for _, x0 in chunks]
+    return torch.cat(generated if first is None else [first.to(generated[0]), *generated], dim=1)

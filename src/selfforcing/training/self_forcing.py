@@ -66,7 +66,18 @@ class SelfForcing(Objective):
         self.critic_params = [p for module in self.trainable("critic") for p in module.parameters() if p.requires_grad]
         f, c, h, w = self.codec.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
         self.latent_shape = (f, c, h, w)
-        self.rollout_frames, self.score_frames = self.rollout_window(f)
+        self.given = 1 if d.image_to_video else 0  # latent frames given, not generated: the first
+        if self.given and self.codec.temporal_compression != 1 and not self.codec.keeps_first_frame:
+            name = type(self.codec).__name__
+            raise ConfigError(f"distill.image_to_video needs a codec that encodes a frame alone; {name} does not")
+        if self.given and (f - 1) % cfg.causal.frames_per_block:
+            fpb = cfg.causal.frames_per_block
+            raise ConfigError(
+                f"distill.image_to_video: data.frames={cfg.data.frames} is {f} latent frames, the given first one and "
+                f"{f - 1} to generate, which is not a whole number of chunks of {fpb}: use data.frames="
+                f"{self.codec.pixel_frames(1 + -(-(f - 1) // fpb) * fpb)}"
+            )
+        self.rollout_frames, self.score_frames = self.rollout_window(f - self.given)
         self.pairs = None
         if d.regression_weight > 0:
             self.pairs, self.levels = load_student_pairs(cfg, self.codec)
@@ -135,16 +146,25 @@ class SelfForcing(Objective):
         outputs, and by the GAN as the real side). Self Forcing: the generator's own rollout."""
         real, prompts = self.batch(g)
         if self.cfg.distill.paradigm == "self_forcing":
-            video = self.rollout(prompts, g, grad, self.exit_step(kind, k, step), self.rollout_end(kind, k, step))
+            first = self.latents(real[:, :1]) if self.given else None  # image-to-video: the real first frame
+            end = self.rollout_end(kind, k, step)
+            video = self.rollout(prompts, g, grad, self.exit_step(kind, k, step), end, first)
             return video, prompts, real
         return self.forced_output(real, prompts, g, grad), prompts, real
 
     def rollout(
-        self, prompts: list[str], g: torch.Generator, grad: bool, exit_step: int | None = None, frames: int = 0
+        self,
+        prompts: list[str],
+        g: torch.Generator,
+        grad: bool,
+        exit_step: int | None = None,
+        frames: int = 0,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The generator's video for ``prompts`` ([B, F, C, H, W], F = ``frames`` or ``rollout_frames``),
         chunk by chunk against its own KV cache as at inference, with gradient at the exit step only; the
-        exit step is drawn from ``g`` if not given."""
+        exit step is drawn from ``g`` if not given. ``first`` (image-to-video): the given first latent frame
+        ``[B, 1, C, H, W]``, committed clean before them and returned in front of them."""
         c = self.cfg
         if exit_step is None:
             exit_step = draw_exit_step(len(c.causal.denoising_steps), g)
@@ -160,6 +180,7 @@ class SelfForcing(Objective):
                 g,
                 grad_frames=self.score_frames,  # no loss reaches the chunks before the scored window
                 grad=grad,
+                first=first,
             )
 
     def exit_step(self, kind: str, k: int, step: int) -> int:
@@ -211,8 +232,9 @@ class SelfForcing(Objective):
         return rollout, score
 
     def scored(self, video: torch.Tensor) -> torch.Tensor:
-        """The part of a video ``[B, F, ...]`` the losses see: its last ``score_frames`` frames."""
-        return video[:, -self.score_frames :]
+        """The part of a video ``[B, F, ...]`` the losses see: its last ``score_frames`` frames (image-to-video:
+        with the given first frame in front of them, the whole video)."""
+        return video[:, -(self.score_frames + self.given) :]
 
     def forced_output(self, video: torch.Tensor, prompts: list[str], g: torch.Generator, grad: bool) -> torch.Tensor:
         """Teacher/Diffusion Forcing + DMD (CausVid): the generator's x0 for real videos noised to a random

@@ -69,7 +69,7 @@ from .fsdp import (
     sharded_state,
 )
 from .objective import STREAMS, Objective, Setup, step_seed
-from .samples import sample_videos, write_samples
+from .samples import sample_images, sample_videos, write_samples
 
 OPTIMIZER_NAMES = {"generator": "optimizer", "critic": "critic_optimizer"}  # their names in a checkpoint
 
@@ -154,7 +154,8 @@ class Trainer:
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient (optimizer_step)
         self.nonfinite_in_a_row = 0
         self._loss_modules: dict[str, torch.nn.Module] = {}
-        self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)[1]  # fixed prompts for samples
+        real, self.sample_prompts = self.batches(10_000 + cfg.seed, cfg.num_samples)  # fixed prompts for samples
+        self.sample_images = sample_images(cfg, self.codec, real, self.device)  # an image-to-video run's first frames
 
     def trained_parameters(self, kind: str) -> list[torch.nn.Parameter]:
         """What the optimizer of ``kind`` updates: its networks' parameters (with ``lora.rank``, the adapters)."""
@@ -351,7 +352,7 @@ class Trainer:
     @torch.no_grad()
     def sample(self, tag: str) -> dict[str, float]:
         """Sample the fixed prompts with the EMA weights, write a captioned grid, score it with the analyser."""
-        videos = sample_videos(self.cfg, self.ema.model, self.codec, self.sample_prompts).cpu()
+        videos = sample_videos(self.cfg, self.ema.model, self.codec, self.sample_prompts, self.sample_images).cpu()
         if not self.is_main:
             return {}
         return write_samples(self.cfg, videos, self.sample_prompts, self.run_dir / "samples" / f"{tag}.gif")
