@@ -200,3 +200,35 @@ def test_frozen_weights_in_bf16_train_in_fp32(teacher, tmp_path, lora):
     assert load_pipeline(run).open_stream(["a small red circle moving right"], seed=0) is not None
     with pytest.raises(ConfigError, match="frozen_precision must be fp32 or bf16"):
         sf_cfg(teacher, tmp_path, "frozen_precision=fp16").validate()
+
+
+def test_a_full_rank_lora_run_sees_the_full_run_s_gradients_through_its_adapters(teacher, tmp_path):
+    """A LoRA run and a full run from the same weights (the full DiT = the adapted one merged) compute the same
+    Self Forcing + DMD loss on the same draws, and at full rank (r >= every Linear's sides) the adapters'
+    gradients are exactly the full run's weight gradient G seen through them: dL/dB = s G A^T and
+    dL/dA = s B^T G, s = alpha / r. (The trajectories then differ by the parametrisation, as they must: AdamW
+    on (A, B) is not AdamW on W.)"""
+    from peft.tuners.lora import LoraLayer
+
+    full = Trainer(sf_cfg(teacher, tmp_path, "name=full"))
+    lora = Trainer(sf_cfg(teacher, tmp_path, "name=lora", "lora.rank=64", "lora.alpha=32"))
+    layers = {name: m for name, m in lora.model.dit.named_modules() if isinstance(m, LoraLayer)}
+    assert all(max(m.in_features, m.out_features) <= 64 for m in layers.values())  # full rank
+    torch.manual_seed(0)
+    with torch.no_grad():  # a state away from the start: B = 0 would make dL/dA vanish
+        for m in layers.values():
+            m.lora_B["default"].weight.normal_(std=0.05)
+    full.model.dit.load_state_dict(merged_state(lora.model.dit))
+    loss_full, _ = full.micro_loss("generator", 0)
+    loss_lora, _ = lora.micro_loss("generator", 0)
+    torch.testing.assert_close(loss_lora, loss_full, rtol=1e-4, atol=1e-6)
+    loss_full.backward()
+    loss_lora.backward()
+    weights = dict(full.model.dit.named_parameters())
+    for name, m in layers.items():
+        g = weights[f"{name}.weight"].grad
+        a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+        scale = g.abs().max()
+        torch.testing.assert_close(b.grad / scale, s * g @ a.T / scale, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a.grad / scale, s * b.T @ g / scale, rtol=1e-3, atol=1e-4)
+    assert any(m.lora_A["default"].weight.grad.abs().sum() > 0 for m in layers.values())
