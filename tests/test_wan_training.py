@@ -170,8 +170,8 @@ def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder,
 ENCODE_SIZE = ["--frames", "21", "--height", "32", "--width", "48", "--shard-size", "2", "--device", "cpu"]
 
 
-def write_video_folder(videos):
-    """Three random 21-frame clips of 32x48 with their prompts (prompts.jsonl)."""
+def write_video_folder(videos, frames: int = 21):
+    """Three random clips of ``frames`` frames of 32x48 with their prompts (prompts.jsonl)."""
     import json
 
     from selfforcing.data.video_io import write_video
@@ -180,8 +180,8 @@ def write_video_folder(videos):
     g = torch.Generator().manual_seed(0)
     lines = []
     for i, prompt in enumerate(["a red circle moving right", "the cat walks on grass", "a small blue triangle"]):
-        frames = (torch.rand(21, 32, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-        write_video(videos / f"clip{i}.gif", frames, fps=8)
+        clip = (torch.rand(frames, 32, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        write_video(videos / f"clip{i}.gif", clip, fps=8)
         lines.append(json.dumps({"file": f"clip{i}.gif", "prompt": prompt}))
     (videos / "prompts.jsonl").write_text("\n".join(lines))
     return videos
@@ -196,6 +196,7 @@ def write_video_folder(videos):
         "df_dmd_1.3b",
         "sf_dmd_1.3b_1gpu_80gb",
         "sf_dmd_1.3b_1gpu_48gb",
+        "sf_dmd_i2v_1.3b",
     ],
 )
 def test_every_wan_recipe_trains_at_a_tiny_size(wan_folder, tmp_path, name):
@@ -208,15 +209,18 @@ def test_every_wan_recipe_trains_at_a_tiny_size(wan_folder, tmp_path, name):
     extra = ["steps=2"]
     needs_videos = "source: latents" in (ROOT / f"configs/wan/{name}.yaml").read_text()
     if needs_videos:
-        videos = write_video_folder(tmp_path / "videos")
+        videos = write_video_folder(tmp_path / "videos", 25 if "i2v" in name else 21)
         encode = ["encode-videos", "--model", str(wan_folder), "--folder", str(videos), "--out", str(tmp_path / "lat")]
-        main(encode + ENCODE_SIZE)
+        size = ENCODE_SIZE if "i2v" not in name else ["--frames", "25", *ENCODE_SIZE[2:]]  # 1 + 6 latent frames
+        main(encode + size)
         extra.append(f"data.latents={tmp_path / 'lat'}")
+        extra += ["data.frames=25"] if "i2v" in name else []
     cfg = load_config(f"configs/wan/{name}.yaml", [*tiny_overrides(wan_folder, tmp_path, name), *extra])
     assert cfg.causal.frames_per_block == (1 if "framewise" in name else 3)
     assert cfg.data.source == ("latents" if needs_videos else "prompts")
     paradigm = {"sf": "self_forcing", "tf": "teacher_forcing", "df": "diffusion_forcing"}[name[:2]]
     assert (cfg.distill.paradigm, cfg.distill.loss) == (paradigm, name.split("_")[1])
+    assert cfg.distill.image_to_video == ("i2v" in name)  # from the first latent frame of each real video
     if "1gpu" in name:  # the one-GPU recipes: the reference's batch by accumulation, the teacher in bf16
         assert (cfg.batch_size, cfg.grad_accum_steps, cfg.frozen_precision) == (1, 64, "bf16")
         assert cfg.lora.rank == (256 if "48gb" in name else 0)
