@@ -58,8 +58,8 @@ def test_a_lora_run_resumes_exactly_and_loads_for_streaming(teacher, tmp_path):
     want = b.ema.model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in pipe.model.state_dict().items())
     assert pipe.open_stream(["a small red circle moving right"], seed=0) is not None
-    with pytest.raises(ConfigError, match="lora.rank > 0 trains with distributed: ddp"):
-        lora_cfg(teacher, tmp_path, "distributed=fsdp").validate()
+    with pytest.raises(ConfigError, match="lora.critic shares the teacher's weights, which FSDP2 cannot shard"):
+        lora_cfg(teacher, tmp_path, "distributed=fsdp", "lora.critic=true").validate()
 
 
 def test_merged_adapters_give_the_same_model():
@@ -232,3 +232,32 @@ def test_a_full_rank_lora_run_sees_the_full_run_s_gradients_through_its_adapters
         torch.testing.assert_close(b.grad / scale, s * g @ a.T / scale, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(a.grad / scale, s * b.T @ g / scale, rtol=1e-3, atol=1e-4)
     assert any(m.lora_A["default"].weight.grad.abs().sum() > 0 for m in layers.values())
+
+
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_lora_under_fsdp_equals_one_process_and_resumes_exactly(teacher, tmp_path, fmt):
+    """Adapters under FSDP2 on 2 processes: the same adapters as one process accumulating 2 micro-batches, a
+    checkpoint (either format) of the adapters alone, and a run stopped and resumed equal to one that was not."""
+    from selfforcing.weights import checkpoint_path, read_checkpoint_weights
+    from tests.test_distributed import spawn_ranks
+    from tests.test_fsdp import _worker, assert_same
+
+    def cfg(name: str, *extra: str):
+        return lora_cfg(teacher, tmp_path, f"name={name}", "num_threads=1", "causal.window=4", "ckpt_every=1", *extra)
+
+    fsdp = ("distributed=fsdp", f"checkpoint_format={fmt}")
+    runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
+    spawn_ranks(_worker, runs, "sf")
+    single = Trainer(cfg("single", "steps=3", "grad_accum_steps=2"))
+    draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
+    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single.train()
+
+    def weights(run: str) -> dict:
+        return {n: read_checkpoint_weights(checkpoint_path(tmp_path / run, 3), n) for n in ("model", "ema", "critic")}
+
+    sharded, reference = weights("fsdp"), weights("single")
+    assert all(is_adapter(k) for n in ("model", "ema") for k in sharded[n]) and len(sharded["critic"]) > 0
+    assert_same(sharded, reference)
+    assert_same(weights("resumed"), sharded, atol=0)
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in sharded["model"].items())

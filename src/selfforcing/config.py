@@ -370,9 +370,9 @@ class TrainConfig:
             (self.lora.rank >= 0, f"lora.rank must be >= 0 (0: no adapters), got {self.lora.rank}"),
             (not self.lora.critic or self.lora.rank > 0, "lora.critic needs lora.rank > 0 (the adapters' rank)"),
             (
-                not self.lora.rank or self.distributed == "ddp" and self.checkpoint_format == "full",
-                "lora.rank > 0 trains with distributed: ddp and checkpoint_format: full for now (FSDP2 and sharded "
-                "checkpoints of adapters are not built yet)",
+                not self.lora.critic or self.distributed == "ddp",
+                "lora.critic shares the teacher's weights, which FSDP2 cannot shard as two networks: use "
+                "distributed: ddp with lora.critic (or a whole critic under fsdp)",
             ),
             (
                 self.precision in ("fp32", "bf16", "fp16"),

@@ -216,11 +216,15 @@ def load_network(module: nn.Module, ckpt: Path, name: str) -> None:
     module.load_state_dict(check_weights(module, read_checkpoint_weights(ckpt, name), f"{ckpt} ({name})"))
 
 
-def load_subset(module: nn.Module, tensors: dict[str, torch.Tensor], keys: list[str], source: Path | str) -> None:
-    """Load ``tensors``, which must be exactly ``keys`` of ``module``'s state dict (a LoRA run's adapters),
-    checked like ``check_weights``; the rest of ``module`` stays as it is."""
+def check_subset(module: nn.Module, tensors: dict[str, torch.Tensor], keys: list[str], source: Path | str) -> None:
+    """``tensors`` must be exactly ``keys`` of ``module``'s state dict (a LoRA run's adapters), of their shapes."""
     state = module.state_dict()
     problems = state_mismatches({k: state[k] for k in keys}, tensors)
     if problems:
         raise ValueError("\n".join([f"checkpoint {source} does not match the model's adapters:", *problems]))
+
+
+def load_subset(module: nn.Module, tensors: dict[str, torch.Tensor], keys: list[str], source: Path | str) -> None:
+    """Load ``tensors``, checked by ``check_subset``; the rest of ``module`` stays as it is."""
+    check_subset(module, tensors, keys, source)
     module.load_state_dict(tensors, strict=False)

@@ -115,9 +115,10 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=FULL)
 
 
-def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Scatter a whole state dict into a sharded module (every process passes the same one)."""
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Scatter a whole state dict into a sharded module (every process passes the same one); not ``strict``:
+    a checked subset of it (a LoRA run's adapters), the rest staying as it is."""
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def optimizer_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict:
@@ -144,14 +145,19 @@ def sharded_state(
     networks: dict[str, nn.Module],
     optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]],
     saved: set[str] | None = None,
+    keys: dict[str, list[str] | None] | None = None,
 ) -> dict:
     """``{"networks": {name: state dict}, "optimizers": {name: state dict}}`` as this process holds them
     (DTensor shards under FSDP, whole tensors otherwise; optimizer state keyed by parameter name), for
     torch.distributed.checkpoint. To save (``saved`` None) nothing is changed: an optimizer that has not
     stepped yet has no state. To load, ``saved`` holds the checkpoint's keys (``checkpoint.sharded_keys``):
     every optimizer is given state (zeros) for the checkpoint to fill, for exactly the parameters the
-    checkpoint holds state of (``load_sharded_state`` then drops the rest)."""
-    state = {"networks": {name: get_model_state_dict(net) for name, net in networks.items()}, "optimizers": {}}
+    checkpoint holds state of (``load_sharded_state`` then drops the rest). ``keys``: per network, the keys its
+    checkpoint holds (a LoRA run's adapters), or None for all."""
+    state = {
+        "networks": {name: _subset(get_model_state_dict(net), (keys or {}).get(name)) for name, net in networks.items()}
+    }
+    state["optimizers"] = {}
     for name, (modules, opt) in optimizers.items():
         if saved is None:
             state["optimizers"][name] = _optimizer_state(modules, opt)
@@ -163,6 +169,10 @@ def sharded_state(
     return state
 
 
+def _subset(state: dict, keys: list[str] | None) -> dict:
+    return state if keys is None else {k: state[k] for k in keys}
+
+
 def drop_unsaved_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Forget the optimizer state of every parameter not in ``saved`` (a state dict's ``"state"``, keyed by
     parameter name): one that had not stepped when the checkpoint was written has none now either."""
@@ -172,11 +182,16 @@ def drop_unsaved_state(modules: list[nn.Module], optimizer: torch.optim.Optimize
 
 
 def load_sharded_state(
-    networks: dict[str, nn.Module], optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]], state: dict
+    networks: dict[str, nn.Module],
+    optimizers: dict[str, tuple[list[nn.Module], torch.optim.Optimizer]],
+    state: dict,
+    keys: dict[str, list[str] | None] | None = None,
 ) -> None:
-    """Put ``sharded_state``'s output (filled from a checkpoint) back into the networks and optimizers."""
+    """Put ``sharded_state``'s output (filled from a checkpoint) back into the networks and optimizers (with
+    ``keys``, the subset each network's checkpoint holds)."""
     for name, net in networks.items():
-        set_model_state_dict(net, state["networks"][name], options=StateDictOptions(strict=True))
+        strict = (keys or {}).get(name) is None
+        set_model_state_dict(net, state["networks"][name], options=StateDictOptions(strict=strict))
     for name, (modules, opt) in optimizers.items():
         osd = state["optimizers"][name]
         set_optimizer_state_dict(nn.ModuleList(modules), opt, osd, options=StateDictOptions(strict=False))

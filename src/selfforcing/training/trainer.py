@@ -32,6 +32,7 @@ from ..models.t2v import TextToVideo
 from ..pipeline import build_codec, initial_model, saved_keys
 from ..weights import (
     SHARDED,
+    check_subset,
     checkpoint_path,
     latest_checkpoint,
     load_subset,
@@ -131,8 +132,10 @@ class Trainer:
         self.model = build_generator(cfg, self.batches, self.device)
         if cfg.model.wan:
             self.codec.vae.to(self.device)
-        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start, share_frozen=cfg.lora.rank > 0)
         self.sharded = cfg.distributed == "fsdp" and self.world_size > 1
+        # a LoRA run's average shares the frozen base; under FSDP each network holds its own shards of it
+        share = cfg.lora.rank > 0 and not self.sharded
+        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start, share_frozen=share)
         self.mesh = device_mesh(self.world_size, self.device) if self.sharded else None
         if self.sharded:  # before the optimizers, which then hold this process's shards
             shard_text_to_video(self.model, self.mesh, cfg.precision)
@@ -163,11 +166,16 @@ class Trainer:
         return [p for p in params if p.requires_grad] if self.cfg.lora.rank else params
 
     # -- state ---------------------------------------------------------------------------------
-    def state_to_save(self, net: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds of ``net``: its state dict, or in a LoRA run its adapters only."""
-        state = net.state_dict()
+    def state_to_save(self, net: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of ``net`` (of ``state``, default its state dict): all of it, or in a LoRA
+        run its adapters only."""
+        state = net.state_dict() if state is None else state
         keys = saved_keys(self.cfg, net)
         return state if keys is None else {k: state[k] for k in keys}
+
+    def saved_keys(self) -> dict[str, list[str] | None]:
+        """Per network, the keys a checkpoint holds (``pipeline.saved_keys``: a LoRA run's adapters), None for all."""
+        return {name: saved_keys(self.cfg, net) for name, net in self.networks().items()}
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """Every network a checkpoint holds, by file name."""
@@ -201,10 +209,12 @@ class Trainer:
         state["nonfinite"] = {"skipped_updates": self.skipped_updates, "in_a_row": self.nonfinite_in_a_row}
         config_yaml, keep = config_to_yaml(self.cfg), self.cfg.keep_checkpoints
         if self.cfg.checkpoint_format == "sharded":  # every process writes its own shards, nothing is gathered
-            tensors = sharded_state(self.networks(), self.optimizer_owners())
+            tensors = sharded_state(self.networks(), self.optimizer_owners(), keys=self.saved_keys())
             return save_sharded_checkpoint(self.run_dir, self.step, tensors, state, config_yaml, keep, self.is_main)
         if self.sharded:
-            weights = {name: full_state_dict(net) for name, net in self.networks().items()}
+            weights = {name: full_state_dict(net) for name, net in self.networks().items()}  # rank 0 holds them
+            if self.is_main:
+                weights = {name: self.state_to_save(net, weights[name]) for name, net in self.networks().items()}
             for name, (modules, opt) in self.optimizer_owners().items():
                 state[name] = optimizer_state(modules, opt)
         else:
@@ -222,12 +232,19 @@ class Trainer:
         if (ckpt / SHARDED).is_dir():
             # optimizer state for exactly the parameters that have it in the checkpoint: none before an
             # optimizer's first step, none for one that never had a gradient (the GAN critic's output head)
-            tensors = sharded_state(self.networks(), self.optimizer_owners(), saved=sharded_keys(ckpt))
+            keys = self.saved_keys()
+            tensors = sharded_state(self.networks(), self.optimizer_owners(), saved=sharded_keys(ckpt), keys=keys)
             load_sharded_checkpoint(ckpt, tensors)  # strict: a tensor the checkpoint lacks is an error
-            load_sharded_state(self.networks(), self.optimizer_owners(), tensors)
+            load_sharded_state(self.networks(), self.optimizer_owners(), tensors, keys)
         elif self.sharded:  # every rank reads the full files and keeps its shards
             for name, module in self.networks().items():
-                load_full_state_dict(module, read_weights(module, ckpt / f"{name}.safetensors"))
+                file, keys = ckpt / f"{name}.safetensors", saved_keys(self.cfg, module)
+                if keys is None:
+                    load_full_state_dict(module, read_weights(module, file))
+                else:  # a LoRA run's adapters
+                    tensors = read_safetensors_file(file)
+                    check_subset(module, tensors, keys, file)
+                    load_full_state_dict(module, tensors, strict=False)
             for name, (modules, opt) in self.optimizer_owners().items():
                 load_optimizer_state(modules, opt, state[name])
         else:
