@@ -1,11 +1,13 @@
 """Image-to-video on the shapes world: a student trained on-policy from given first frames
 (``distill.image_to_video``) against the zero-shot first-frame commit of the T2V student it started from.
 
-    selfforcing train configs/sf_dmd_i2v_toy.yaml      # the trained I2V student (~10 min on 2 cores)
-    python benchmarks/image_to_video.py                # the table, the curves and a gif (~5 min)
+    selfforcing train configs/sf_dmd_i2v_toy.yaml      # the trained I2V student (~8 min on 2 cores)
+    selfforcing train configs/sf_dmd_i2v_toy.yaml name=sf_dmd_t2v_more_toy distill.image_to_video=false \
+        data.frames=12                                 # the control: the same training as text-to-video
+    python benchmarks/image_to_video.py --extra "T2V trained as long=runs/sf_dmd_t2v_more_toy"
 
 Every model streams from the same first frames, those of real videos of held-out prompts, committed clean
-to the KV cache as ``selfforcing stream --image`` commits an image, for 1 + 12 x L frames (L = 1: the
+to the KV cache as ``selfforcing generate --image`` commits an image, for 1 + 12 x L frames (L = 1: the
 training length; 4: four times it, the cache rolling). Per model and length:
 
 - position error at frame k: the distance in pixels between each object's centroid in the generated frame k
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trained", default="runs/sf_dmd_i2v_toy", help="the image-to-video run (or checkpoint)")
     p.add_argument("--zero-shot", default=str(ROOT / "src/selfforcing/assets/sf_dmd_chunk_toy"))
-    p.add_argument("--extra", nargs="*", default=[], help="more runs to compare (e.g. a T2V run trained as long)")
+    p.add_argument("--extra", nargs="*", default=[], help="more runs to compare, as NAME=RUN")
     p.add_argument("--num", type=int, default=256, help="held-out prompts")
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 4], help="multiples of the 12 generated frames")
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models = {"zero-shot": args.zero_shot, "trained I2V": args.trained}
-    models |= {Path(e).name: e for e in args.extra}
+    models |= dict(e.split("=", 1) if "=" in e else (Path(e).name, e) for e in args.extra)
     pipes = {name: load_pipeline(path) for name, path in models.items()}
     encoder, world_cfg = load_encoder()
     for pipe in pipes.values():
@@ -127,9 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             curves[f"{name} {mult}x"] = [None if math.isnan(v) else round(v, 3) for v in err.tolist()]
-            clips[(name, mult)] = videos[:6]
+            clips[(name, mult)] = videos[:4]
             print({k: v for k, v in row.items()}, flush=True)
-        clips[("real", mult)] = real[:6]
+        clips[("real", mult)] = real[:4]
     cols = [
         "model",
         "length",
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     print_table(rows, cols)
     if args.figures:
-        write_figures(Path(args.figures), curves, clips, prompts[:6], max(args.lengths), list(pipes))
+        write_figures(Path(args.figures), curves, clips, prompts[:4], max(args.lengths), list(pipes))
     meta = {"models": models, "num": args.num, "seed": args.seed, "curves": curves}
     return save(Path(args.out), "image_to_video.py", argv, meta, rows)
 

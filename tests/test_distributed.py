@@ -46,6 +46,15 @@ def as_torchrun_rank(rank: int, port: int, world_size: int = 2) -> None:
     faulthandler.enable()  # a rank that crashes prints where (see spawn_ranks)
 
 
+def like_two_ranks(cfg) -> Trainer:
+    """One process that trains what 2 ranks train: with ``grad_accum_steps=2`` its micro-batch i is rank i's
+    first (k = 0) rollout, whose exit step s* every rank shares, so its two micro-batches share it too."""
+    trainer = Trainer(cfg)
+    draw = trainer.objective.exit_step
+    trainer.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    return trainer
+
+
 def _train_worker(rank: int, port: int, cfg, out: str) -> None:
     """A torchrun process, then an ordinary training run."""
     as_torchrun_rank(rank, port)
@@ -71,9 +80,7 @@ def test_two_process_training_equals_one_process_with_accumulation(teacher, tmp_
     exits = [rank0.pop("exits"), rank1.pop("exits")]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 alone logs
     assert exits[0] == exits[1] and len(set(exits[0])) > 1  # every rank's k-th rollout shares its s*
-    single = Trainer(cfg("single", "grad_accum_steps=2"))
-    draw = single.objective.exit_step  # one process plays both ranks' first (k = 0) rollouts: micro-batch i is rank i's
-    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single = like_two_ranks(cfg("single", "grad_accum_steps=2"))
     single.train()
     start = Trainer(cfg("start"))
     for name, net in single.networks().items():

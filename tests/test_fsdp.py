@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from selfforcing.training.trainer import Trainer
-from tests.test_distributed import as_torchrun_rank, spawn_ranks
+from tests.test_distributed import as_torchrun_rank, like_two_ranks, spawn_ranks
 
 
 def _worker(rank: int, port: int, cfgs, kind: str) -> None:
@@ -45,9 +45,7 @@ def test_fsdp_self_forcing_equals_one_process_and_resumes_exactly(teacher, tmp_p
     fsdp = ("distributed=fsdp", "ckpt_every=1")
     runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
     spawn_ranks(_worker, runs, "sf")
-    single = Trainer(cfg("single", "steps=3", "grad_accum_steps=2"))
-    draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single = like_two_ranks(cfg("single", "steps=3", "grad_accum_steps=2"))
     single.train()
     sharded, ckpt = _weights(tmp_path / "fsdp")
     reference, _ = _weights(tmp_path / "single")
@@ -101,10 +99,7 @@ def test_sharded_checkpoints_resume_exactly_on_two_processes_or_one(teacher, tmp
     assert not list(step2.glob("*.safetensors")) and len(list((step2 / "sharded").glob("*.distcp"))) == 2
 
     def single(name: str, steps: int) -> Trainer:
-        t = Trainer(cfg(name, f"steps={steps}", "grad_accum_steps=2"))
-        draw = t.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-        t.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
-        return t
+        return like_two_ranks(cfg(name, f"steps={steps}", "grad_accum_steps=2"))
 
     single("straight", 3).train()
     import shutil

@@ -126,7 +126,7 @@ def test_export_lora_writes_the_adapters_and_the_merged_dit(teacher, tmp_path, c
 
 
 def test_lora_under_ddp_equals_one_process_with_accumulation(teacher, tmp_path):
-    from tests.test_distributed import _train_worker, spawn_ranks
+    from tests.test_distributed import _train_worker, like_two_ranks, spawn_ranks
 
     def cfg(name: str, *extra: str):
         return lora_cfg(teacher, tmp_path, f"name={name}", "steps=2", "num_threads=1", *extra)
@@ -134,9 +134,7 @@ def test_lora_under_ddp_equals_one_process_with_accumulation(teacher, tmp_path):
     out = str(tmp_path / "ddp_state")
     spawn_ranks(_train_worker, cfg("ddp"), out)
     rank0 = torch.load(f"{out}.0")
-    single = Trainer(cfg("single", "grad_accum_steps=2"))
-    draw = single.objective.exit_step  # one process plays both ranks' first rollouts (they share s*)
-    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single = like_two_ranks(cfg("single", "grad_accum_steps=2"))
     single.train()
     moved = False
     for name, net in single.networks().items():
@@ -239,7 +237,7 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_exactly(teacher, tmp_pat
     """Adapters under FSDP2 on 2 processes: the same adapters as one process accumulating 2 micro-batches, a
     checkpoint (either format) of the adapters alone, and a run stopped and resumed equal to one that was not."""
     from selfforcing.weights import checkpoint_path, read_checkpoint_weights
-    from tests.test_distributed import spawn_ranks
+    from tests.test_distributed import like_two_ranks, spawn_ranks
     from tests.test_fsdp import _worker, assert_same
 
     def cfg(name: str, *extra: str):
@@ -248,9 +246,7 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_exactly(teacher, tmp_pat
     fsdp = ("distributed=fsdp", f"checkpoint_format={fmt}")
     runs = [cfg("fsdp", "steps=3", *fsdp), cfg("resumed", "steps=2", *fsdp), cfg("resumed", "steps=3", *fsdp)]
     spawn_ranks(_worker, runs, "sf")
-    single = Trainer(cfg("single", "steps=3", "grad_accum_steps=2"))
-    draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single = like_two_ranks(cfg("single", "steps=3", "grad_accum_steps=2"))
     single.train()
 
     def weights(run: str) -> dict:

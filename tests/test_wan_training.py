@@ -17,7 +17,7 @@ from selfforcing.wan.dit_weights import load_dit  # noqa: E402
 from selfforcing.wan.pipeline import RELEASED_CAUSAL, WAN_NEGATIVE_PROMPT, trained_causal  # noqa: E402
 from selfforcing.weights import latest_checkpoint, read_checkpoint_weights  # noqa: E402
 
-from .test_distributed import spawn_ranks  # noqa: E402
+from .test_distributed import like_two_ranks, spawn_ranks  # noqa: E402
 from .test_fsdp import _weights, _worker, assert_same  # noqa: E402
 from .wan_tiny import write_diffusers_pipeline  # noqa: E402
 
@@ -155,9 +155,7 @@ def test_the_wan_recipe_on_two_fsdp_processes_equals_one_and_resumes(wan_folder,
     runs = [recipe(wan_folder, tmp_path, "fsdp", *fsdp), recipe(wan_folder, tmp_path, "resumed", *sharded, "steps=2")]
     runs.append(recipe(wan_folder, tmp_path, "resumed", *sharded))
     spawn_ranks(_worker, runs, "sf")
-    single = Trainer(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "grad_accum_steps=2"))
-    draw = single.objective.exit_step  # the two ranks' first rollouts share s*: so do the single process's two
-    single.objective.exit_step = lambda kind, i, step: draw(kind, i % 1, step)
+    single = like_two_ranks(recipe(wan_folder, tmp_path, "single", "distributed=ddp", "grad_accum_steps=2"))
     single.train()
     full = _weights(tmp_path / "fsdp")[0]
     assert_same(full, _weights(tmp_path / "single")[0], atol=1e-5)  # float summation order, through Adam

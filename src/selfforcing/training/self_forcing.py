@@ -43,13 +43,14 @@ class SelfForcing(Objective):
         super().__init__(setup)
         cfg, d = self.cfg, self.cfg.distill
         self.teacher = self.load_teacher().eval().requires_grad_(False)
-        if not cfg.lora.critic:  # a trainable copy, in fp32 whatever the teacher's dtype
-            self.critic = copy.deepcopy(self.teacher).train()
-            self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
-        self.teacher.dit.to(frozen_dtype(cfg))
         if cfg.lora.critic:  # adapters on the critic, whose base is the teacher's own weights (stored once)
+            self.teacher.dit.to(frozen_dtype(cfg))
             self.critic = copy.deepcopy(self.teacher, {id(p): p for p in self.teacher.parameters()}).train()
             add_adapters(self.critic.dit, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets) or None)
+        else:  # a trainable fp32 copy, then the teacher in its frozen dtype
+            self.critic = copy.deepcopy(self.teacher).train()
+            self.critic.dit.requires_grad_(True)  # the critic's text encoder stays the teacher's, frozen
+            self.teacher.dit.to(frozen_dtype(cfg))
         for score in (self.teacher, self.critic):  # the critic trains on whole videos: recompute its blocks too
             score.dit.gradient_checkpointing = cfg.gradient_checkpointing
         self.discriminator = None
