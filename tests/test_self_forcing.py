@@ -179,8 +179,8 @@ def test_each_rollout_draws_its_own_exit_step(teacher, tmp_path):
     ]  # deterministic
     used = []
     rollout = t.objective.rollout
-    t.objective.rollout = lambda prompts, g, grad, exit_step=None, frames=0: (
-        used.append((grad, exit_step)) or rollout(prompts, g, grad, exit_step, frames)
+    t.objective.rollout = lambda prompts, g, grad, exit_step=None, frames=0, first=None: (
+        used.append((grad, exit_step)) or rollout(prompts, g, grad, exit_step, frames, first)
     )
     t.step = 0
     t.train_step()
