@@ -173,7 +173,7 @@ class Trainer:
         keys = saved_keys(self.cfg, net)
         return state if keys is None else {k: state[k] for k in keys}
 
-    def saved_keys(self) -> dict[str, list[str] | None]:
+    def checkpoint_keys(self) -> dict[str, list[str] | None]:
         """Per network, the keys a checkpoint holds (``pipeline.saved_keys``: a LoRA run's adapters), None for all."""
         return {name: saved_keys(self.cfg, net) for name, net in self.networks().items()}
 
@@ -209,7 +209,7 @@ class Trainer:
         state["nonfinite"] = {"skipped_updates": self.skipped_updates, "in_a_row": self.nonfinite_in_a_row}
         config_yaml, keep = config_to_yaml(self.cfg), self.cfg.keep_checkpoints
         if self.cfg.checkpoint_format == "sharded":  # every process writes its own shards, nothing is gathered
-            tensors = sharded_state(self.networks(), self.optimizer_owners(), keys=self.saved_keys())
+            tensors = sharded_state(self.networks(), self.optimizer_owners(), keys=self.checkpoint_keys())
             return save_sharded_checkpoint(self.run_dir, self.step, tensors, state, config_yaml, keep, self.is_main)
         if self.sharded:
             weights = {name: full_state_dict(net) for name, net in self.networks().items()}  # rank 0 holds them
@@ -232,7 +232,7 @@ class Trainer:
         if (ckpt / SHARDED).is_dir():
             # optimizer state for exactly the parameters that have it in the checkpoint: none before an
             # optimizer's first step, none for one that never had a gradient (the GAN critic's output head)
-            keys = self.saved_keys()
+            keys = self.checkpoint_keys()
             tensors = sharded_state(self.networks(), self.optimizer_owners(), saved=sharded_keys(ckpt), keys=keys)
             load_sharded_checkpoint(ckpt, tensors)  # strict: a tensor the checkpoint lacks is an error
             load_sharded_state(self.networks(), self.optimizer_owners(), tensors, keys)
